@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.prockd-installed
+
+.PHONY: setup data demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) data
+
+data:
+	bash scripts/get_fashion_mnist.sh
+
+demo: setup
+	$(VENV)/bin/prockd demo --out runs/demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,151 @@
+"""Command line: ``prockd train | eval | export | pretrain-teacher | demo``.
+
+Bad input (config, data, model name, tap path, checkpoint) prints one line naming the culprit and
+exits with code 2; nothing is written to the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from prockd.errors import ProckdError
+
+
+def _cmd_train(args) -> int:
+    from prockd.config import load_config
+    from prockd.engine import build, train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.out:
+        cfg = cfg.model_copy(update={"out": args.out})
+    built = build(cfg)
+    summary = train(cfg, cfg.out, built=built)
+    print(json.dumps({"run": cfg.out, "final": summary["final"]}, indent=2))
+    return 0
+
+
+def _cmd_pretrain_teacher(args) -> int:
+    from prockd.config import load_config
+    from prockd.engine import build, train
+
+    cfg = load_config(args.config, list(args.overrides) + ["method.name=student_only", "method.params={}"])
+    out = Path(args.out or cfg.out)
+    built = build(cfg)
+    summary = train(cfg, out, built=built)
+    ckpt = out / "teacher.pt"
+    from prockd.io import atomic_torch_save
+
+    atomic_torch_save({"model": built.distiller.student.model.state_dict()}, ckpt)
+    print(json.dumps({"teacher_checkpoint": str(ckpt), "final": summary["final"]}, indent=2))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from prockd.config import load_config
+    from prockd.data import build_task
+    from prockd.deploy import load_deployed
+
+    run = Path(args.run) if args.run else None
+    model_path = Path(args.model) if args.model else (run / "student.pt" if run else None)
+    cfg_path = args.config or (run / "config.yaml" if run else None)
+    if model_path is None or cfg_path is None:
+        raise ProckdError("eval needs --run DIR, or --model FILE with --config FILE")
+    if not model_path.is_file():
+        raise ProckdError(f"deployed student not found: {model_path}")
+    cfg = load_config(cfg_path, args.overrides)
+    task = build_task(cfg.data)
+    model = load_deployed(model_path)
+    res = {}
+    for name, ds in task.tests.items():
+        correct = 0
+        with torch.no_grad():
+            for x, y, _ in ds.batches(256):
+                correct += int((model(x).argmax(-1) == y).sum())
+        res[name] = 100.0 * correct / len(ds)
+    print(json.dumps({"model": str(model_path), "top1": res}, indent=2))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    import torch
+
+    from prockd.config import load_config
+    from prockd.engine import build
+
+    run = Path(args.run)
+    ckpt = run / "checkpoints" / f"{args.checkpoint}.pt"
+    if not ckpt.is_file():
+        raise ProckdError(f"checkpoint not found: {ckpt}")
+    cfg = load_config(run / "config.yaml")
+    built = build(cfg)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        built.distiller.load_state_dict(state["distiller"])
+    except Exception as e:  # noqa: BLE001
+        raise ProckdError(f"checkpoint {ckpt} is unreadable: {e}") from None
+    out = Path(args.out)
+    built.distiller.export().save(out, built.task.num_classes, built.task.class_names)
+    print(json.dumps({"exported": str(out)}))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from prockd.demo import run_demo
+
+    run_demo(out=Path(args.out), seeds=args.seeds, quick=args.quick, settings=args.settings)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    p = argparse.ArgumentParser(prog="prockd", description="Prototype-guided cross-task knowledge distillation")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train one run from a YAML config")
+    t.add_argument("--config", required=True)
+    t.add_argument("--out", default=None, help="run directory (default: the config's 'out')")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=0.001")
+    t.set_defaults(fn=_cmd_train)
+    pt = sub.add_parser("pretrain-teacher", help="train a teacher on its own labelled task")
+    pt.add_argument("--config", required=True)
+    pt.add_argument("--out", default=None)
+    pt.add_argument("overrides", nargs="*")
+    pt.set_defaults(fn=_cmd_pretrain_teacher)
+    e = sub.add_parser("eval", help="evaluate a deployed student on a config's test sets")
+    e.add_argument("--run", default=None)
+    e.add_argument("--model", default=None)
+    e.add_argument("--config", default=None)
+    e.add_argument("overrides", nargs="*")
+    e.set_defaults(fn=_cmd_eval)
+    x = sub.add_parser("export", help="export the deployable student of a run")
+    x.add_argument("--run", required=True)
+    x.add_argument("--checkpoint", choices=["best", "last"], default="last")
+    x.add_argument("--out", required=True)
+    x.set_defaults(fn=_cmd_export)
+    d = sub.add_parser("demo", help="the embedded cross-task benchmark (Fashion-MNIST)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--seeds", type=int, default=None)
+    d.add_argument("--quick", action="store_true", help="a smoke-sized run")
+    d.add_argument("--settings", nargs="*", default=None)
+    d.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = make_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ProckdError as e:
+        print(f"prockd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prockd: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

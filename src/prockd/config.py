@@ -1,0 +1,214 @@
+"""Typed, validated experiment configs (pydantic): one YAML file = one experiment.
+
+Unknown keys and ill-typed values are errors that name the key and the file.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from prockd.errors import ProckdError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """A network created by name (timm, ``torchvision:NAME``, ``builtin:NAME``) or from a checkpoint."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint: str | None = None
+    input_size: int | None = None  # square resolution the model sees (its own transform)
+    in_chans: int | None = None  # channels the model expects (grayscale data is repeated)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    taps: list[str] | None = None  # module paths whose outputs are distilled
+    num_taps: int = 3
+    embed_tap: str | None = None  # the embedding layer (ViT: after position embedding; CNN: stem)
+    fusion_size: tuple[int, int] | None = None  # common grid the taps are resampled to
+    init_from_teacher: bool = False  # students only: copy embedding + first blocks from the teacher
+    channels_last: bool = False
+
+
+class CorruptionConfig(_Strict):
+    """A shifted test domain built from the clean test split."""
+
+    kind: Literal["fog", "contrast", "noise"]
+    severity: int = Field(3, ge=1, le=5)
+
+
+class DataConfig(_Strict):
+    """A labelled image-classification task."""
+
+    name: Literal["fashion_mnist", "digits", "cifar100", "imagefolder", "tensors"] = "fashion_mnist"
+    root: str | None = None
+    download: bool = False
+    classes: list[int] | None = None  # subset of the source classes, relabelled 0..k-1 in this order
+    labels_per_class: int | None = None  # limited labels: at most this many training images per class
+    imbalance: float | None = None  # long-tailed training set: exponential profile, n_max / n_min
+    corruptions: list[CorruptionConfig] = Field(default_factory=list)
+    subset_seed: int = 0  # which images are kept (fixed across training seeds)
+    test_limit: int | None = None  # evaluate on at most this many test images (per class-balanced order)
+    train_dir: str | None = None  # imagefolder
+    test_dirs: dict[str, str] = Field(default_factory=dict)  # imagefolder: name -> dir
+    image_size: int | None = None  # imagefolder: images are resized to this at load time
+
+
+class TrainConfig(_Strict):
+    """Optimiser, schedule and loop settings."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = 0.9
+    warmup_epochs: float = Field(2, ge=0)
+    clip_grad: float | None = 5.0
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    augment: Literal["none", "flip_crop"] = "none"
+    eval_every: int = Field(1, ge=1)
+    progress: bool = True
+    num_threads: int | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+class CacheConfig(_Strict):
+    """The frozen-teacher feature cache (per deterministic teacher view)."""
+
+    enabled: bool = True
+    dir: str = "~/.cache/prockd/features"
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class MethodConfig(_Strict):
+    """A distillation method by registry name, with its own validated parameters."""
+
+    name: str = "prockd"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherEvalConfig(_Strict):
+    """The teacher's own labelled task, to check and log its accuracy before distillation."""
+
+    data: DataConfig | None = None
+    imagenet_samples: bool = False  # ImageNet teachers: predictions on scikit-learn's sample images
+
+
+class ExperimentConfig(_Strict):
+    """Everything one run needs."""
+
+    seed: int = 0
+    out: str = "runs/exp"
+    teacher: ModelConfig | None = None
+    teacher_eval: TeacherEvalConfig = Field(default_factory=TeacherEvalConfig)
+    student: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+
+    @model_validator(mode="after")
+    def _check_method(self):
+        from prockd.methods import METHODS
+
+        cls = METHODS.get(self.method.name)
+        try:
+            cls.Params(**self.method.params)
+        except ValidationError as e:
+            raise ValueError(_format_errors(e, prefix="method.params")) from None
+        if cls.needs_teacher and self.teacher is None:
+            raise ValueError(f"method '{self.method.name}' needs a 'teacher' section")
+        return self
+
+    def method_params(self):
+        """The method's parameters as its typed ``Params`` model."""
+        from prockd.methods import METHODS
+
+        return METHODS.get(self.method.name).Params(**self.method.params)
+
+
+def _format_errors(e: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc else prefix
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"'{loc}': {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` (value read as YAML) into (path, value)."""
+    if "=" not in text:
+        raise ProckdError(f"override '{text}' is not of the form key=value (e.g. train.lr=0.001)")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ProckdError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ProckdError(f"override '{text}': value is not valid YAML ({e.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with dotted ``key=value`` overrides applied."""
+    data = copy.deepcopy(data)
+    for ov in overrides:
+        path, value = parse_override(ov)
+        node = data
+        for p in path[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ProckdError(f"override '{ov}': '{p}' is not a section")
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return data
+
+
+def build_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
+    """Validate a raw dict; errors name the source and the offending keys."""
+    try:
+        return ExperimentConfig(**data)
+    except ValidationError as e:
+        raise ProckdError(f"config error in {source}: {_format_errors(e)}") from None
+    except ProckdError as e:
+        raise ProckdError(f"config error in {source}: {e}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> ExperimentConfig:
+    """Load a YAML config file (or ``base``), apply overrides and validate."""
+    data: dict = copy.deepcopy(base) if base else {}
+    source = "<overrides>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ProckdError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ProckdError(f"config file {p} is not readable YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ProckdError(f"config file {p} must hold a mapping at top level, not {type(loaded).__name__}")
+        data.update(loaded)
+    data = apply_overrides(data, list(overrides))
+    return build_config(data, source)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The fully resolved config as YAML."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,269 @@
+"""Labelled image tasks held in memory: Fashion-MNIST, scikit-learn digits, CIFAR-100, ImageFolder.
+
+A task selects classes (relabelled 0..k-1), limits labels per class, makes long-tailed training sets
+(exponential profile) and adds shifted test domains (fog, contrast, noise corruptions).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prockd.config import CorruptionConfig, DataConfig
+from prockd.errors import ProckdError
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist", "~/.cache/prockd/data/fashion-mnist"]
+
+
+@dataclass
+class ArrayDataset:
+    """Images ``N x C x H x W`` uint8 and labels ``N`` int64, in memory."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    name: str = "data"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fingerprint(self) -> str:
+        """SHA-1 of the images and labels (part of the teacher-cache key)."""
+        h = hashlib.sha1()
+        h.update(str(tuple(self.images.shape)).encode())
+        h.update(self.images.numpy().tobytes())
+        h.update(self.labels.numpy().tobytes())
+        return h.hexdigest()
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, indices=None):
+        """Yield (images float [0,1], labels, indices); shuffled when a generator is given."""
+        idx = torch.arange(len(self)) if indices is None else torch.as_tensor(indices)
+        if generator is not None:
+            idx = idx[torch.randperm(len(idx), generator=generator)]
+        for s in range(0, len(idx), batch_size):
+            b = idx[s:s + batch_size]
+            yield self.images[b].float().div_(255.0), self.labels[b], b
+
+
+@dataclass
+class Task:
+    """A training set, named test sets and the label space."""
+
+    train: ArrayDataset
+    tests: dict[str, ArrayDataset]
+    class_names: list[str]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Size of the label space."""
+        return len(self.class_names)
+
+
+def _read_idx_gz(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ProckdError(f"IDX file {path} is truncated ({arr.size} values, header says {dims})")
+    return arr.reshape(dims)
+
+
+def find_fashion_mnist(root: str | None) -> Path | None:
+    """The first directory holding the four Fashion-MNIST IDX files."""
+    cands = [root] if root else [os.environ.get("PROCKD_FASHION_MNIST") or ""] + FASHION_MNIST_DIRS
+    for c in cands:
+        if not c:
+            continue
+        p = Path(c).expanduser()
+        for d in (p, p / "FashionMNIST" / "raw"):
+            if (d / "train-images-idx3-ubyte.gz").is_file() and (d / "t10k-labels-idx1-ubyte.gz").is_file():
+                return d
+    return None
+
+
+def load_fashion_mnist(cfg: DataConfig):
+    """(train images, train labels, test images, test labels, class names) as numpy arrays."""
+    d = find_fashion_mnist(cfg.root)
+    if d is None and cfg.download:
+        import torchvision
+
+        target = Path(cfg.root or "~/.cache/prockd/data/fashion-mnist").expanduser()
+        torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
+        torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
+        d = find_fashion_mnist(str(target))
+    if d is None:
+        where = cfg.root or ", ".join(FASHION_MNIST_DIRS)
+        raise ProckdError(f"Fashion-MNIST not found (looked in {where}): install Debian's "
+                          "'dataset-fashion-mnist', set data.root to a directory with the IDX .gz files, "
+                          "or set data.download=true")
+    return (_read_idx_gz(d / "train-images-idx3-ubyte.gz")[:, None], _read_idx_gz(d / "train-labels-idx1-ubyte.gz"),
+            _read_idx_gz(d / "t10k-images-idx3-ubyte.gz")[:, None], _read_idx_gz(d / "t10k-labels-idx1-ubyte.gz"),
+            list(FASHION_MNIST_CLASSES))
+
+
+def load_digits_arrays(cfg: DataConfig):
+    """scikit-learn's bundled 8x8 digits, a fixed stratified 70/30 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.round(d.images / 16.0 * 255).astype(np.uint8)[:, None]
+    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.3, random_state=0, stratify=d.target)
+    return xtr, ytr, xte, yte, [str(i) for i in range(10)]
+
+
+def load_cifar100(cfg: DataConfig):
+    """CIFAR-100 from the standard python-pickle layout (``cifar-100-python/{train,test,meta}``)."""
+    import torchvision
+
+    root = Path(cfg.root or "~/.cache/prockd/data").expanduser()
+    d = root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
+    if not (d / "train").is_file() and cfg.download:
+        torchvision.datasets.CIFAR100(str(root), train=True, download=True)
+        d = root / "cifar-100-python"
+    if not (d / "train").is_file() or not (d / "test").is_file():
+        raise ProckdError(f"CIFAR-100 not found under {root}: expected cifar-100-python/train and test "
+                          "(python-pickle layout); set data.root or data.download=true")
+
+    def read(name):
+        try:
+            with open(d / name, "rb") as f:
+                return pickle.load(f, encoding="latin1")
+        except Exception as e:  # noqa: BLE001
+            raise ProckdError(f"CIFAR-100 file {d / name} is unreadable: {e}") from None
+
+    tr, te = read("train"), read("test")
+    names = read("meta")["fine_label_names"] if (d / "meta").is_file() else [str(i) for i in range(100)]
+    conv = lambda o: np.asarray(o["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # noqa: E731
+    return conv(tr), np.asarray(tr["fine_labels"]), conv(te), np.asarray(te["fine_labels"]), list(names)
+
+
+def load_imagefolder(cfg: DataConfig):
+    """Train and test ImageFolder directories, resized to ``image_size`` and held in memory."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import functional as TF
+
+    if not cfg.train_dir or not cfg.test_dirs:
+        raise ProckdError("data.name=imagefolder needs data.train_dir and data.test_dirs")
+    size = cfg.image_size or 224
+
+    def read(path):
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise ProckdError(f"image folder not found: {p}")
+        ds = ImageFolder(str(p))
+        xs = [TF.pil_to_tensor(TF.resize(ds.loader(f).convert("RGB"), [size, size], antialias=True))
+              for f, _ in ds.samples]
+        return torch.stack(xs).numpy(), np.asarray([t for _, t in ds.samples]), ds.classes
+
+    xtr, ytr, names = read(cfg.train_dir)
+    tests = {}
+    for k, v in cfg.test_dirs.items():
+        xte, yte, n2 = read(v)
+        if n2 != names:
+            raise ProckdError(f"test folder {v} has classes {n2[:3]}... unlike the training folder")
+        tests[k] = (xte, yte)
+    return xtr, ytr, tests, names
+
+
+LOADERS = {"fashion_mnist": load_fashion_mnist, "digits": load_digits_arrays, "cifar100": load_cifar100}
+
+
+def _select(x, y, classes):
+    keep = np.isin(y, classes)
+    remap = {c: i for i, c in enumerate(classes)}
+    return x[keep], np.asarray([remap[int(v)] for v in y[keep]], dtype=np.int64)
+
+
+def long_tail_counts(n_max: int, k: int, imbalance: float) -> list[int]:
+    """Exponential profile: ``n_i = n_max * imbalance^(-i/(k-1))`` (Cao et al. 2019 LT-CIFAR)."""
+    if k == 1:
+        return [n_max]
+    return [max(1, int(n_max * imbalance ** (-i / (k - 1)))) for i in range(k)]
+
+
+def _subsample(y: np.ndarray, counts: list[int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c, n in enumerate(counts):
+        cand = np.flatnonzero(y == c)
+        idx.append(np.sort(rng.permutation(cand)[:n]))
+    return np.concatenate(idx)
+
+
+def corrupt(images: torch.Tensor, c: CorruptionConfig, seed: int = 1234) -> torch.Tensor:
+    """A shifted domain: fog (low-frequency haze), contrast reduction or Gaussian noise, on uint8 images."""
+    g = torch.Generator().manual_seed(seed + c.severity)
+    x = images.float() / 255.0
+    s = c.severity - 1
+    if c.kind == "noise":
+        x = x + torch.randn(x.shape, generator=g) * [0.08, 0.12, 0.18, 0.26, 0.38][s]
+    elif c.kind == "contrast":
+        m = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - m) * [0.4, 0.3, 0.2, 0.1, 0.05][s] + m
+    else:  # fog
+        n, _, h, w = x.shape
+        coarse = torch.rand(n, 1, max(2, h // 7), max(2, w // 7), generator=g)
+        fine = torch.rand(n, 1, max(2, h // 3), max(2, w // 3), generator=g) * 0.5
+        fog = F.interpolate(coarse, (h, w), mode="bicubic", align_corners=False) \
+            + F.interpolate(fine, (h, w), mode="bicubic", align_corners=False)
+        t = [0.5, 0.75, 1.0, 1.5, 2.0][s]
+        mx = x.amax(dim=(1, 2, 3), keepdim=True)
+        x = (x + t * fog) * mx / (mx + t)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _balanced_head(y: np.ndarray, limit: int) -> np.ndarray:
+    k = int(y.max()) + 1
+    per = max(1, limit // k)
+    return np.sort(np.concatenate([np.flatnonzero(y == c)[:per] for c in range(k)]))
+
+
+def build_task(cfg: DataConfig) -> Task:
+    """Load and shape the task described by ``cfg``."""
+    if cfg.name == "imagefolder":
+        xtr, ytr, raw_tests, names = load_imagefolder(cfg)
+    elif cfg.name in LOADERS:
+        xtr, ytr, xte, yte, names = LOADERS[cfg.name](cfg)
+        raw_tests = {"test": (xte, yte)}
+    else:
+        raise ProckdError(f"data.name '{cfg.name}' has no loader")
+    classes = cfg.classes if cfg.classes is not None else list(range(len(names)))
+    bad = [c for c in classes if not 0 <= c < len(names)]
+    if bad:
+        raise ProckdError(f"data.classes {bad} are outside 0..{len(names) - 1} for {cfg.name}")
+    if len(set(classes)) != len(classes):
+        raise ProckdError(f"data.classes has duplicates: {classes}")
+    xtr, ytr = _select(xtr, ytr, classes)
+    k = len(classes)
+    have = [int((ytr == c).sum()) for c in range(k)]
+    n_max = min(have) if cfg.labels_per_class is None else min(cfg.labels_per_class, min(have))
+    counts = long_tail_counts(n_max, k, cfg.imbalance) if cfg.imbalance else (
+        [n_max] * k if cfg.labels_per_class is not None else have)
+    sel = _subsample(ytr, counts, cfg.subset_seed)
+    train = ArrayDataset(torch.from_numpy(np.ascontiguousarray(xtr[sel])), torch.from_numpy(ytr[sel]), "train")
+    tests = {}
+    for tname, (xte, yte) in raw_tests.items():
+        xte, yte = _select(xte, yte, classes)
+        if cfg.test_limit:
+            keep = _balanced_head(yte, cfg.test_limit)
+            xte, yte = xte[keep], yte[keep]
+        base = ArrayDataset(torch.from_numpy(np.ascontiguousarray(xte)), torch.from_numpy(yte), tname)
+        tests[tname] = base
+        for c in cfg.corruptions:
+            nm = f"{tname}_{c.kind}{c.severity}"
+            tests[nm] = ArrayDataset(corrupt(base.images, c), base.labels, nm)
+    return Task(train, tests, [names[c] for c in classes],
+                info={"train_counts": [int(v) for v in np.bincount(train.labels.numpy(), minlength=k)]})

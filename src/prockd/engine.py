@@ -1,0 +1,319 @@
+"""Training engine: optimiser, warm-up + cosine schedule, clipping, autocast, logging, checkpoints, resume.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, TensorBoard events,
+``checkpoints/last.pt`` and ``best.pt`` (written atomically every epoch), ``final.json`` and the
+deployable ``student.pt``. Running again on the same directory resumes exactly where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from prockd.cache import TeacherCache
+from prockd.config import ExperimentConfig, TrainConfig, dump_config
+from prockd.data import ArrayDataset, Task, build_task
+from prockd.errors import ProckdError
+from prockd.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from prockd.methods import METHODS, Distiller
+from prockd.models import Student, Teacher, count_params, create_model, init_student_from_teacher
+
+KILL_ENV = "PROCKD_KILL_AFTER_STEPS"  # fault injection for the resume test: SIGKILL after N steps
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ProckdError(f"train.device '{name}' is not a device (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProckdError(f"train.device is '{name}' but CUDA is not available")
+    return dev
+
+
+def make_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD; no weight decay on 1-D parameters (norms, biases) or prototypes."""
+    decay, no_decay = [], []
+    for p in params:
+        (no_decay if p.ndim <= 1 or getattr(p, "_no_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, base: float, floor: float) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine down to ``floor / base``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    f = floor / base
+    return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16 / fp16 autocast context (nullcontext for 'none')."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
+    """Student-side augmentation on a batch: random horizontal flip + random crop with 1/8 padding."""
+    if kind == "none":
+        return x
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=g) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    pad = max(1, h // 8)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    return torch.stack([xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+@dataclass
+class Built:
+    """Everything a run needs, built and validated before anything is written."""
+
+    cfg: ExperimentConfig
+    task: Task
+    teacher: Teacher | None
+    distiller: Distiller
+    device: torch.device
+
+
+def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | None = None) -> Built:
+    """Build task, teacher, student and distiller (raises ProckdError on any bad input)."""
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    task = task or build_task(cfg.data)
+    cls = METHODS.get(cfg.method.name)
+    params = cfg.method_params()
+    if cls.needs_teacher and teacher is None:
+        teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
+    set_seed(cfg.seed)
+    s_model = create_model(cfg.student, task.num_classes, "student")
+    if cfg.student.init_from_teacher:
+        if teacher is None:
+            raise ProckdError("student.init_from_teacher needs a teacher")
+        init_student_from_teacher(s_model, teacher.model)
+    student = Student(s_model, cfg.student, need_embed=cls.needs_teacher)
+    distiller = cls(student, teacher if cls.needs_teacher else None, params, task.num_classes)
+    distiller.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    return Built(cfg, task, teacher, distiller, device)
+
+
+@torch.no_grad()
+def evaluate(distiller: Distiller, datasets: dict[str, ArrayDataset], device, amp: str = "none",
+             batch_size: int = 256) -> dict[str, float]:
+    """Top-1 accuracy (%) of every output of ``distiller.predict`` on every test set."""
+    distiller.eval()
+    out = {}
+    for name, ds in datasets.items():
+        correct: dict[str, int] = {}
+        for x, y, _ in ds.batches(batch_size):
+            with autocast(device, amp):
+                preds = distiller.predict(x.to(device))
+            for k, logits in preds.items():
+                correct[k] = correct.get(k, 0) + int((logits.argmax(-1).cpu() == y).sum())
+        for k, c in correct.items():
+            out[f"{name}/{k}"] = 100.0 * c / max(1, len(ds))
+    return out
+
+
+@torch.no_grad()
+def teacher_accuracy(teacher: Teacher, task: Task, device, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy (%) of the teacher on its own labelled task (first test set)."""
+    name, ds = next(iter(task.tests.items()))
+    correct = 0
+    for x, y, _ in ds.batches(batch_size):
+        correct += int((teacher.predict(x.to(device)).argmax(-1).cpu() == y).sum())
+    return {f"teacher/{name}": 100.0 * correct / max(1, len(ds))}
+
+
+class _Logger:
+    def __init__(self, run_dir: Path, start_epoch: int, use_tb: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():  # drop records of epochs that will be redone after a resume
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("epoch", -1) < start_epoch]
+            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+        self.tb = None
+        if use_tb:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, record.get("epoch", 0))
+            self.tb.flush()
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print, built: Built | None = None,
+          teacher_task: Task | None = None) -> dict:
+    """Train (or resume) one run; returns the summary also written to ``final.json``."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    b = built or build(cfg)
+    run_dir = Path(run_dir or cfg.out)
+    if teacher_task is None and cfg.teacher_eval.data is not None and b.teacher is not None:
+        teacher_task = build_task(cfg.teacher_eval.data)
+    dist, device, t = b.distiller, b.device, cfg.train
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    ckpt_dir = run_dir / "checkpoints"
+
+    teacher_metrics = {}
+    if b.teacher is not None and teacher_task is not None:
+        teacher_metrics = teacher_accuracy(b.teacher, teacher_task, device)
+        log(f"teacher accuracy on its own task: {teacher_metrics}")
+
+    cache = None
+    if b.teacher is not None and cfg.cache.enabled:
+        cache = TeacherCache(b.teacher, b.task.train, cfg.cache.dir, cfg.cache.dtype, device=device,
+                             log=log).prepare()
+
+    params = dist.learnable_parameters()
+    if hasattr(dist, "prototypes"):
+        dist.prototypes._no_decay = True
+    opt = make_optimizer(params, t)
+    steps_per_epoch = math.ceil(len(b.task.train) / t.batch_size)
+    total = steps_per_epoch * t.epochs
+    warm = int(round(t.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm, t.lr, t.min_lr))
+    scaler = torch.amp.GradScaler(device.type, enabled=(t.amp == "fp16" and device.type == "cuda"))
+
+    start_epoch, best, history = 0, -1.0, []
+    last = ckpt_dir / "last.pt"
+    if last.is_file():
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=False)
+            dist.load_state_dict(state["distiller"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+        except Exception as e:  # noqa: BLE001
+            raise ProckdError(f"checkpoint {last} is unreadable or does not fit this config: {e}") from None
+        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        log(f"resumed from {last} at epoch {start_epoch}")
+    initial_protos = getattr(dist, "prototypes", None)
+    if initial_protos is not None and start_epoch == 0:
+        atomic_torch_save(initial_protos.detach().cpu().clone(), run_dir / "prototypes_init.pt")
+
+    logger = _Logger(run_dir, start_epoch)
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    step = start_epoch * steps_per_epoch
+    primary = f"{next(iter(b.task.tests))}/deployed"
+    for epoch in range(start_epoch, t.epochs):
+        dist.train()
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        sums: dict[str, float] = {}
+        n_batches = 0
+        bar = tqdm(b.task.train.batches(t.batch_size, g), total=steps_per_epoch, disable=not t.progress,
+                   desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)
+        t0 = time.perf_counter()
+        for x, y, idx in bar:
+            tf = cache.get(idx, device) if cache is not None else None
+            x = augment_batch(x, t.augment, g).to(device)
+            y = y.to(device)
+            with autocast(device, t.amp):
+                _, losses = dist(x, y, teacher_feats=tf)
+                loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise ProckdError(f"loss became {loss.item()} at epoch {epoch + 1} (losses: "
+                                  f"{ {k: float(v) for k, v in losses.items()} }); lower train.lr or loss weights")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t.clip_grad:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            step += 1
+            n_batches += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if kill_after and step >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "time_s": time.perf_counter() - t0}
+        record.update({f"loss/{k}": v / max(1, n_batches) for k, v in sums.items()})
+        if epoch + 1 == t.epochs:  # every test set (shifted domains too) at the end
+            record.update(evaluate(dist, b.task.tests, device, t.amp))
+        elif (epoch + 1) % t.eval_every == 0:  # the primary test set during training
+            first = next(iter(b.task.tests))
+            record.update(evaluate(dist, {first: b.task.tests[first]}, device, t.amp))
+        logger.write(record)
+        history.append(record)
+        improved = record.get(primary, -1.0) > best
+        if improved:
+            best = record[primary]
+        state = {"epoch": epoch, "best": best, "history": history, "distiller": dist.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": _rng_state()}
+        atomic_torch_save(state, last)
+        if improved:
+            atomic_torch_save({"epoch": epoch, "distiller": dist.state_dict(), "metrics": record},
+                              ckpt_dir / "best.pt")
+        if t.progress:
+            log(f"epoch {epoch + 1}/{t.epochs} " + " ".join(
+                f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("loss/", "test")) and "/" in k))
+    logger.close()
+    final = history[-1] if history else {}
+    summary = {"method": cfg.method.name, "seed": cfg.seed, "final": final, "best": best,
+               "student_params": count_params(dist.student),
+               "deployed_params": count_params(dist.export()),
+               "teacher": teacher_metrics, "train_counts": b.task.info.get("train_counts")}
+    dist.export().save(run_dir / "student.pt", b.task.num_classes, b.task.class_names)
+    atomic_write_json(run_dir / "final.json", summary)
+    return summary

@@ -1,0 +1,104 @@
+"""ProC-KD modules (Li et al., "Prototype-guided cross-task knowledge distillation", FITEE 2025).
+
+- :class:`TapFusion`: ``F = ReLU(Linear_{sum C_t -> C}(concat[T_1..T_m]))`` (teacher width -> student width).
+- :class:`PrototypeLearning` (PL, training only): NetVLAD-style residual aggregation on the prototypes,
+  paper eq. 1, and ``O_pro = f(concat[F, V_r W_p + b_p])``, eq. 2.
+- :class:`FeatureAugmentation` (FA, deployed): ``A = softmax(F_e P_1^T)``, eq. 3, and
+  ``O_aug = ReLU(Phi(concat[F_e, A P_1]) + F_r)``, eq. 4.
+- :class:`EmbeddingDistill`: MSE between the student's and the teacher's embedding-layer outputs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prockd.features import Layout, resample_tokens
+
+
+def _mlp2(c: int) -> nn.Sequential:
+    """1x1 conv (2C -> C) -> ReLU -> 1x1 conv (C -> C) -> ReLU, as per-token linears."""
+    return nn.Sequential(nn.Linear(2 * c, c), nn.ReLU(), nn.Linear(c, c), nn.ReLU())
+
+
+class TapFusion(nn.Module):
+    """Fuse m teacher taps (already on one grid, concatenated): ``ReLU(Linear(concat))`` to width C."""
+
+    def __init__(self, in_width: int, width: int):
+        super().__init__()
+        self.proj = nn.Linear(in_width, width)
+
+    def forward(self, taps: torch.Tensor) -> torch.Tensor:
+        """``B x N x sum(C_t)`` -> ``B x N x C``."""
+        return F.relu(self.proj(taps))
+
+
+class PrototypeLearning(nn.Module):
+    """PL module: soft-assigns normalised teacher tokens to K prototypes and aggregates residuals.
+
+    ``V_i = sum_j a_ji (F̂_j - p_i)`` is computed as ``Aᵀ F̂ - (sum_j a_ji) p_i`` (one einsum), so no
+    ``B x K x C x N`` tensor is ever built.
+    """
+
+    def __init__(self, width: int, num_prototypes: int):
+        super().__init__()
+        self.assign = nn.Linear(width, num_prototypes)  # W_a, b_a (1x1 conv C -> K)
+        self.proj = nn.Linear(num_prototypes * width, width)  # W_p, b_p
+        self.f = _mlp2(width)
+
+    def aggregate(self, fused: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (V_r ``B x K*C``, assignment ``B x N x K``) for fused tokens ``B x N x C``."""
+        fh = F.normalize(fused, dim=-1)
+        a = torch.softmax(self.assign(fh), dim=-1)
+        v = torch.einsum("bnk,bnc->bkc", a, fh) - a.sum(1).unsqueeze(-1) * prototypes.unsqueeze(0)
+        v = F.normalize(v, dim=-1).flatten(1)
+        return F.normalize(v, dim=-1), a
+
+    def forward(self, fused: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """``O_pro = f(concat[F, V_r W_p + b_p])`` with the global term broadcast to every token."""
+        vr, _ = self.aggregate(fused, prototypes)
+        g = self.proj(vr).unsqueeze(1).expand(-1, fused.shape[1], -1)
+        return self.f(torch.cat([fused, g], dim=-1))
+
+
+class FeatureAugmentation(nn.Module):
+    """FA module, kept in the deployed student: prototype attention on tokens with a shared encoder E."""
+
+    def __init__(self, width: int, scale: bool = False):
+        super().__init__()
+        self.encoder = nn.Linear(width, width)  # E, shared by tokens and prototypes
+        self.phi = _mlp2(width)
+        self.scale = scale
+
+    def attention(self, x: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(F_e, P_1, A) with ``A = softmax(F_e P_1ᵀ)`` over the K prototypes."""
+        fe = self.encoder(x)
+        p1 = self.encoder(prototypes)
+        logits = fe @ p1.t()
+        if self.scale:
+            logits = logits / math.sqrt(fe.shape[-1])
+        return fe, p1, torch.softmax(logits, dim=-1)
+
+    def forward(self, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """``O_aug = ReLU(Phi(concat[F_e, A P_1]) + F_r)``, residual ``F_r = x``."""
+        fe, p1, a = self.attention(x, prototypes)
+        return F.relu(self.phi(torch.cat([fe, a @ p1], dim=-1)) + x)
+
+
+class EmbeddingDistill(nn.Module):
+    """Embedding-layer distillation: MSE(proj(student embedding), teacher embedding on the student grid).
+
+    The teacher's map is area-pooled (or bilinearly upsampled) to the student's grid; a per-token linear
+    (1x1 conv) projects the student's width to the teacher's. Prefix tokens are not compared.
+    """
+
+    def __init__(self, student_width: int, teacher_width: int):
+        super().__init__()
+        self.proj = nn.Linear(student_width, teacher_width)
+
+    def forward(self, s: torch.Tensor, s_layout: Layout, t: torch.Tensor, t_layout: Layout) -> torch.Tensor:
+        """Mean squared error over grid tokens and channels."""
+        t, _ = resample_tokens(t, t_layout, (s_layout.h, s_layout.w))
+        return F.mse_loss(self.proj(s[:, s_layout.prefix:]), t[:, t_layout.prefix:].to(s.dtype))

@@ -1,0 +1,39 @@
+"""A name -> class registry (no ``if method == ...`` chains)."""
+from __future__ import annotations
+
+import difflib
+from typing import Generic, TypeVar
+
+from prockd.errors import ProckdError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names to classes; ``register`` is a class decorator."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str):
+        """Class decorator registering ``cls`` under ``name``."""
+        def deco(cls):
+            if name in self._items:
+                raise ValueError(f"{self.kind} '{name}' registered twice")
+            self._items[name] = cls
+            cls.name = name
+            return cls
+        return deco
+
+    def get(self, name: str) -> T:
+        """Return the class registered as ``name`` or raise a ProckdError with near matches."""
+        if name not in self._items:
+            near = difflib.get_close_matches(name, list(self._items), n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise ProckdError(f"unknown {self.kind} '{name}'{hint} (known: {', '.join(sorted(self._items))})")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        """All registered names, sorted."""
+        return sorted(self._items)

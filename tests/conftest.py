@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny offline configs on scikit-learn's digits (8x8) with small timm models."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+TINY_VIT = {"name": "vit_tiny_patch16_224", "in_chans": 1, "input_size": 8, "mean": [0.3], "std": [0.4],
+            "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2,
+                       "mlp_ratio": 2.0}}
+TINY_CNN = {"name": "resnet18", "in_chans": 1, "input_size": 16, "mean": [0.3], "std": [0.4],
+            "kwargs": {"channels": [8, 16, 16, 16], "stem_width": 8, "num_classes": 4},
+            "taps": ["layer1", "layer2"], "fusion_size": [2, 2]}
+
+
+def tiny_config(tmp_path: Path, method: str = "prockd", **over) -> dict:
+    """A raw experiment config that trains in about a second on digits."""
+    cfg = {
+        "seed": 0,
+        "out": str(tmp_path / "run"),
+        "teacher": copy.deepcopy(TINY_CNN),
+        "student": copy.deepcopy(TINY_VIT),
+        "data": {"name": "digits", "classes": [5, 6, 7, 8, 9], "labels_per_class": 20},
+        "method": {"name": method, "params": {"num_prototypes": 4} if method == "prockd" else {}},
+        "train": {"epochs": 3, "batch_size": 16, "lr": 2e-3, "warmup_epochs": 1, "progress": False},
+        "cache": {"dir": str(tmp_path / "cache"), "dtype": "float32"},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Factory for tiny raw configs."""
+    return lambda method="prockd", **over: tiny_config(tmp_path, method, **over)

@@ -1,0 +1,91 @@
+"""Engine: exact resume after a kill, run-directory contents, schedule, seeding."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prockd.config import build_config
+from prockd.engine import KILL_ENV, train, warmup_cosine
+
+
+def _cli(cfg_path: Path, out: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "prockd.cli", "train", "--config", str(cfg_path), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_killed_run_resumes_to_identical_metrics(tiny, tmp_path):
+    raw = tiny()
+    raw["train"].update(epochs=3, augment="flip_crop")
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    ref = _cli(cfg_path, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    # 100 images / batch 16 = 7 steps per epoch: step 10 is in the middle of epoch 2
+    killed = _cli(cfg_path, tmp_path / "res", {KILL_ENV: "10"})
+    assert killed.returncode == -9, killed.stderr
+    assert (tmp_path / "res" / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "res" / "final.json").exists()
+    resumed = _cli(cfg_path, tmp_path / "res")
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "ref" / "final.json").read_text())
+    b = json.loads((tmp_path / "res" / "final.json").read_text())
+    fa = {k: v for k, v in a["final"].items() if k != "time_s"}
+    fb = {k: v for k, v in b["final"].items() if k != "time_s"}
+    assert fa == fb
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_run_directory_contents(tiny, tmp_path):
+    raw = tiny()
+    summary = train(build_config(raw), tmp_path / "run", log=lambda m: None)
+    run = tmp_path / "run"
+    for f in ("config.yaml", "metrics.jsonl", "final.json", "student.pt", "checkpoints/last.pt",
+              "checkpoints/best.pt", "prototypes_init.pt"):
+        assert (run / f).is_file(), f
+    assert list((run / "tb").iterdir())
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["method"]["params"]["num_prototypes"] == 4
+    assert resolved["train"]["optimizer"] == "adamw"  # defaults are written out too
+    assert summary["deployed_params"] < summary["student_params"] + 10_000
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_teacher_accuracy_logged_before_distillation(tiny, tmp_path):
+    raw = tiny(teacher_eval={"data": {"name": "digits", "classes": [0, 1, 2, 3]}})
+    logs = []
+    summary = train(build_config(raw), tmp_path / "run", log=logs.append)
+    assert "teacher/test" in summary["teacher"]
+    assert logs[0].startswith("teacher accuracy on its own task")
+
+
+def test_same_seed_same_result_other_seed_differs(tiny, tmp_path):
+    raw = tiny("student_only")
+    a = train(build_config(raw), tmp_path / "a", log=lambda m: None)["final"]
+    b = train(build_config(raw), tmp_path / "b", log=lambda m: None)["final"]
+    c = train(build_config({**raw, "seed": 1}), tmp_path / "c", log=lambda m: None)["final"]
+    assert a["loss/ce"] == b["loss/ce"]
+    assert a["loss/ce"] != c["loss/ce"]
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("method", ["prockd", "student_only"])
+def test_bf16_autocast_and_sgd(tiny, tmp_path, method):
+    raw = tiny(method)
+    raw["train"].update(amp="bf16", optimizer="sgd", lr=0.05, epochs=1)
+    s = train(build_config(raw), tmp_path / "run", log=lambda m: None)
+    assert s["final"]["test/deployed"] >= 0
