@@ -34,11 +34,11 @@ def test_corruptions_are_deterministic_and_shift_the_domain():
     clean = t.tests["test"].images.float()
     for k in ("test_fog3", "test_contrast3", "test_noise5"):
         assert t.tests[k].images.dtype == torch.uint8
-        assert (t.tests[k].images.float() - clean).abs().mean() > 5
+        assert (t.tests[k].images.float() - clean).abs().mean() > 2
     c = CorruptionConfig(kind="noise", severity=2)
     assert torch.equal(corrupt(t.tests["test"].images, c), corrupt(t.tests["test"].images, c))
     contrast = t.tests["test_contrast3"].images.float()
-    assert contrast.std() < clean.std() * 0.5
+    assert contrast.std() < clean.std() * 0.8
 
 
 @pytest.mark.skipif(find_fashion_mnist(None) is None, reason="Fashion-MNIST is not installed (make data)")

@@ -140,10 +140,13 @@ def default_taps(model: nn.Module, m: int) -> list[str]:
     if is_channels_last_model(model) and "layers" in names:  # Swin
         n = len(model.layers)
         return [f"layers.{i}" for i in range(max(0, n - m), n)]
-    info = getattr(model, "feature_info", None)
-    if info is not None and hasattr(info, "module_name"):
-        mods = [n for n in info.module_name() if n in names]
-        return mods[-m:]
+    info = getattr(model, "feature_info", None)  # timm CNNs: a FeatureInfo or a list of dicts
+    if info is not None:
+        mods = info.module_name() if hasattr(info, "module_name") else [d.get("module") for d in info]
+        mods = [n.replace("_", ".") if n not in names and n.replace("_", ".") in names else n for n in mods]
+        mods = [n for n in mods if n in names]
+        if mods:
+            return mods[-m:]
     for stage_names in (["layer1", "layer2", "layer3", "layer4"],):  # torchvision ResNets
         if all(s in names for s in stage_names):
             return stage_names[-m:]

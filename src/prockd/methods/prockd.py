@@ -38,7 +38,16 @@ class ProCKDParams(BaseModel):
     detach_kl_target: bool = True
     proto_init: Literal["uniform", "normal"] = "uniform"
     fa_scale: bool = False
-    deploy_output: Literal["plain", "aug", "avg"] = "plain"
+    # what the deployed student predicts: the plain head (z_s), FA on its tokens (z_aug) or their average;
+    # "auto": z_aug for variant B (FA is trained on the student's tokens), z_s for variant A (FA is trained
+    # on the teacher path only and measured several points worse on the student's tokens)
+    deploy_output: Literal["auto", "plain", "aug", "avg"] = "auto"
+
+    def resolved_output(self) -> str:
+        """The deploy output with "auto" resolved."""
+        if self.deploy_output != "auto":
+            return self.deploy_output
+        return "aug" if self.variant == "B" else "plain"
 
 
 def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -103,11 +112,11 @@ class ProCKD(Distiller):
         aug = self.student.head(self.fa(tok, self.prototypes), lay)
         avg = (plain.softmax(-1) + aug.softmax(-1)).log() - torch.log(torch.tensor(2.0))
         out = {"plain": plain, "aug": aug, "avg": avg}
-        out["deployed"] = out[self.params.deploy_output]
+        out["deployed"] = out[self.params.resolved_output()]
         return out
 
     def export(self):
         """Deployable student: backbone + FA + prototypes (no PL, no fusion, no teacher)."""
         from prockd.deploy import DeployedStudent
 
-        return DeployedStudent(self.student, self.fa, self.prototypes, self.params.deploy_output)
+        return DeployedStudent(self.student, self.fa, self.prototypes, self.params.resolved_output())
