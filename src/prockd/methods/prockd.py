@@ -30,7 +30,7 @@ class ProCKDParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     num_prototypes: int = Field(24, ge=1)
-    variant: Literal["A", "B"] = "A"
+    variant: Literal["A", "B"] = "B"  # measured better and steadier than A on the embedded benchmark
     lambda_aug: float = Field(1.0, ge=0)
     lambda_kl: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
