@@ -83,3 +83,18 @@ def test_export_predicts_alone_and_reloads(tiny, tmp_path, output):
     # the export does not hold on to the training hooks: the live student still records its embedding
     d.student.features(x)
     assert d.student.recorder.outputs or d.student.embed_path is not None
+
+
+def test_kmeans_prototype_init_matches_sklearn(tiny):
+    from sklearn.cluster import KMeans
+
+    raw = tiny()
+    raw["method"]["params"]["proto_init"] = "kmeans"
+    b = build(build_config(raw))
+    d = b.distiller
+    x = b.task.train.images[:32].float() / 255
+    feats = b.teacher.extract(x)
+    d.prepare(feats, seed=3)
+    fh = torch.nn.functional.normalize(torch.relu(feats["taps"] @ d.fusion.proj.weight.t() + d.fusion.proj.bias), dim=-1)
+    ref = KMeans(4, n_init=3, random_state=3).fit(fh.detach().reshape(-1, fh.shape[-1]).double().numpy()).cluster_centers_
+    assert torch.allclose(d.prototypes.detach().double(), torch.from_numpy(ref), atol=1e-5)

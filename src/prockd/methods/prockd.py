@@ -36,7 +36,9 @@ class ProCKDParams(BaseModel):
     temperature: float = Field(1.0, gt=0)
     lambda_emb: float = Field(1.0, ge=0)
     detach_kl_target: bool = True
-    proto_init: Literal["uniform", "normal"] = "uniform"
+    # uniform [0, 1) as in the authors' code; normal N(0, 0.02²); kmeans: k-means centres of the fused,
+    # L2-normalised teacher tokens of the first training images (with the initial fusion layer)
+    proto_init: Literal["uniform", "normal", "kmeans"] = "uniform"
     fa_scale: bool = False
     # what the deployed student predicts: the plain head (z_s), FA on its tokens (z_aug) or their average;
     # "auto": z_aug for variant B (FA is trained on the student's tokens), z_s for variant A (FA is trained
@@ -75,6 +77,18 @@ class ProCKD(Distiller):
         self.emb = None
         if params.lambda_emb > 0 and teacher.embed_path and student.embed_path:
             self.emb = EmbeddingDistill(student.embed_width, teacher.embed_width)
+
+    @torch.no_grad()
+    def prepare(self, teacher_feats: dict, seed: int = 0) -> None:
+        """Data-dependent initialisation: k-means prototypes when ``proto_init == "kmeans"``."""
+        if self.params.proto_init != "kmeans":
+            return
+        from sklearn.cluster import KMeans
+
+        fh = F.normalize(self.fusion(teacher_feats["taps"].to(self.prototypes.device)), dim=-1)
+        x = fh.reshape(-1, fh.shape[-1]).double().cpu().numpy()
+        km = KMeans(self.params.num_prototypes, n_init=3, random_state=seed).fit(x)
+        self.prototypes.copy_(torch.from_numpy(km.cluster_centers_).to(self.prototypes))
 
     def forward(self, images, targets, teacher_feats=None):
         """(z_s, {"ce", "ce_aug", "kl", "emb"}); see the module docstring for the two variants."""
