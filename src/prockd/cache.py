@@ -18,7 +18,7 @@ import torch
 
 from prockd.io import atomic_write_json
 
-VERSION = 1
+VERSION = 2
 _FULL_HASH_LIMIT = 256 << 20
 
 
@@ -106,7 +106,6 @@ class TeacherCache:
         try:
             for images, _, idx in self.dataset.batches(self.batch_size):
                 feats = self.teacher.extract(images.to(self.device))
-                feats.pop("logits", None)
                 for name, t in feats.items():
                     if name not in arrays:
                         arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np_dtype,

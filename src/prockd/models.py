@@ -214,7 +214,8 @@ class Teacher(nn.Module):
     def _probe(self):
         size = self.transform.size or 224
         x = torch.zeros(1, self.transform.in_chans, size, size)
-        self.model(x)
+        out = self.model(x)
+        self.num_outputs = int(out.shape[-1]) if isinstance(out, torch.Tensor) else None
         outs = self.recorder.pop()
         toks = [to_tokens(outs[p], self.model, f"teacher tap '{p}'") for p in self.tap_paths]
         grid = self.cfg.fusion_size or (toks[-1][1].h, toks[-1][1].w)
@@ -303,18 +304,21 @@ class Student(nn.Module):
             emb = to_tokens(self.recorder.pop()[self.embed_path], self.model)[0]
         return tok, lay, emb
 
-    def head(self, tokens: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """The student's own pooling + classifier applied to tokens of ``layout``."""
+    def head(self, tokens: torch.Tensor, layout: Layout, pre_logits: bool = False) -> torch.Tensor:
+        """The student's own pooling + classifier applied to tokens of ``layout`` (pooled features if
+        ``pre_logits``)."""
         if self.native_ndim == 3:
             if layout.prefix != self.num_prefix:
                 grid = tokens[:, layout.prefix:]
                 pre = grid.mean(1, keepdim=True).expand(-1, self.num_prefix, -1)
                 tokens = torch.cat([pre, grid], dim=1)
-            return self.model.forward_head(tokens)
+            return self.model.forward_head(tokens, pre_logits=pre_logits)
         b, _, c = tokens.shape
         if self.channels_last_feats:
-            return self.model.forward_head(tokens[:, layout.prefix:].reshape(b, layout.h, layout.w, c))
-        return self.model.forward_head(tokens_to_map(tokens, layout))
+            native = tokens[:, layout.prefix:].reshape(b, layout.h, layout.w, c)
+        else:
+            native = tokens_to_map(tokens, layout)
+        return self.model.forward_head(native, pre_logits=pre_logits)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Plain student logits."""

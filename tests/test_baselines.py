@@ -1,0 +1,82 @@
+"""Baselines in the distiller interface: each loss against a direct computation and an analytic case."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from prockd.config import build_config
+from prockd.engine import build, train
+from prockd.errors import ProckdError
+from prockd.methods.prockd import kl_div
+from prockd.methods.rkd import rkd_angle, rkd_distance
+
+
+def _huber(x: float) -> float:
+    return 0.5 * x * x if abs(x) < 1 else abs(x) - 0.5
+
+
+def test_rkd_distance_matches_loops():
+    s, t = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
+    ds = {p: float((s[p[0]] - s[p[1]]).norm()) for p in pairs}
+    dt = {p: float((t[p[0]] - t[p[1]]).norm()) for p in pairs}
+    ms, mt = sum(ds.values()) / len(pairs), sum(dt.values()) / len(pairs)
+    ref = sum(_huber(ds[p] / ms - dt[p] / mt) for p in pairs) / len(pairs)
+    assert abs(float(rkd_distance(s, t)) - ref) < 1e-9
+
+
+def test_rkd_angle_matches_loops():
+    s, t = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+
+    def cos(e, i, j, k):
+        a, b = e[i] - e[j], e[k] - e[j]
+        na, nb = a.norm(), b.norm()
+        if na == 0 or nb == 0:
+            return 0.0
+        return float(a @ b / (na * nb))
+
+    triplets = list(itertools.product(range(4), repeat=3))
+    ref = sum(_huber(cos(s, i, j, k) - cos(t, i, j, k)) for i, j, k in triplets) / len(triplets)
+    assert abs(float(rkd_angle(s, t)) - ref) < 1e-9
+
+
+def test_rkd_analytic_zero_under_similarity():
+    s = torch.randn(6, 4, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    t = 3.0 * s @ q + 1.5  # rotation, scale and shift keep relative distances and angles
+    assert float(rkd_distance(s, t)) < 1e-12 and float(rkd_angle(s, t)) < 1e-12
+
+
+def test_kd_refuses_cross_task_and_matches_direct_formula(tiny):
+    with pytest.raises(ProckdError, match="method 'kd' needs teacher and student to share one label space"):
+        build(build_config(tiny("kd")))  # teacher has 4 classes, the student task 5
+    raw = tiny("kd")
+    raw["teacher"]["kwargs"]["num_classes"] = 5
+    with pytest.raises(ProckdError, match="shared_label_space"):
+        build(build_config(raw))
+    raw["method"]["params"] = {"shared_label_space": True, "temperature": 2.0}
+    b = build(build_config(raw))
+    x = b.task.train.images[:8].float() / 255
+    y = b.task.train.labels[:8]
+    z_s, losses = b.distiller(x, y)
+    z_t = b.teacher.predict(x)
+    ps, pt = torch.log_softmax(z_s / 2, -1), torch.softmax(z_t / 2, -1)
+    ref = (pt * (pt.log() - ps)).sum(-1).mean() * 4
+    assert torch.allclose(losses["kd"], ref, atol=1e-5)
+    assert float(kl_div(z_t, z_t, 2.0)) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["fitnets", "rkd"])
+def test_cross_task_baselines_train_from_cache_with_gradients(tiny, tmp_path, method):
+    b = build(build_config(tiny(method)))
+    x = b.task.train.images[:8].float() / 255
+    _, losses = b.distiller(x, b.task.train.labels[:8])
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in b.teacher.parameters())
+    assert all(p.grad is not None for p in b.distiller.student.parameters() if p.requires_grad)
+    if method == "fitnets":
+        assert b.distiller.connector.proj.weight.grad.abs().sum() > 0
+    s = train(build_config(tiny(method)), tmp_path / "run", log=lambda m: None)
+    assert set(k for k in s["final"] if k.startswith("loss/")) == {f"loss/{k}" for k in losses}
