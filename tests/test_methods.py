@@ -94,7 +94,7 @@ def test_kmeans_prototype_init_matches_sklearn(tiny):
     d = b.distiller
     x = b.task.train.images[:32].float() / 255
     feats = b.teacher.extract(x)
-    d.prepare(feats, seed=3)
+    d.prepare(lambda: feats, seed=3)
     fh = torch.nn.functional.normalize(torch.relu(feats["taps"] @ d.fusion.proj.weight.t() + d.fusion.proj.bias), dim=-1)
     ref = KMeans(4, n_init=3, random_state=3).fit(fh.detach().reshape(-1, fh.shape[-1]).double().numpy()).cluster_centers_
     assert torch.allclose(d.prototypes.detach().double(), torch.from_numpy(ref), atol=1e-5)

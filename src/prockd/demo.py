@@ -59,7 +59,7 @@ METHOD_ROWS = [("student_only", {}), ("prockd", PROCKD_PARAMS)]
 def _teacher_run_config(quick: bool) -> dict:
     data = {"name": "fashion_mnist", "classes": TEACHER_CLASSES, "labels_per_class": 600 if quick else 3000,
             "test_limit": 500 if quick else 2000}
-    return {"seed": 0, "student": TEACHER_NET | {"kwargs": TEACHER_NET["kwargs"]}, "data": data,
+    return {"seed": 0, "student": copy.deepcopy(TEACHER_NET), "data": data,
             "method": {"name": "student_only"},
             "train": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05,
                       "warmup_epochs": 0.2, "progress": False}}

@@ -10,6 +10,7 @@ import torch.nn as nn
 from prockd.config import ModelConfig
 from prockd.errors import ProckdError
 from prockd.io import atomic_torch_save
+from prockd.modules import mean_prob_logits
 
 FORMAT = "prockd-deployed-v1"
 
@@ -41,7 +42,7 @@ class DeployedStudent(nn.Module):
         aug = self.student.head(self.fa(tok, self.prototypes), lay)
         if self.output == "aug":
             return aug
-        return (plain.softmax(-1) + aug.softmax(-1)).log() - torch.log(torch.tensor(2.0))
+        return mean_prob_logits(plain, aug)
 
     def save(self, path: str | Path, num_classes: int, class_names: list[str] | None = None) -> None:
         """Write a self-describing file (config + weights) atomically."""

@@ -223,9 +223,13 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
 
     if b.teacher is not None:  # deterministic, before a resume overwrites it: fresh and resumed runs agree
         first = torch.arange(min(len(b.task.train), 256))
-        feats = cache.get(first, device) if cache is not None else b.teacher.extract(
-            b.task.train.images[first].float().div(255).to(device))
-        dist.prepare(feats, cfg.seed)
+
+        def first_feats() -> dict:
+            if cache is not None:
+                return cache.get(first, device)
+            return b.teacher.extract(b.task.train.images[first].float().div(255).to(device))
+
+        dist.prepare(first_feats, cfg.seed)
     params = dist.learnable_parameters()
     if hasattr(dist, "prototypes"):
         dist.prototypes._no_decay = True

@@ -23,6 +23,11 @@ def _mlp2(c: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(2 * c, c), nn.ReLU(), nn.Linear(c, c), nn.ReLU())
 
 
+def mean_prob_logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Log of the mean of the two softmax distributions (the "avg" output of plain and augmented heads)."""
+    return (a.softmax(-1) + b.softmax(-1)).log() - math.log(2.0)
+
+
 class TapFusion(nn.Module):
     """Fuse m teacher taps (already on one grid, concatenated): ``ReLU(Linear(concat))`` to width C."""
 

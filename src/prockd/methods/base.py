@@ -43,8 +43,9 @@ class Distiller(nn.Module):
             return teacher_feats
         return self.teacher.extract(images)
 
-    def prepare(self, teacher_feats: dict, seed: int = 0) -> None:
-        """Data-dependent initialisation from teacher features of the first training images (default: none)."""
+    def prepare(self, teacher_feats, seed: int = 0) -> None:
+        """Data-dependent initialisation; ``teacher_feats()`` returns teacher features of the first training
+        images and is only called by methods that need them (default: nothing to do)."""
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_feats: dict | None = None):
         """Training forward: (student logits, dict of named losses)."""

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from prockd.methods.base import METHODS, Distiller
-from prockd.modules import EmbeddingDistill, FeatureAugmentation, PrototypeLearning, TapFusion
+from prockd.modules import (EmbeddingDistill, FeatureAugmentation, PrototypeLearning, TapFusion,
+                            mean_prob_logits)
 
 
 class ProCKDParams(BaseModel):
@@ -79,13 +80,13 @@ class ProCKD(Distiller):
             self.emb = EmbeddingDistill(student.embed_width, teacher.embed_width)
 
     @torch.no_grad()
-    def prepare(self, teacher_feats: dict, seed: int = 0) -> None:
+    def prepare(self, teacher_feats, seed: int = 0) -> None:
         """Data-dependent initialisation: k-means prototypes when ``proto_init == "kmeans"``."""
         if self.params.proto_init != "kmeans":
             return
         from sklearn.cluster import KMeans
 
-        fh = F.normalize(self.fusion(teacher_feats["taps"].to(self.prototypes.device)), dim=-1)
+        fh = F.normalize(self.fusion(teacher_feats()["taps"].to(self.prototypes.device)), dim=-1)
         x = fh.reshape(-1, fh.shape[-1]).double().cpu().numpy()
         km = KMeans(self.params.num_prototypes, n_init=3, random_state=seed).fit(x)
         self.prototypes.copy_(torch.from_numpy(km.cluster_centers_).to(self.prototypes))
@@ -124,8 +125,7 @@ class ProCKD(Distiller):
         tok, lay, _ = self.student.features(images)
         plain = self.student.head(tok, lay)
         aug = self.student.head(self.fa(tok, self.prototypes), lay)
-        avg = (plain.softmax(-1) + aug.softmax(-1)).log() - torch.log(torch.tensor(2.0))
-        out = {"plain": plain, "aug": aug, "avg": avg}
+        out = {"plain": plain, "aug": aug, "avg": mean_prob_logits(plain, aug)}
         out["deployed"] = out[self.params.resolved_output()]
         return out
 
