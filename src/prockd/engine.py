@@ -71,6 +71,13 @@ def warmup_cosine(step: int, total: int, warmup: int, base: float, floor: float)
     return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def warmup_step(step: int, warmup: int, bounds: list[int], gamma: float) -> float:
+    """Learning-rate factor: linear warm-up to 1, then ``gamma`` to the power of the milestones passed."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return gamma ** sum(step >= b for b in bounds)
+
+
 def autocast(device: torch.device, amp: str):
     """bf16 / fp16 autocast context (nullcontext for 'none')."""
     if amp == "none":
@@ -237,7 +244,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
     steps_per_epoch = math.ceil(len(b.task.train) / t.batch_size)
     total = steps_per_epoch * t.epochs
     warm = int(round(t.warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm, t.lr, t.min_lr))
+    if t.schedule == "step":
+        bounds = [m * steps_per_epoch for m in t.milestones]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_step(s, warm, bounds, t.gamma))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm, t.lr, t.min_lr))
     scaler = torch.amp.GradScaler(device.type, enabled=(t.amp == "fp16" and device.type == "cuda"))
 
     start_epoch, best, history = 0, -1.0, []
@@ -263,6 +274,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
     step = start_epoch * steps_per_epoch
     primary = f"{next(iter(b.task.tests))}/deployed"
     for epoch in range(start_epoch, t.epochs):
+        dist.set_epoch(epoch, t.epochs)
         dist.train()
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         sums: dict[str, float] = {}

@@ -42,18 +42,25 @@ def resolve_module(model: nn.Module, path: str, what: str = "model") -> nn.Modul
 
 
 class FeatureRecorder:
-    """Records the outputs of the modules at ``paths`` during a forward pass (forward hooks)."""
+    """Records the outputs of the modules at ``paths`` during a forward pass (forward hooks).
+
+    ``path:input`` records the module's input instead (e.g. ``layer3.1.act2:input``: pre-ReLU features).
+    """
 
     def __init__(self, model: nn.Module, paths: list[str], what: str = "model"):
         self.paths = list(paths)
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles = []
         for p in self.paths:
-            mod = resolve_module(model, p, what)
-            self._handles.append(mod.register_forward_hook(self._hook(p)))
+            name, _, io = p.partition(":")
+            if io not in ("", "output", "input"):
+                raise ProckdError(f"tap '{p}': the suffix after ':' must be 'input' or 'output'")
+            mod = resolve_module(model, name, what)
+            self._handles.append(mod.register_forward_hook(self._hook(p, io == "input")))
 
-    def _hook(self, path: str):
-        def fn(_mod, _inp, out):
+    def _hook(self, path: str, use_input: bool):
+        def fn(_mod, inp, out):
+            out = inp if use_input else out
             if isinstance(out, (tuple, list)):
                 out = out[0]
             self.outputs[path] = out

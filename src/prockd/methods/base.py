@@ -5,8 +5,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
+from prockd.connectors import MapConnector, student_map, teacher_map
+from prockd.errors import ProckdError
 from prockd.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -29,6 +32,8 @@ class Distiller(nn.Module):
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
     needs_teacher: ClassVar[bool] = True
+    # logit methods (KD, DKD) compare class i of the teacher with class i of the student
+    needs_shared_label_space: ClassVar[bool] = False
 
     def __init__(self, student, teacher, params: BaseModel, num_classes: int):
         super().__init__()
@@ -36,6 +41,22 @@ class Distiller(nn.Module):
         object.__setattr__(self, "teacher", teacher)
         self.params = params
         self.num_classes = num_classes
+        self.epoch = 0
+        self.total_epochs = 1
+        if self.needs_shared_label_space:
+            t_classes = teacher.num_outputs
+            if not getattr(params, "shared_label_space", False) or t_classes != num_classes:
+                raise ProckdError(
+                    f"method '{self.name}' needs teacher and student to share one label space (teacher has "
+                    f"{t_classes} classes, the student task {num_classes}); this is a cross-task config: use "
+                    "prockd or a feature/relation baseline (fitnets, rkd, ab, ofd, ...), or set "
+                    "method.params.shared_label_space=true when teacher class i is student class i")
+
+    def set_epoch(self, epoch: int, total_epochs: int | None = None) -> None:
+        """Called by the engine before every epoch (multi-stage methods switch stages here)."""
+        self.epoch = epoch
+        if total_epochs is not None:
+            self.total_epochs = total_epochs
 
     def teacher_features(self, images: torch.Tensor, teacher_feats: dict | None) -> dict:
         """Precomputed features when given, else a live frozen-teacher forward."""
@@ -66,3 +87,39 @@ class Distiller(nn.Module):
         from prockd.deploy import DeployedStudent
 
         return DeployedStudent(self.student, None, None, "plain")
+
+
+class FeatureDistiller(Distiller):
+    """A feature-map baseline: ``L = CE(z_s, y) + λ · loss(r(S), T)``.
+
+    ``S`` is the student's last feature map, ``r`` a :class:`~prockd.connectors.MapConnector` to the
+    teacher's width, ``T`` the teacher's taps (concatenated on the fusion grid) resampled to the
+    student's grid. Subclasses set ``connector`` and implement :meth:`feature_loss`.
+    """
+
+    connector_kind: ClassVar[str] = "conv1x1"
+    loss_name: ClassVar[str] = "feat"
+
+    def __init__(self, student, teacher, params: BaseModel, num_classes: int):
+        super().__init__(student, teacher, params, num_classes)
+        self.t_width = sum(teacher.tap_widths)
+        self.connector = MapConnector(student.width, self.t_width, self.connector_kind)
+
+    def feature_maps(self, images, teacher_feats):
+        """(student logits, connected student map ``B x C_t x h x w``, teacher map on the student grid)."""
+        tok, lay, _ = self.student.features(images)
+        z_s = self.student.head(tok, lay)
+        s = self.connector(student_map(tok, lay))
+        tf = self.teacher_features(images, teacher_feats)
+        t = teacher_map(tf["taps"], self.teacher.tap_layout, (lay.h, lay.w), dtype=s.dtype)
+        return z_s, s, t
+
+    def feature_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The method's loss between the connected student map and the teacher map."""
+        raise NotImplementedError
+
+    def forward(self, images, targets, teacher_feats=None):
+        """(z_s, {"ce", loss_name})."""
+        z_s, s, t = self.feature_maps(images, teacher_feats)
+        return z_s, {"ce": F.cross_entropy(z_s, targets),
+                     self.loss_name: self.params.weight * self.feature_loss(s, t)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from prockd.errors import ProckdError
 from prockd.methods.base import METHODS, Distiller
 from prockd.methods.prockd import kl_div
 
@@ -29,15 +28,7 @@ class KD(Distiller):
     """Hinton KD on logits (same label space only)."""
 
     Params = KDParams
-
-    def __init__(self, student, teacher, params: KDParams, num_classes: int):
-        super().__init__(student, teacher, params, num_classes)
-        t_classes = teacher.num_outputs
-        if not params.shared_label_space or t_classes != num_classes:
-            raise ProckdError(
-                f"method 'kd' needs teacher and student to share one label space (teacher has {t_classes} "
-                f"classes, the student task {num_classes}); this is a cross-task config: use prockd, fitnets "
-                "or rkd, or set method.params.shared_label_space=true when teacher class i is student class i")
+    needs_shared_label_space = True
 
     def forward(self, images, targets, teacher_feats=None):
         """(z_s, {"ce", "kd"})."""

@@ -23,15 +23,14 @@ class RKDParams(BaseModel):
 
 
 def rkd_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Huber loss between mean-normalised pairwise distances of ``s`` and ``t`` (B x D each)."""
+    """Huber loss between pairwise distances of ``s`` and ``t`` (B x D each), each divided by its mean
+    over distinct pairs; averaged over all ``B²`` pairs (the zero diagonal included), as the authors' code."""
     def norm_dist(e):
         d = torch.cdist(e, e)
         off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
-        return d / d[off].mean().clamp_min(1e-12), off
+        return d / d[off].mean().clamp_min(1e-12)
 
-    ds, off = norm_dist(s)
-    dt, _ = norm_dist(t)
-    return F.smooth_l1_loss(ds[off], dt[off])
+    return F.smooth_l1_loss(norm_dist(s), norm_dist(t))
 
 
 def rkd_angle(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""PKD (Pearson): feature distillation with the Pearson correlation coefficient.
+
+Cao, Zhang, Xia, Zhou, Wang, Zhang, Xie, Wu, "PKD: General Distillation Framework for Object
+Detectors via Pearson Correlation Coefficient", NeurIPS 2022. Each channel of student and teacher
+maps is standardised over batch and positions; ``L = ½ mean((Ŝ - T̂)²) = 1 - mean_c r_c`` (Pearson
+correlation per channel), so the loss ignores each channel's scale and shift. 1x1-conv connector.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from prockd.methods.base import METHODS, FeatureDistiller
+
+
+class PKDPearsonParams(BaseModel):
+    """PKD weight."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, ge=0)
+
+
+def standardise(f: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Zero mean, unit variance per channel over batch and positions (``B x C x h x w``)."""
+    mean = f.mean((0, 2, 3), keepdim=True)
+    std = f.var((0, 2, 3), keepdim=True, unbiased=False).add(eps).sqrt()
+    return (f - mean) / std
+
+
+def pearson_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``½ · MSE(standardise(S), standardise(T))``."""
+    return 0.5 * (standardise(s) - standardise(t)).pow(2).mean()
+
+
+@METHODS.register("pkd_pearson")
+class PKDPearson(FeatureDistiller):
+    """Pearson-correlation feature distillation."""
+
+    Params = PKDPearsonParams
+    loss_name = "pkd"
+
+    def feature_loss(self, s, t):
+        """Pearson loss."""
+        return pearson_loss(s, t)
