@@ -72,6 +72,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     momentum: float = 0.9
     warmup_epochs: float = Field(2, ge=0)
+    schedule: Literal["cosine", "step"] = "cosine"  # after warm-up: cosine to min_lr, or steps at milestones
+    milestones: list[int] = Field(default_factory=list)  # step schedule: epochs where lr is multiplied by gamma
+    gamma: float = Field(0.2, gt=0)
     clip_grad: float | None = 5.0
     amp: Literal["none", "bf16", "fp16"] = "none"
     augment: Literal["none", "flip_crop"] = "none"
@@ -187,26 +190,59 @@ def build_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
         raise ProckdError(f"config error in {source}: {e}") from None
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base`` (mappings recursively; anything else replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def read_config_file(path: str | Path, _seen: tuple = ()) -> dict:
+    """A YAML config as a dict, with its ``base:`` file(s) (relative to it) merged in first."""
+    p = Path(path)
+    if not p.is_file():
+        raise ProckdError(f"config file not found: {p}" + (f" (base of {_seen[-1]})" if _seen else ""))
+    if p.resolve() in _seen:
+        raise ProckdError(f"config file {p}: 'base' files include each other ({' -> '.join(map(str, _seen))})")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ProckdError(f"config file {p} is not readable YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ProckdError(f"config file {p} must hold a mapping at top level, not {type(loaded).__name__}")
+    bases = loaded.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ProckdError(f"config file {p}: 'base' must be a file name or a list of file names")
+    data: dict = {}
+    for b in bases:
+        data = deep_merge(data, read_config_file(p.parent / b, _seen + (p.resolve(),)))
+    return deep_merge(data, loaded)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> ExperimentConfig:
-    """Load a YAML config file (or ``base``), apply overrides and validate."""
+    """Load a YAML config file (with its ``base:`` files) or ``base``, apply overrides and validate.
+
+    An override that switches ``method.name`` without setting ``method.params`` starts the new
+    method from its default parameters (the file's parameters belong to the file's method).
+    """
     data: dict = copy.deepcopy(base) if base else {}
     source = "<overrides>"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ProckdError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ProckdError(f"config file {p} is not readable YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ProckdError(f"config file {p} must hold a mapping at top level, not {type(loaded).__name__}")
-        data.update(loaded)
-    data = apply_overrides(data, list(overrides))
-    return build_config(data, source)
+        source = str(path)
+        data = deep_merge(data, read_config_file(path))
+    overrides = list(overrides)
+    old_method = (data.get("method") or {}).get("name")
+    merged = apply_overrides(data, overrides)
+    if (merged.get("method") or {}).get("name") != old_method and isinstance(data.get("method"), dict):
+        data = copy.deepcopy(data)
+        data["method"]["params"] = {}
+        merged = apply_overrides(data, overrides)
+    return build_config(merged, source)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -91,7 +91,9 @@ def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Mod
         key = name.split(":", 1)[1]
         if key not in BUILTINS:
             raise ProckdError(f"{what}: unknown builtin model '{key}' (known: {', '.join(BUILTINS)})")
-        model = BUILTINS[key](cfg.pretrained and cfg.checkpoint is None, num_classes, **kwargs)
+        own = kwargs.pop("num_classes", None)  # a teacher's own head size, when no task sets it
+        model = BUILTINS[key](cfg.pretrained and cfg.checkpoint is None, num_classes if num_classes is not None else own,
+                              **kwargs)
     elif name.startswith("torchvision:"):
         import torchvision
 
