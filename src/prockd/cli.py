@@ -1,4 +1,4 @@
-"""Command line: ``prockd train | eval | export | pretrain-teacher | demo``.
+"""Command line: ``prockd train | eval | export | pretrain-teacher | demo | bench compare | bench speed``.
 
 Bad input (config, data, model name, tap path, checkpoint) prints one line naming the culprit and
 exits with code 2; nothing is written to the run directory.
@@ -100,6 +100,19 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_bench_compare(args) -> int:
+    from prockd.bench.compare import load_spec, run_compare
+
+    spec = load_spec(args.config, {"seeds": args.seeds, "workers": args.workers})
+    if args.methods:
+        unknown = [m for m in args.methods if m not in spec["methods"]]
+        if unknown:
+            raise ProckdError(f"--methods {unknown} not in the comparison (known: {', '.join(spec['methods'])})")
+        spec["methods"] = {m: spec["methods"][m] for m in args.methods}
+    run_compare(Path(args.out), spec)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="prockd", description="Prototype-guided cross-task knowledge distillation")
@@ -131,6 +144,14 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a smoke-sized run")
     d.add_argument("--settings", nargs="*", default=None)
     d.set_defaults(fn=_cmd_demo)
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bc = b.add_parser("compare", help="methods x seeds x settings x students, the paper's Table-1 shape")
+    bc.add_argument("--config", default=None, help="YAML comparison spec (default: the embedded benchmark)")
+    bc.add_argument("--out", default="runs/compare")
+    bc.add_argument("--seeds", type=int, default=None)
+    bc.add_argument("--workers", type=int, default=None)
+    bc.add_argument("--methods", nargs="*", default=None, help="a subset of the spec's methods")
+    bc.set_defaults(fn=_cmd_bench_compare)
     return p
 
 

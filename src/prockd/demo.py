@@ -209,12 +209,34 @@ def _run_job(raw: dict, run_dir: str, log_path: str, threads: int | None = 1) ->
     train(build_config(raw, "demo run"), run_dir, log=log)
 
 
-def _prepare_cache(raw: dict, log) -> None:
-    from prockd.cache import TeacherCache
-    from prockd.engine import build
+def run_jobs(todo: list[tuple], workers: int, desc: str) -> None:
+    """Run ``_run_job(raw, run_dir, log_path)`` for each job, ``workers`` processes in parallel
+    (one thread each), with a progress bar over runs."""
+    bar = tqdm(total=len(todo), desc=f"{desc} ({workers} in parallel)", unit="run")
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    b = build(build_config(raw, "demo run"))
-    TeacherCache(b.teacher, b.task.train, raw["cache"]["dir"], raw["cache"]["dtype"], log=log).prepare()
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            for fut in as_completed([ex.submit(_run_job, *j) for j in todo]):
+                fut.result()
+                bar.update()
+    else:
+        for j in todo:
+            _run_job(*j, threads=None)
+            bar.update()
+    bar.close()
+
+
+def _prepare_cache(raw: dict, log) -> None:
+    """Build the teacher-feature cache of a run's config (teacher + training set), whatever its method."""
+    from prockd.cache import TeacherCache
+    from prockd.data import build_task
+    from prockd.models import Teacher, create_model
+
+    cfg = build_config(raw, "cache preparation")
+    teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
+    TeacherCache(teacher, build_task(cfg.data).train, cfg.cache.dir, cfg.cache.dtype, log=log).prepare()
 
 
 def run_demo(out: Path, seeds: int | None = None, quick: bool = False, settings: list[str] | None = None,
@@ -262,20 +284,7 @@ def run_demo(out: Path, seeds: int | None = None, quick: bool = False, settings:
         for setting in names:
             raw = run_config(setting, "prockd", PROCKD_PARAMS, 0, teacher_ckpt, cache_root, quick)
             _prepare_cache(raw, log)
-        bar = tqdm(total=len(todo), desc=f"demo runs ({workers} in parallel)", unit="run")
-        if workers > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                for fut in as_completed([ex.submit(_run_job, *j) for j in todo]):
-                    fut.result()
-                    bar.update()
-        else:
-            for j in todo:
-                _run_job(*j, threads=None)
-                bar.update()
-        bar.close()
+        run_jobs(todo, workers, "demo runs")
     for setting, method, params, seed in jobs:
         run_dir = out / "runs" / setting / method / f"seed{seed}"
         summary = json.loads((run_dir / "final.json").read_text())
