@@ -113,6 +113,16 @@ def _cmd_bench_compare(args) -> int:
     return 0
 
 
+def _cmd_bench_speed(args) -> int:
+    from prockd.bench.speed import SCENARIOS, run_speed
+
+    if args.scenario not in SCENARIOS:
+        raise ProckdError(f"unknown scenario '{args.scenario}' (known: {', '.join(SCENARIOS)})")
+    run_speed(args.scenario, args.device, args.steps, args.rounds, args.warmup, args.batch_size, args.amp,
+              args.threads, Path(args.out) if args.out else None)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="prockd", description="Prototype-guided cross-task knowledge distillation")
@@ -152,6 +162,17 @@ def make_parser() -> argparse.ArgumentParser:
     bc.add_argument("--workers", type=int, default=None)
     bc.add_argument("--methods", nargs="*", default=None, help="a subset of the spec's methods")
     bc.set_defaults(fn=_cmd_bench_compare)
+    bs = b.add_parser("speed", help="training-step throughput and memory ratios, side by side in one run")
+    bs.add_argument("--scenario", default="embedded", help="embedded (CPU-sized) or paper (ViT-B -> ViT-B-6, 224 px)")
+    bs.add_argument("--device", default="auto")
+    bs.add_argument("--steps", type=int, default=5, help="steps per variant per round")
+    bs.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    bs.add_argument("--warmup", type=int, default=3)
+    bs.add_argument("--batch-size", type=int, default=None)
+    bs.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None)
+    bs.add_argument("--threads", type=int, default=None)
+    bs.add_argument("--out", default="runs/bench_speed.json")
+    bs.set_defaults(fn=_cmd_bench_speed)
     return p
 
 

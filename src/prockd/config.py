@@ -81,7 +81,9 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1, ge=1)
     progress: bool = True
     num_threads: int | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, auto is cuda:LOCAL_RANK)
+    compile: bool = False  # torch.compile the student and the method's modules (in place)
+    compile_backend: str = "inductor"
 
 
 class CacheConfig(_Strict):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from prockd import distributed as ddp
 from prockd.cache import TeacherCache
 from prockd.config import ExperimentConfig, TrainConfig, dump_config
 from prockd.data import ArrayDataset, Task, build_task
@@ -39,9 +40,11 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available."""
+    """``auto`` picks CUDA when available (``cuda:LOCAL_RANK`` under torchrun)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", ddp.env_info().local_rank)
+        return torch.device("cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -125,28 +128,46 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
         if teacher is None:
             raise ProckdError("student.init_from_teacher needs a teacher")
         init_student_from_teacher(s_model, teacher.model)
+    if cfg.student.channels_last:
+        s_model = s_model.to(memory_format=torch.channels_last)
     student = Student(s_model, cfg.student, need_embed=cls.needs_teacher)
     distiller = cls(student, teacher if cls.needs_teacher else None, params, task.num_classes)
     distiller.to(device)
     if teacher is not None:
         teacher.to(device)
+        if cfg.teacher.channels_last:
+            teacher.model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        compile_modules(distiller, cfg.train.compile_backend)
     return Built(cfg, task, teacher, distiller, device)
+
+
+def compile_modules(distiller: Distiller, backend: str = "inductor") -> None:
+    """``torch.compile`` the student network and the method's own modules in place (state-dict keys kept)."""
+    distiller.student.model.compile(backend=backend)
+    for name, m in distiller.named_children():
+        if name != "student" and any(True for _ in m.parameters()):
+            m.compile(backend=backend)
 
 
 @torch.no_grad()
 def evaluate(distiller: Distiller, datasets: dict[str, ArrayDataset], device, amp: str = "none",
-             batch_size: int = 256) -> dict[str, float]:
-    """Top-1 accuracy (%) of every output of ``distiller.predict`` on every test set."""
+             batch_size: int = 256, info: ddp.DistInfo = ddp.DistInfo()) -> dict[str, float]:
+    """Top-1 accuracy (%) of every output of ``distiller.predict`` on every test set (under DDP each
+    rank evaluates its shard and the counts are summed over ranks)."""
     distiller.eval()
     out = {}
     for name, ds in datasets.items():
         correct: dict[str, int] = {}
-        for x, y, _ in ds.batches(batch_size):
+        indices = torch.arange(len(ds))[info.rank::info.world] if info.enabled else None
+        for x, y, _ in ds.batches(batch_size, indices=indices):
             with autocast(device, amp):
                 preds = distiller.predict(x.to(device))
             for k, logits in preds.items():
                 correct[k] = correct.get(k, 0) + int((logits.argmax(-1).cpu() == y).sum())
-        for k, c in correct.items():
+        keys = sorted(correct)
+        counts = ddp.all_reduce_sum(torch.tensor([correct[k] for k in keys], dtype=torch.float64, device=device), info)
+        for k, c in zip(keys, counts.tolist()):
             out[f"{name}/{k}"] = 100.0 * c / max(1, len(ds))
     return out
 
@@ -206,16 +227,24 @@ def _set_rng_state(s: dict) -> None:
 
 def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print, built: Built | None = None,
           teacher_task: Task | None = None) -> dict:
-    """Train (or resume) one run; returns the summary also written to ``final.json``."""
+    """Train (or resume) one run; returns the summary also written to ``final.json``.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the run is data-parallel (DDP): rank 0 alone logs and writes
+    checkpoints, metrics are reduced over ranks, the teacher cache is built once per node and shared.
+    """
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     b = built or build(cfg)
+    info = ddp.setup(b.device.type)
+    if not info.main:
+        log = _silent
     run_dir = Path(run_dir or cfg.out)
     if teacher_task is None and cfg.teacher_eval.data is not None and b.teacher is not None:
         teacher_task = build_task(cfg.teacher_eval.data)
     dist, device, t = b.distiller, b.device, cfg.train
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    if info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     ckpt_dir = run_dir / "checkpoints"
 
     teacher_metrics = {}
@@ -225,8 +254,14 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
 
     cache = None
     if b.teacher is not None and cfg.cache.enabled:
-        cache = TeacherCache(b.teacher, b.task.train, cfg.cache.dir, cfg.cache.dtype, device=device,
-                             log=log).prepare()
+        def open_cache():
+            return TeacherCache(b.teacher, b.task.train, cfg.cache.dir, cfg.cache.dtype, device=device, log=log).prepare()
+
+        if info.local_rank == 0:  # built once per node; the other ranks open the finished cache
+            cache = open_cache()
+        ddp.barrier(info)
+        if info.local_rank != 0:
+            cache = open_cache()
 
     if b.teacher is not None:  # deterministic, before a resume overwrites it: fresh and resumed runs agree
         first = torch.arange(min(len(b.task.train), 256))
@@ -266,10 +301,16 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         log(f"resumed from {last} at epoch {start_epoch}")
     initial_protos = getattr(dist, "prototypes", None)
-    if initial_protos is not None and start_epoch == 0:
+    if initial_protos is not None and start_epoch == 0 and info.main:
         atomic_torch_save(initial_protos.detach().cpu().clone(), run_dir / "prototypes_init.pt")
 
-    logger = _Logger(run_dir, start_epoch)
+    model = dist
+    if info.enabled:  # after the resume: DDP broadcasts rank 0's (identical) state at construction
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(dist, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=True)
+    logger = _Logger(run_dir, start_epoch) if info.main else None
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     step = start_epoch * steps_per_epoch
     primary = f"{next(iter(b.task.tests))}/deployed"
@@ -279,21 +320,25 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         sums: dict[str, float] = {}
         n_batches = 0
-        bar = tqdm(b.task.train.batches(t.batch_size, g), total=steps_per_epoch, disable=not t.progress,
-                   desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)
+        bar = tqdm(b.task.train.batches(t.batch_size, g), total=steps_per_epoch,
+                   disable=not (t.progress and info.main), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)
         t0 = time.perf_counter()
         for x, y, idx in bar:
+            # every rank draws the same global batch (and its augmentation), then keeps its shard
+            x = augment_batch(x, t.augment, g)
+            n_global = len(idx)
+            part = ddp.shard(torch.arange(n_global), info)
+            x, y, idx = x[part].to(device), y[part].to(device), idx[part]
+            share = len(part) * info.world / max(n_global, info.world) if info.enabled else 1.0
             tf = cache.get(idx, device) if cache is not None else None
-            x = augment_batch(x, t.augment, g).to(device)
-            y = y.to(device)
             with autocast(device, t.amp):
-                _, losses = dist(x, y, teacher_feats=tf)
+                _, losses = model(x, y, teacher_feats=tf)
                 loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise ProckdError(f"loss became {loss.item()} at epoch {epoch + 1} (losses: "
                                   f"{ {k: float(v) for k, v in losses.items()} }); lower train.lr or loss weights")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * share if share != 1.0 else loss).backward()
             if t.clip_grad:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
@@ -303,38 +348,49 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
             step += 1
             n_batches += 1
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * share / info.world
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if kill_after and step >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+        keys = sorted(sums)
+        reduced = ddp.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)
         record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "time_s": time.perf_counter() - t0}
-        record.update({f"loss/{k}": v / max(1, n_batches) for k, v in sums.items()})
+        record.update({f"loss/{k}": v / max(1, n_batches) for k, v in zip(keys, reduced.tolist())})
         if epoch + 1 == t.epochs:  # every test set (shifted domains too) at the end
-            record.update(evaluate(dist, b.task.tests, device, t.amp))
+            record.update(evaluate(dist, b.task.tests, device, t.amp, info=info))
         elif (epoch + 1) % t.eval_every == 0:  # the primary test set during training
             first = next(iter(b.task.tests))
-            record.update(evaluate(dist, {first: b.task.tests[first]}, device, t.amp))
-        logger.write(record)
+            record.update(evaluate(dist, {first: b.task.tests[first]}, device, t.amp, info=info))
         history.append(record)
         improved = record.get(primary, -1.0) > best
         if improved:
             best = record[primary]
-        state = {"epoch": epoch, "best": best, "history": history, "distiller": dist.state_dict(),
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": _rng_state()}
-        atomic_torch_save(state, last)
-        if improved:
-            atomic_torch_save({"epoch": epoch, "distiller": dist.state_dict(), "metrics": record},
-                              ckpt_dir / "best.pt")
+        if info.main:
+            logger.write(record)
+            state = {"epoch": epoch, "best": best, "history": history, "distiller": dist.state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                     "rng": _rng_state()}
+            atomic_torch_save(state, last)
+            if improved:
+                atomic_torch_save({"epoch": epoch, "distiller": dist.state_dict(), "metrics": record},
+                                  ckpt_dir / "best.pt")
+        ddp.barrier(info)  # no rank runs ahead of the checkpoint
         if t.progress:
             log(f"epoch {epoch + 1}/{t.epochs} " + " ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("loss/", "test")) and "/" in k))
-    logger.close()
     final = history[-1] if history else {}
     summary = {"method": cfg.method.name, "seed": cfg.seed, "final": final, "best": best,
                "student_params": count_params(dist.student),
                "deployed_params": count_params(dist.export()),
-               "teacher": teacher_metrics, "train_counts": b.task.info.get("train_counts")}
-    dist.export().save(run_dir / "student.pt", b.task.num_classes, b.task.class_names)
-    atomic_write_json(run_dir / "final.json", summary)
+               "teacher": teacher_metrics, "train_counts": b.task.info.get("train_counts"),
+               "world_size": info.world}
+    if info.main:
+        logger.close()
+        dist.export().save(run_dir / "student.pt", b.task.num_classes, b.task.class_names)
+        atomic_write_json(run_dir / "final.json", summary)
+    ddp.barrier(info)
     return summary
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """Log sink of the non-zero ranks."""

@@ -236,11 +236,19 @@ class Teacher(nn.Module):
         return tap_layout, embed_layout, widths, embed_width
 
     @torch.no_grad()
-    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Teacher features for raw images in [0, 1] (the teacher's own transform is applied here)."""
+    def extract(self, images: torch.Tensor, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Teacher features for raw images in [0, 1] (the teacher's own transform is applied here);
+        ``keys`` limits the work to some of "taps", "logits", "embed" (default: all)."""
         x = self.transform(images)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = self.model(x)
         outs = self.recorder.pop()
+        if keys is not None and "taps" not in keys:
+            res = {"logits": logits.float()}
+            if "embed" in keys and self.embed_path:
+                res["embed"] = to_tokens(outs[self.embed_path], self.model)[0].float()
+            return res
         parts = []
         for p in self.tap_paths:
             t, lay = to_tokens(outs[p], self.model, p)

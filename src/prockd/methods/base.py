@@ -34,6 +34,8 @@ class Distiller(nn.Module):
     needs_teacher: ClassVar[bool] = True
     # logit methods (KD, DKD) compare class i of the teacher with class i of the student
     needs_shared_label_space: ClassVar[bool] = False
+    # what a live teacher pass must produce (None: taps, logits and embedding)
+    teacher_keys: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, student, teacher, params: BaseModel, num_classes: int):
         super().__init__()
@@ -62,7 +64,7 @@ class Distiller(nn.Module):
         """Precomputed features when given, else a live frozen-teacher forward."""
         if teacher_feats is not None:
             return teacher_feats
-        return self.teacher.extract(images)
+        return self.teacher.extract(images, self.teacher_keys)
 
     def prepare(self, teacher_feats, seed: int = 0) -> None:
         """Data-dependent initialisation; ``teacher_feats()`` returns teacher features of the first training

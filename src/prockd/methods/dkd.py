@@ -44,6 +44,7 @@ class DKD(Distiller):
 
     Params = DKDParams
     needs_shared_label_space = True
+    teacher_keys = ("logits",)
 
     def forward(self, images, targets, teacher_feats=None):
         """(z_s, {"ce", "tckd", "nckd"})."""

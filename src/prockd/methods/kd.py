@@ -29,6 +29,7 @@ class KD(Distiller):
 
     Params = KDParams
     needs_shared_label_space = True
+    teacher_keys = ("logits",)
 
     def forward(self, images, targets, teacher_feats=None):
         """(z_s, {"ce", "kd"})."""
