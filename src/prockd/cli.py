@@ -166,7 +166,7 @@ def make_parser() -> argparse.ArgumentParser:
     bs.add_argument("--scenario", default="embedded", help="embedded (CPU-sized) or paper (ViT-B -> ViT-B-6, 224 px)")
     bs.add_argument("--device", default="auto")
     bs.add_argument("--steps", type=int, default=5, help="steps per variant per round")
-    bs.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    bs.add_argument("--rounds", type=int, default=9, help="interleaved rounds; the median is reported")
     bs.add_argument("--warmup", type=int, default=3)
     bs.add_argument("--batch-size", type=int, default=None)
     bs.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None)

@@ -62,10 +62,16 @@ class PrototypeLearning(nn.Module):
         return F.normalize(v, dim=-1), a
 
     def forward(self, fused: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-        """``O_pro = f(concat[F, V_r W_p + b_p])`` with the global term broadcast to every token."""
+        """``O_pro = f(concat[F, V_r W_p + b_p])`` with the global term broadcast to every token.
+
+        The first layer of ``f`` on ``concat[F, g]`` is computed as ``W_F F + (W_g g + b)``: the global
+        half once per image instead of once per token, and no ``B x N x 2C`` concatenation.
+        """
         vr, _ = self.aggregate(fused, prototypes)
-        g = self.proj(vr).unsqueeze(1).expand(-1, fused.shape[1], -1)
-        return self.f(torch.cat([fused, g], dim=-1))
+        g = self.proj(vr)
+        first, c = self.f[0], fused.shape[-1]
+        h = F.linear(fused, first.weight[:, :c]) + F.linear(g, first.weight[:, c:], first.bias).unsqueeze(1)
+        return self.f[3](self.f[2](self.f[1](h)))
 
 
 class FeatureAugmentation(nn.Module):
@@ -87,9 +93,15 @@ class FeatureAugmentation(nn.Module):
         return fe, p1, torch.softmax(logits, dim=-1)
 
     def forward(self, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-        """``O_aug = ReLU(Phi(concat[F_e, A P_1]) + F_r)``, residual ``F_r = x``."""
+        """``O_aug = ReLU(Phi(concat[F_e, A P_1]) + F_r)``, residual ``F_r = x``.
+
+        Phi's first layer on ``concat[F_e, A P_1]`` is computed as ``W_e F_e + A (P_1 W_pᵀ) + b``: the
+        prototype half is projected once per step (K rows) instead of once per token.
+        """
         fe, p1, a = self.attention(x, prototypes)
-        return F.relu(self.phi(torch.cat([fe, a @ p1], dim=-1)) + x)
+        first, c = self.phi[0], fe.shape[-1]
+        h = F.linear(fe, first.weight[:, :c], first.bias) + a @ F.linear(p1, first.weight[:, c:])
+        return F.relu(self.phi[3](self.phi[2](self.phi[1](h))) + x)
 
 
 class EmbeddingDistill(nn.Module):
