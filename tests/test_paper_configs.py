@@ -171,3 +171,26 @@ def test_switching_method_on_the_command_line_starts_from_its_defaults(table4_en
     assert cfg.method.name == "ofd" and cfg.method.params == {}
     cfg = load_config(CONFIGS / "table4" / "prockd.yaml", ["method.name=ofd", "method.params.weight=2"])
     assert cfg.method.params == {"weight": 2}
+
+
+@pytest.mark.skipif(__import__("prockd.data", fromlist=["x"]).find_fashion_mnist(None) is None,
+                    reason="Fashion-MNIST is not installed (make data)")
+def test_table4_protocol_at_small_scale_on_the_embedded_data(tmp_path, capsys):
+    import yaml
+
+    from prockd.bench.compare import load_spec, run_compare
+
+    small = ["data.labels_per_class=12", "data.test_limit=60", "train.epochs=1", "train.progress=false"]
+    assert main(["pretrain-teacher", "--config", str(CONFIGS / "table4" / "fmnist_teacher.yaml"), "--out",
+                 str(tmp_path / "teacher"), *small]) == 0
+    spec = load_spec(CONFIGS / "table4" / "fmnist_compare.yaml", {"seeds": 1, "workers": 1})
+    assert set(spec["methods"]) == {"student_only", "kd", "dkd", "fitnets", "vid", "rkd", "refilled", "prockd"}
+    spec["methods"] = {m: spec["methods"][m] for m in ("student_only", "kd", "prockd")}
+    spec["students"] = {"wrn_16_1": spec["students"]["wrn_16_1"]}
+    spec["data"].update(labels_per_class=8, test_limit=60)
+    spec["base"]["teacher"]["checkpoint"] = str(tmp_path / "teacher" / "teacher.pt")
+    spec["base"]["train"].update(epochs=1, milestones=[])
+    spec["base"]["cache"]["dir"] = str(tmp_path / "cache")
+    res = run_compare(tmp_path / "cmp", yaml.safe_load(yaml.safe_dump(spec, sort_keys=False)))
+    assert set(res["table"]["wrn_16_1"]) == {"student_only", "kd", "prockd"}
+    assert all(r["columns"]["standard"] for r in res["table"]["wrn_16_1"].values())
