@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ class TeacherCache:
 
     @torch.no_grad()
     def _build(self) -> None:
-        tmp = self.dir.with_name(f"{self.dir.name}.tmp-{os.getpid()}")
+        tmp = self.dir.with_name(f"{self.dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # nodes may share the dir
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         np_dtype = np.float16 if self.dtype == "float16" else np.float32

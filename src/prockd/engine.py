@@ -51,6 +51,8 @@ def resolve_device(name: str) -> torch.device:
         raise ProckdError(f"train.device '{name}' is not a device (use auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ProckdError(f"train.device is '{name}' but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None:  # one GPU per process under torchrun
+        dev = torch.device("cuda", ddp.env_info().local_rank)
     return dev
 
 
@@ -130,7 +132,7 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
         init_student_from_teacher(s_model, teacher.model)
     if cfg.student.channels_last:
         s_model = s_model.to(memory_format=torch.channels_last)
-    student = Student(s_model, cfg.student, need_embed=cls.needs_teacher)
+    student = Student(s_model, cfg.student, need_embed=cls.uses_student_embed)
     distiller = cls(student, teacher if cls.needs_teacher else None, params, task.num_classes)
     distiller.to(device)
     if teacher is not None:

@@ -34,6 +34,8 @@ class Distiller(nn.Module):
     needs_teacher: ClassVar[bool] = True
     # logit methods (KD, DKD) compare class i of the teacher with class i of the student
     needs_shared_label_space: ClassVar[bool] = False
+    # whether the method reads the student's embedding-layer output (a hook on its embedding tap)
+    uses_student_embed: ClassVar[bool] = False
     # what a live teacher pass must produce (None: taps, logits and embedding)
     teacher_keys: ClassVar[tuple[str, ...] | None] = None
 

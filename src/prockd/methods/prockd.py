@@ -65,6 +65,7 @@ class ProCKD(Distiller):
     """ProC-KD distiller: prototypes P (K x C), PL (training only), FA (deployed), embedding distillation."""
 
     Params = ProCKDParams
+    uses_student_embed = True
 
     def __init__(self, student, teacher, params: ProCKDParams, num_classes: int):
         super().__init__(student, teacher, params, num_classes)
