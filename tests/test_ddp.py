@@ -11,7 +11,7 @@ import yaml
 
 from prockd.distributed import DistInfo, shard
 
-TOL = 2e-5  # float32 sums in another order (all-reduce of two half-batch gradients vs one batch)
+TOL = 1e-4  # float32 sums in another order (all-reduce of two half-batch gradients vs one batch), 21 AdamW steps
 
 
 def _cfg(tiny, tmp_path, method="prockd"):
