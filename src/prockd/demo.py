@@ -239,18 +239,24 @@ def _prepare_cache(raw: dict, log) -> None:
     TeacherCache(teacher, build_task(cfg.data).train, cfg.cache.dir, cfg.cache.dtype, log=log).prepare()
 
 
-def run_demo(out: Path, seeds: int | None = None, quick: bool = False, settings: list[str] | None = None,
-             cache_root: Path | None = None, workers: int | None = None) -> dict:
-    """Run the benchmark, print the table, write ``results.json``, ``results.md`` and plots under ``out``."""
+def output_dirs(out: Path, cache_root: Path | None, log_name: str):
+    """(out, cache_root, log_path, log function) of a benchmark writing under ``out`` (created)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache_root = Path(cache_root or Path("~/.cache/prockd").expanduser())
-    log_path = out / "demo.log"
+    log_path = out / log_name
 
     def log(msg: str) -> None:
         with open(log_path, "a") as f:
             f.write(msg + "\n")
 
+    return out, cache_root, log_path, log
+
+
+def run_demo(out: Path, seeds: int | None = None, quick: bool = False, settings: list[str] | None = None,
+             cache_root: Path | None = None, workers: int | None = None) -> dict:
+    """Run the benchmark, print the table, write ``results.json``, ``results.md`` and plots under ``out``."""
+    out, cache_root, log_path, log = output_dirs(out, cache_root, "demo.log")
     workers = workers or min(2, os.cpu_count() or 1)
     names = settings or (["limited"] if quick else DEFAULT_SETTINGS)
     unknown = [s for s in names if s not in SETTINGS]

@@ -33,7 +33,7 @@ import yaml
 
 from prockd.config import build_config, deep_merge
 from prockd.demo import (CORRUPTIONS, PROCKD_PARAMS, STUDENT, STUDENT_CLASSES, TEACHER_CLASSES, TEACHER_FMNIST, TRAIN,
-                         _prepare_cache, pretrained_fmnist_teacher, run_jobs)
+                         _prepare_cache, output_dirs, pretrained_fmnist_teacher, run_jobs)
 from prockd.errors import ProckdError
 from prockd.io import atomic_write_json, atomic_write_text
 
@@ -209,15 +209,7 @@ def standings(table: dict, method: str = "prockd", reference: str = "student_onl
 
 def run_compare(out: Path, spec: dict, cache_root: Path | None = None) -> dict:
     """Run (or continue) the comparison and write ``results.json`` / ``results.md`` / ``results.csv``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache_root = Path(cache_root or Path("~/.cache/prockd").expanduser())
-    log_path = out / "compare.log"
-
-    def log(msg: str) -> None:
-        with open(log_path, "a") as f:
-            f.write(msg + "\n")
-
+    out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
     t0 = time.perf_counter()
     base, teacher_summary = _base(spec, cache_root, log)
     jobs, todo = [], []
