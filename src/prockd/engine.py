@@ -326,12 +326,13 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
                    disable=not (t.progress and info.main), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)
         t0 = time.perf_counter()
         for x, y, idx in bar:
-            # every rank draws the same global batch (and its augmentation), then keeps its shard
             x = augment_batch(x, t.augment, g)
-            n_global = len(idx)
-            part = ddp.shard(torch.arange(n_global), info)
-            x, y, idx = x[part].to(device), y[part].to(device), idx[part]
-            share = len(part) * info.world / max(n_global, info.world) if info.enabled else 1.0
+            share = 1.0
+            if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
+                part = ddp.shard(torch.arange(len(idx)), info)
+                share = len(part) * info.world / max(len(idx), info.world)
+                x, y, idx = x[part], y[part], idx[part]
+            x, y = x.to(device), y.to(device)
             tf = cache.get(idx, device) if cache is not None else None
             with autocast(device, t.amp):
                 _, losses = model(x, y, teacher_feats=tf)
@@ -340,7 +341,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
                 raise ProckdError(f"loss became {loss.item()} at epoch {epoch + 1} (losses: "
                                   f"{ {k: float(v) for k, v in losses.items()} }); lower train.lr or loss weights")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss * share if share != 1.0 else loss).backward()
+            scaler.scale(loss * share if info.enabled else loss).backward()
             if t.clip_grad:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, t.clip_grad)

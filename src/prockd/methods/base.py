@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from prockd.connectors import MapConnector, student_map, teacher_map
+from prockd.connectors import MapConnector, pooled, student_map, teacher_map
 from prockd.errors import ProckdError
 from prockd.registry import Registry
 
@@ -67,6 +67,15 @@ class Distiller(nn.Module):
         if teacher_feats is not None:
             return teacher_feats
         return self.teacher.extract(images, self.teacher_keys)
+
+    def pooled_features(self, images: torch.Tensor, teacher_feats: dict | None):
+        """(student logits, student pre-logits features ``B x D_s``, teacher taps averaged over the grid
+        ``B x sum(C_t)``, both in float32): the inputs of the methods that compare global features."""
+        tok, lay, _ = self.student.features(images)
+        z_s = self.student.head(tok, lay)
+        s = self.student.head(tok, lay, pre_logits=True).float()
+        t = pooled(self.teacher_features(images, teacher_feats)["taps"], self.teacher.tap_layout).float()
+        return z_s, s, t
 
     def prepare(self, teacher_feats, seed: int = 0) -> None:
         """Data-dependent initialisation; ``teacher_feats()`` returns teacher features of the first training

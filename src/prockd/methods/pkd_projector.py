@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from prockd.connectors import VectorConnector, pooled
+from prockd.connectors import VectorConnector
 from prockd.methods.base import METHODS, Distiller
 
 
@@ -46,9 +46,6 @@ class PKDProjector(Distiller):
 
     def forward(self, images, targets, teacher_feats=None):
         """(z_s, {"ce", "proj"})."""
-        tok, lay, _ = self.student.features(images)
-        z_s = self.student.head(tok, lay)
-        s = self.student.head(tok, lay, pre_logits=True)
-        t = pooled(self.teacher_features(images, teacher_feats)["taps"], self.teacher.tap_layout)
-        loss = projector_loss(self.projector(s).float(), batch_whiten(t.float()), self.params.exponent)
+        z_s, s, t = self.pooled_features(images, teacher_feats)
+        loss = projector_loss(self.projector(s).float(), batch_whiten(t), self.params.exponent)
         return z_s, {"ce": F.cross_entropy(z_s, targets), "proj": self.params.weight * loss}

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from prockd.connectors import pooled
 from prockd.methods.base import METHODS, Distiller
 
 
@@ -74,10 +73,7 @@ class ReFilled(Distiller):
 
     def forward(self, images, targets, teacher_feats=None):
         """Stage 1: (z_s, {"ce", "relation"}); stage 2: (z_s, {"ce", "refilled_kd"})."""
-        tok, lay, _ = self.student.features(images)
-        z_s = self.student.head(tok, lay)
-        s = self.student.head(tok, lay, pre_logits=True).float()
-        t = pooled(self.teacher_features(images, teacher_feats)["taps"], self.teacher.tap_layout).float()
+        z_s, s, t = self.pooled_features(images, teacher_feats)
         p = self.params
         ce = F.cross_entropy(z_s, targets)
         if self.stage == 1:

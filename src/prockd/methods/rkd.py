@@ -50,11 +50,7 @@ class RKD(Distiller):
 
     def forward(self, images, targets, teacher_feats=None):
         """(z_s, {"ce", "rkd_dist", "rkd_angle"})."""
-        tok, lay, _ = self.student.features(images)
-        z_s = self.student.head(tok, lay)
-        s = self.student.head(tok, lay, pre_logits=True).float()
-        taps = self.teacher_features(images, teacher_feats)["taps"]
-        t = taps[:, self.teacher.tap_layout.prefix:].float().mean(1)
+        z_s, s, t = self.pooled_features(images, teacher_feats)
         p = self.params
         return z_s, {"ce": F.cross_entropy(z_s, targets), "rkd_dist": p.lambda_dist * rkd_distance(s, t),
                      "rkd_angle": p.lambda_angle * rkd_angle(s, t)}
