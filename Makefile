@@ -18,6 +18,7 @@ setup: $(STAMP) data
 
 data:
 	bash scripts/get_fashion_mnist.sh
+	bash scripts/get_fonts.sh
 
 demo: setup
 	$(VENV)/bin/prockd demo --out runs/demo

@@ -44,10 +44,31 @@ class CorruptionConfig(_Strict):
     severity: int = Field(3, ge=1, le=5)
 
 
+class GlyphConfig(_Strict):
+    """Rendered glyphs over real typefaces (see :mod:`prockd.glyphs`): which characters, which fonts."""
+
+    charset: str = "digits"  # digits | letters | upper | lower | an explicit string of characters
+    font_dirs: list[str] | None = None  # default: Debian's /usr/share/fonts/{truetype,opentype}
+    font_seed: int = 0  # the deterministic shuffle that gives fonts their roles
+    heldout_fonts: float = Field(0.4, ge=0)  # test fonts, never trained on: a fraction (< 1) or a count
+    train_fonts: int | None = Field(None, ge=1)  # labelled fonts drawn from the pool (None: the whole pool)
+    val_fonts: int = Field(0, ge=0)  # carved from the labelled fonts: a validation split by font
+    copies: int = Field(2, ge=1)  # jittered renders per font x character in the training set
+    test_copies: int = Field(1, ge=1)
+    size: int = Field(28, ge=8)
+    glyph_px: int = Field(22, ge=4)
+    rotation: float = Field(11.0, ge=0)  # jitter: degrees
+    scale: float = Field(0.15, ge=0, lt=1)  # jitter: relative scale
+    shift: float = Field(0.10, ge=0, lt=0.5)  # jitter: fraction of the image
+    handwriting_test: bool = False  # digits only: also test on scikit-learn's handwritten digits
+
+
 class DataConfig(_Strict):
     """A labelled image-classification task."""
 
-    name: Literal["fashion_mnist", "digits", "cifar100", "imagefolder", "tensors"] = "fashion_mnist"
+    name: Literal["fashion_mnist", "digits", "cifar100", "imagefolder", "tensors", "glyphs"] = "fashion_mnist"
+    glyphs: GlyphConfig = Field(default_factory=GlyphConfig)  # data.name=glyphs
+    val_fraction: float | None = Field(None, gt=0, lt=1)  # stratified validation split carved from the training set
     root: str | None = None
     download: bool = False
     classes: list[int] | None = None  # subset of the source classes, relabelled 0..k-1 in this order
@@ -77,7 +98,15 @@ class TrainConfig(_Strict):
     gamma: float = Field(0.2, gt=0)
     clip_grad: float | None = 5.0
     amp: Literal["none", "bf16", "fp16"] = "none"
-    augment: Literal["none", "flip_crop"] = "none"
+    augment: Literal["none", "flip_crop", "affine"] = "none"
+    # affine augmentation: uniform rotation (degrees), relative scale and shift (fraction of the image)
+    aug_rotation: float = Field(11.0, ge=0)
+    aug_scale: float = Field(0.15, ge=0, lt=1)
+    aug_shift: float = Field(0.10, ge=0, lt=0.5)
+    # > 0: augmentation draws from this many deterministic augmented views per training image, made once
+    # (the teacher cache holds the teacher's features of every view, so teacher and student see one view);
+    # 0: fresh augmentation every step (the teacher then runs live on the augmented batch)
+    aug_views: int = Field(0, ge=0)
     eval_every: int = Field(1, ge=1)
     progress: bool = True
     num_threads: int | None = None

@@ -55,12 +55,13 @@ class ArrayDataset:
 
 @dataclass
 class Task:
-    """A training set, named test sets and the label space."""
+    """A training set, named test sets, an optional validation split carved from training data, the labels."""
 
     train: ArrayDataset
     tests: dict[str, ArrayDataset]
     class_names: list[str]
     info: dict = field(default_factory=dict)
+    val: ArrayDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -178,6 +179,50 @@ def load_imagefolder(cfg: DataConfig):
     return xtr, ytr, tests, names
 
 
+def load_glyphs(cfg: DataConfig, log=None):
+    """Glyphs of ``cfg.glyphs.charset``: training fonts from the pool (the last ``val_fonts`` of them as a
+    validation split), test on the held-out fonts; optionally scikit-learn's handwritten digits as a
+    second, shifted test domain. Returns (train x, y, val x, y or None, {test name: (x, y)}, names, info)."""
+    from prockd import glyphs as G
+
+    g = cfg.glyphs
+    chars = G.charset(g.charset)
+    fonts = G.find_fonts(g.font_dirs, G._COVER + "".join(c for c in chars if c not in G._COVER))
+    if len(fonts) < 3:
+        where = ", ".join(g.font_dirs or G.FONT_DIRS)
+        raise ProckdError(f"data.glyphs: only {len(fonts)} eligible font files under {where}; run "
+                          "scripts/get_fonts.sh (Debian font packages) or set data.glyphs.font_dirs")
+    held_n = G.heldout_count(len(fonts), g.heldout_fonts)
+    heldout, pool = G.font_roles(fonts, held_n, g.font_seed)
+    n_lab = g.train_fonts or len(pool)
+    if n_lab > len(pool) or g.val_fonts >= n_lab or not heldout:
+        raise ProckdError(f"data.glyphs: {len(fonts)} eligible fonts give {len(heldout)} held-out and {len(pool)} "
+                          f"pool fonts; train_fonts={g.train_fonts} and val_fonts={g.val_fonts} do not fit "
+                          "(need 1 <= val_fonts < train_fonts <= pool, and at least one held-out font)")
+    labelled = pool[:n_lab]
+    train_f, val_f = labelled[:n_lab - g.val_fonts], labelled[n_lab - g.val_fonts:]
+    jit = G.Jitter(g.rotation, g.scale, g.shift)
+    kw = dict(size=g.size, glyph_px=g.glyph_px, jitter=jit)
+    xtr, ytr, _ = G.render_set(train_f, chars, g.copies, tag="train", **kw)
+    val = G.render_set(val_f, chars, g.copies, tag="train", **kw)[:2] if val_f else None
+    xte, yte, _ = G.render_set(heldout, chars, g.test_copies, tag="test", **kw)
+    tests = {"test": (xte, yte)}
+    if g.handwriting_test:
+        if chars != G.DIGITS:
+            raise ProckdError("data.glyphs.handwriting_test needs charset 'digits'")
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        hw = torch.from_numpy(d.images / 16.0).float()[:, None]
+        inner = g.glyph_px
+        hw = F.interpolate(hw, size=(inner, inner), mode="bilinear", align_corners=False)
+        pad = (g.size - inner) // 2
+        hw = F.pad(hw, (pad, g.size - inner - pad, pad, g.size - inner - pad))
+        tests["handwriting"] = ((hw.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), d.target.astype(np.int64))
+    info = {"fonts": {"eligible": len(fonts), "train": len(train_f), "val": len(val_f), "test": len(heldout)}}
+    return xtr, ytr, val, tests, list(chars), info
+
+
 LOADERS = {"fashion_mnist": load_fashion_mnist, "digits": load_digits_arrays, "cifar100": load_cifar100}
 
 
@@ -235,10 +280,27 @@ def _balanced_head(y: np.ndarray, limit: int) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(y == c)[:per] for c in range(k)]))
 
 
+def _carve_val(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, validation positions): a stratified split, at least one validation image per class
+    that has two or more images."""
+    rng = np.random.default_rng(seed + 7919)
+    tr, va = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        n_val = min(max(n_val, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        va.append(idx[:n_val])
+        tr.append(idx[n_val:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
+
+
 def build_task(cfg: DataConfig) -> Task:
     """Load and shape the task described by ``cfg``."""
+    raw_val, extra_info = None, {}
     if cfg.name == "imagefolder":
         xtr, ytr, raw_tests, names = load_imagefolder(cfg)
+    elif cfg.name == "glyphs":
+        xtr, ytr, raw_val, raw_tests, names, extra_info = load_glyphs(cfg)
     elif cfg.name in LOADERS:
         xtr, ytr, xte, yte, names = LOADERS[cfg.name](cfg)
         raw_tests = {"test": (xte, yte)}
@@ -257,6 +319,15 @@ def build_task(cfg: DataConfig) -> Task:
     counts = long_tail_counts(n_max, k, cfg.imbalance) if cfg.imbalance else (
         [n_max] * k if cfg.labels_per_class is not None else have)
     sel = _subsample(ytr, counts, cfg.subset_seed)
+    val = None
+    if raw_val is not None:
+        xva, yva = _select(*raw_val, classes)
+        val = ArrayDataset(torch.from_numpy(np.ascontiguousarray(xva)), torch.from_numpy(yva), "val")
+    elif cfg.val_fraction:
+        tr_pos, va_pos = _carve_val(ytr[sel], cfg.val_fraction, cfg.subset_seed)
+        val = ArrayDataset(torch.from_numpy(np.ascontiguousarray(xtr[sel][va_pos])),
+                           torch.from_numpy(ytr[sel][va_pos]), "val")
+        sel = sel[tr_pos]
     train = ArrayDataset(torch.from_numpy(np.ascontiguousarray(xtr[sel])), torch.from_numpy(ytr[sel]), "train")
     tests = {}
     for tname, (xte, yte) in raw_tests.items():
@@ -269,5 +340,7 @@ def build_task(cfg: DataConfig) -> Task:
         for c in cfg.corruptions:
             nm = f"{tname}_{c.kind}{c.severity}"
             tests[nm] = ArrayDataset(corrupt(base.images, c), base.labels, nm)
-    return Task(train, tests, [names[c] for c in classes],
-                info={"train_counts": [int(v) for v in np.bincount(train.labels.numpy(), minlength=k)]})
+    info = {"train_counts": [int(v) for v in np.bincount(train.labels.numpy(), minlength=k)], **extra_info}
+    if val is not None:
+        info["val_counts"] = [int(v) for v in np.bincount(val.labels.numpy(), minlength=k)]
+    return Task(train, tests, [names[c] for c in classes], info=info, val=val)

@@ -1,0 +1,67 @@
+"""Rendered glyph data: fonts found and given disjoint roles, deterministic renders, validation split by font."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prockd.config import DataConfig
+from prockd.data import build_task
+from prockd.errors import ProckdError
+from prockd.glyphs import Jitter, find_fonts, font_roles, render_set
+
+DEJAVU = ["/usr/share/fonts/truetype/dejavu"]
+needs_fonts = pytest.mark.skipif(len(find_fonts(DEJAVU)) < 8, reason="DejaVu fonts are not installed (make data)")
+
+
+@needs_fonts
+def test_fonts_roles_are_disjoint_and_deterministic():
+    fonts = find_fonts(DEJAVU)
+    assert all(p.suffix == ".ttf" and "math" not in p.name.lower() for p in fonts)
+    held, pool = font_roles(fonts, 3, seed=0)
+    assert len(held) == 3 and len(pool) == len(fonts) - 3 and not set(held) & set(pool)
+    assert font_roles(fonts, 3, seed=0) == (held, pool) and font_roles(fonts, 3, seed=1) != (held, pool)
+
+
+@needs_fonts
+def test_render_is_deterministic_centred_and_cached(tmp_path):
+    fonts = find_fonts(DEJAVU)[:2]
+    x, y, f = render_set(fonts, "ab", 2, jitter=Jitter(), cache_dir=tmp_path)
+    assert x.shape == (8, 1, 28, 28) and x.dtype == np.uint8 and y.tolist() == [0, 0, 1, 1] * 2
+    assert f.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert not np.array_equal(x[0], x[1])  # two jittered copies differ
+    x2, _, _ = render_set(fonts, "ab", 2, jitter=Jitter(), cache_dir=tmp_path / "other")
+    assert np.array_equal(x, x2)  # rendered again from scratch: the same pixels
+    clean, _, _ = render_set(fonts, "ab", 1, jitter=None, cache_dir=tmp_path)
+    ys, xs = np.nonzero(clean[0, 0] > 0)
+    assert ys.max() - ys.min() + 1 == 22 or xs.max() - xs.min() + 1 == 22  # longer side scaled to glyph_px
+    assert abs((ys.min() + ys.max()) / 2 - 13.5) <= 1 and abs((xs.min() + xs.max()) / 2 - 13.5) <= 1
+    (next(tmp_path.glob("*.npz"))).write_bytes(b"corrupted")  # a broken cache file is rendered again
+    assert np.array_equal(render_set(fonts, "ab", 2, jitter=Jitter(), cache_dir=tmp_path)[0], x)
+
+
+@needs_fonts
+def test_glyph_task_splits_by_font(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = DataConfig(name="glyphs", glyphs={"charset": "abc", "font_dirs": DEJAVU, "heldout_fonts": 4,
+                                           "train_fonts": 5, "val_fonts": 2, "copies": 2, "test_copies": 1})
+    task = build_task(cfg)
+    assert task.class_names == ["a", "b", "c"] and task.num_classes == 3
+    assert len(task.train) == 3 * 3 * 2 and len(task.val) == 2 * 3 * 2 and len(task.tests["test"]) == 4 * 3
+    assert task.info["fonts"]["train"] == 3 and task.info["fonts"]["val"] == 2 and task.info["fonts"]["test"] == 4
+    lt = build_task(cfg.model_copy(update={"imbalance": 6.0}))
+    assert lt.info["train_counts"] == [6, 2, 1]
+    with pytest.raises(ProckdError, match="val_fonts"):
+        build_task(DataConfig(name="glyphs", glyphs={"font_dirs": DEJAVU, "heldout_fonts": 4, "train_fonts": 2,
+                                                     "val_fonts": 2}))
+
+
+def test_no_fonts_is_a_clear_error(tmp_path):
+    with pytest.raises(ProckdError, match="get_fonts.sh"):
+        build_task(DataConfig(name="glyphs", glyphs={"font_dirs": [str(tmp_path)]}))
+
+
+def test_stratified_validation_split_is_carved_from_training():
+    task = build_task(DataConfig(name="digits", classes=[0, 1, 2], labels_per_class=20, val_fraction=0.25))
+    assert task.info["train_counts"] == [15, 15, 15] and task.info["val_counts"] == [5, 5, 5]
+    tr = {bytes(x.numpy()) for x in task.train.images}
+    assert not tr & {bytes(x.numpy()) for x in task.val.images}
