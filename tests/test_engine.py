@@ -20,9 +20,13 @@ def _cli(cfg_path: Path, out: Path, env_extra: dict | None = None) -> subprocess
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_killed_run_resumes_to_identical_metrics(tiny, tmp_path):
+@pytest.mark.parametrize("views", [0, 3])
+def test_killed_run_resumes_to_identical_metrics(tiny, tmp_path, views):
     raw = tiny()
-    raw["train"].update(epochs=3, augment="flip_crop")
+    raw["train"].update(epochs=3, augment="flip_crop" if not views else "affine", aug_views=views)
+    if views:  # a validation split too: the selected checkpoint must come out the same
+        raw["data"]["val_fraction"] = 0.2
+        raw["data"]["labels_per_class"] = 25
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     ref = _cli(cfg_path, tmp_path / "ref")
@@ -39,6 +43,7 @@ def test_killed_run_resumes_to_identical_metrics(tiny, tmp_path):
     fa = {k: v for k, v in a["final"].items() if k != "time_s"}
     fb = {k: v for k, v in b["final"].items() if k != "time_s"}
     assert fa == fb
+    assert a["selected"] == b["selected"] and (a["selected"] is not None) == bool(views)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
 

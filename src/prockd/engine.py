@@ -90,10 +90,28 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
-    """Student-side augmentation on a batch: random horizontal flip + random crop with 1/8 padding."""
+def affine_batch(x: torch.Tensor, g: torch.Generator, rotation: float, scale: float, shift: float) -> torch.Tensor:
+    """Random affine map per image (uniform rotation in degrees, relative scale, shift as a fraction of the
+    image), bilinear, zero padding."""
+    b = x.shape[0]
+    u = torch.rand(b, 4, generator=g, dtype=torch.float64) * 2 - 1
+    ang = u[:, 0] * math.radians(rotation)
+    s = 1.0 + u[:, 1] * scale
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s  # the grid maps output to input: inverse scale
+    theta = torch.stack([torch.stack([cos, -sin, -2 * shift * u[:, 2]], -1),
+                         torch.stack([sin, cos, -2 * shift * u[:, 3]], -1)], 1).to(x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator, t: TrainConfig | None = None) -> torch.Tensor:
+    """Augmentation on a batch: ``flip_crop`` (random horizontal flip + random crop with 1/8 padding) or
+    ``affine`` (random rotation / scale / shift with ``t``'s ranges)."""
     if kind == "none":
         return x
+    if kind == "affine":
+        t = t or TrainConfig()
+        return affine_batch(x, g, t.aug_rotation, t.aug_scale, t.aug_shift)
     b, _, h, w = x.shape
     flip = torch.rand(b, generator=g) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -102,6 +120,40 @@ def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tenso
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
     return torch.stack([xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+VIEW_SEED = 20240  # augmented views depend on the data and the recipe only, not on the run's seed
+
+
+def make_views(ds: ArrayDataset, t: TrainConfig) -> ArrayDataset:
+    """``t.aug_views`` deterministic augmented copies of every training image, as one dataset: view ``v`` of
+    image ``i`` is item ``v * len(ds) + i`` (uint8, so the teacher cache can key and store them)."""
+    g = torch.Generator().manual_seed(VIEW_SEED)
+    out = []
+    for _ in range(t.aug_views):
+        for x, _, _ in ds.batches(512):
+            out.append(augment_batch(x, t.augment, g, t).mul(255).round().clamp(0, 255).to(torch.uint8))
+    return ArrayDataset(torch.cat(out), ds.labels.repeat(t.aug_views), f"{ds.name}_views{t.aug_views}")
+
+
+def cached_dataset(task: Task, t: TrainConfig) -> ArrayDataset:
+    """What the teacher cache holds for a recipe: the stored augmented views, or the training set itself."""
+    return make_views(task.train, t) if (t.augment != "none" and t.aug_views > 0) else task.train
+
+
+@torch.no_grad()
+def validation_diagnostics(distiller: Distiller, ds: ArrayDataset, device, amp: str = "none",
+                           batch_size: int = 256) -> dict[str, float]:
+    """The method's own diagnostics (e.g. ProC-KD's teacher-path accuracy) on the validation split, averaged
+    over images, with a live teacher; empty for methods without any."""
+    distiller.eval()
+    sums: dict[str, float] = {}
+    for x, y, _ in ds.batches(batch_size):
+        with autocast(device, amp):
+            stats = distiller.diagnostics(x.to(device), y.to(device))
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(y)
+    return {f"val/{k}": v / max(1, len(ds)) for k, v in sums.items()}
 
 
 @dataclass
@@ -254,10 +306,17 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         teacher_metrics = teacher_accuracy(b.teacher, teacher_task, device)
         log(f"teacher accuracy on its own task: {teacher_metrics}")
 
+    views = cached_dataset(b.task, t) if t.aug_views > 0 and t.augment != "none" else None
     cache = None
-    if b.teacher is not None and cfg.cache.enabled:
+    use_cache = b.teacher is not None and cfg.cache.enabled
+    if use_cache and t.augment != "none" and views is None:
+        log("train.augment draws a fresh view every step (train.aug_views=0): the teacher runs live on the "
+            "augmented batch instead of from the cache")
+        use_cache = False
+    if use_cache:
         def open_cache():
-            return TeacherCache(b.teacher, b.task.train, cfg.cache.dir, cfg.cache.dtype, device=device, log=log).prepare()
+            return TeacherCache(b.teacher, views if views is not None else b.task.train, cfg.cache.dir,
+                                cfg.cache.dtype, device=device, log=log).prepare()
 
         if info.local_rank == 0:  # built once per node; the other ranks open the finished cache
             cache = open_cache()
@@ -315,7 +374,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
     logger = _Logger(run_dir, start_epoch) if info.main else None
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     step = start_epoch * steps_per_epoch
-    primary = f"{next(iter(b.task.tests))}/deployed"
+    # best.pt is chosen on the validation split when the task has one (never on a test set)
+    primary = "val/deployed" if b.task.val is not None else f"{next(iter(b.task.tests))}/deployed"
     for epoch in range(start_epoch, t.epochs):
         dist.set_epoch(epoch, t.epochs)
         dist.train()
@@ -326,7 +386,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
                    disable=not (t.progress and info.main), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)
         t0 = time.perf_counter()
         for x, y, idx in bar:
-            x = augment_batch(x, t.augment, g)
+            if views is not None:  # one of the stored views of each image: teacher and student see the same one
+                idx = torch.randint(t.aug_views, (len(idx),), generator=g) * len(b.task.train) + idx
+                x = views.images[idx].float().div_(255.0)
+            else:
+                x = augment_batch(x, t.augment, g, t)
             share = 1.0
             if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
                 part = ddp.shard(torch.arange(len(idx)), info)
@@ -352,20 +416,30 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
             n_batches += 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * share / info.world
+            for k, v in dist.step_stats().items():
+                sums["stat:" + k] = sums.get("stat:" + k, 0.0) + float(v) * share / info.world
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if kill_after and step >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         keys = sorted(sums)
         reduced = ddp.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)
         record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "time_s": time.perf_counter() - t0}
-        record.update({f"loss/{k}": v / max(1, n_batches) for k, v in zip(keys, reduced.tolist())})
-        if epoch + 1 == t.epochs:  # every test set (shifted domains too) at the end
+        for k, v in zip(keys, reduced.tolist()):
+            record["train/" + k[5:] if k.startswith("stat:") else "loss/" + k] = v / max(1, n_batches)
+        record.update({f"diag/{k}": v for k, v in dist.epoch_stats().items()})
+        last_epoch = epoch + 1 == t.epochs
+        if b.task.val is not None and ((epoch + 1) % t.eval_every == 0 or last_epoch):  # selection data
+            record.update(evaluate(dist, {"val": b.task.val}, device, t.amp, info=info))
+            record.update(validation_diagnostics(dist, b.task.val, device, t.amp))
+        if last_epoch:  # every test set (shifted domains too) at the end
             record.update(evaluate(dist, b.task.tests, device, t.amp, info=info))
-        elif (epoch + 1) % t.eval_every == 0:  # the primary test set during training
+        elif b.task.val is None and (epoch + 1) % t.eval_every == 0:  # no validation split: the first test set
             first = next(iter(b.task.tests))
             record.update(evaluate(dist, {first: b.task.tests[first]}, device, t.amp, info=info))
         history.append(record)
-        improved = record.get(primary, -1.0) > best
+        # on a validation split a tie goes to the later epoch (small splits saturate early)
+        improved = record.get(primary, -1.0) > best or (b.task.val is not None and primary in record
+                                                         and record[primary] == best)
         if improved:
             best = record[primary]
         if info.main:
@@ -380,9 +454,15 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         ddp.barrier(info)  # no rank runs ahead of the checkpoint
         if t.progress:
             log(f"epoch {epoch + 1}/{t.epochs} " + " ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("loss/", "test")) and "/" in k))
+                f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("loss/", "test", "val/")) and "/" in k))
     final = history[-1] if history else {}
-    summary = {"method": cfg.method.name, "seed": cfg.seed, "final": final, "best": best,
+    selected = None
+    if b.task.val is not None and (ckpt_dir / "best.pt").is_file():  # the checkpoint chosen on validation
+        chosen = torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=False)
+        dist.load_state_dict(chosen["distiller"])
+        selected = {"epoch": chosen["epoch"], "val/deployed": chosen["metrics"].get("val/deployed")}
+        selected.update(evaluate(dist, b.task.tests, device, t.amp, info=info))
+    summary = {"method": cfg.method.name, "seed": cfg.seed, "final": final, "selected": selected, "best": best,
                "student_params": count_params(dist.student),
                "deployed_params": count_params(dist.export()),
                "teacher": teacher_metrics, "train_counts": b.task.info.get("train_counts"),
