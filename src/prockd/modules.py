@@ -23,6 +23,17 @@ def _mlp2(c: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(2 * c, c), nn.ReLU(), nn.Linear(c, c), nn.ReLU())
 
 
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the distributions along the last axis."""
+    return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+def prototype_usage(a: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
+    """Number of prototypes that receive at least ``threshold`` of the total assignment mass of ``a`` (``... x K``)."""
+    mass = a.reshape(-1, a.shape[-1]).float().mean(0)
+    return (mass >= threshold).sum()
+
+
 def mean_prob_logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Log of the mean of the two softmax distributions (the "avg" output of plain and augmented heads)."""
     return (a.softmax(-1) + b.softmax(-1)).log() - math.log(2.0)
@@ -67,11 +78,15 @@ class PrototypeLearning(nn.Module):
         The first layer of ``f`` on ``concat[F, g]`` is computed as ``W_F F + (W_g g + b)``: the global
         half once per image instead of once per token, and no ``B x N x 2C`` concatenation.
         """
-        vr, _ = self.aggregate(fused, prototypes)
+        return self.forward_with_assignment(fused, prototypes)[0]
+
+    def forward_with_assignment(self, fused: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``O_pro``, soft assignment ``B x N x K``)."""
+        vr, a = self.aggregate(fused, prototypes)
         g = self.proj(vr)
         first, c = self.f[0], fused.shape[-1]
         h = F.linear(fused, first.weight[:, :c]) + F.linear(g, first.weight[:, c:], first.bias).unsqueeze(1)
-        return self.f[3](self.f[2](self.f[1](h)))
+        return self.f[3](self.f[2](self.f[1](h))), a
 
 
 class FeatureAugmentation(nn.Module):
@@ -98,10 +113,14 @@ class FeatureAugmentation(nn.Module):
         Phi's first layer on ``concat[F_e, A P_1]`` is computed as ``W_e F_e + A (P_1 W_pᵀ) + b``: the
         prototype half is projected once per step (K rows) instead of once per token.
         """
+        return self.forward_with_attention(x, prototypes)[0]
+
+    def forward_with_attention(self, x: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``O_aug``, attention ``A`` ``B x N x K``)."""
         fe, p1, a = self.attention(x, prototypes)
         first, c = self.phi[0], fe.shape[-1]
         h = F.linear(fe, first.weight[:, :c], first.bias) + a @ F.linear(p1, first.weight[:, c:])
-        return F.relu(self.phi[3](self.phi[2](self.phi[1](h))) + x)
+        return F.relu(self.phi[3](self.phi[2](self.phi[1](h))) + x), a
 
 
 class EmbeddingDistill(nn.Module):

@@ -38,6 +38,9 @@ class Distiller(nn.Module):
     uses_student_embed: ClassVar[bool] = False
     # what a live teacher pass must produce (None: taps, logits and embedding)
     teacher_keys: ClassVar[tuple[str, ...] | None] = None
+    # the loss weights a tuning budget scales (``prockd bench compare --tune``): every method gets the same
+    # number of configurations, each multiplying these together by one factor
+    main_weights: ClassVar[tuple[str, ...]] = ("weight",)
 
     def __init__(self, student, teacher, params: BaseModel, num_classes: int):
         super().__init__()
@@ -84,6 +87,20 @@ class Distiller(nn.Module):
     def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_feats: dict | None = None):
         """Training forward: (student logits, dict of named losses)."""
         raise NotImplementedError
+
+    def step_stats(self) -> dict[str, float]:
+        """Diagnostics of the last training forward (averaged over the epoch by the engine, logged as
+        ``train/<name>``); default: none."""
+        return {}
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Diagnostics of the method's state after an epoch (logged as ``diag/<name>``); default: none."""
+        return {}
+
+    @torch.no_grad()
+    def diagnostics(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Diagnostics on held-out images with a live teacher (logged as ``val/<name>``); default: none."""
+        return {}
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         """Everything the optimiser updates: the student and the method's own modules."""

@@ -41,6 +41,7 @@ def dkd_terms(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, t: float) -
 @METHODS.register("dkd")
 class DKD(Distiller):
     """Decoupled KD on logits (same label space only)."""
+    main_weights = ("alpha", "beta")
 
     Params = DKDParams
     needs_shared_label_space = True

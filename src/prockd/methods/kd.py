@@ -26,6 +26,7 @@ class KDParams(BaseModel):
 @METHODS.register("kd")
 class KD(Distiller):
     """Hinton KD on logits (same label space only)."""
+    main_weights = ("alpha_kd",)
 
     Params = KDParams
     needs_shared_label_space = True

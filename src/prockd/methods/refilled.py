@@ -63,6 +63,7 @@ def centre_soft_labels(t: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[to
 @METHODS.register("refilled")
 class ReFilled(Distiller):
     """Two-stage relationship-matching distillation."""
+    main_weights = ("lambda_rel", "lambda_kd")
 
     Params = ReFilledParams
 

@@ -45,6 +45,7 @@ def rkd_angle(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 @METHODS.register("rkd")
 class RKD(Distiller):
     """RKD on the student's pre-logits features and the teacher's pooled taps."""
+    main_weights = ("lambda_dist", "lambda_angle")
 
     Params = RKDParams
 

@@ -9,6 +9,7 @@ from prockd.methods.base import METHODS, Distiller
 @METHODS.register("student_only")
 class StudentOnly(Distiller):
     """Cross-entropy only; the reference every distillation method is compared with."""
+    main_weights = ()
 
     needs_teacher = False
 

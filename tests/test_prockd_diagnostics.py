@@ -1,0 +1,68 @@
+"""ProC-KD's mechanism diagnostics and its presets, against direct computations."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from prockd.config import build_config, load_config
+from prockd.engine import build, train
+from prockd.methods.prockd import PRESETS, ProCKDParams
+from prockd.modules import entropy, prototype_usage
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_entropy_and_usage_match_direct_computation():
+    a = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], [[0.2, 0.3, 0.5], [0.995, 0.0, 0.005]]])
+    direct = []
+    for row in a.reshape(-1, 3).tolist():
+        direct.append(-sum(p * math.log(p) for p in row if p > 0))
+    assert entropy(a).item() == pytest.approx(sum(direct) / len(direct), abs=1e-6)
+    assert entropy(torch.full((4, 8), 1 / 8)).item() == pytest.approx(math.log(8), abs=1e-6)  # uniform: log K
+    mass = a.reshape(-1, 3).mean(0)  # [0.67375, 0.2, 0.12625]: all three above 1 %
+    assert prototype_usage(a).item() == int((mass >= 0.01).sum()) == 3
+    assert prototype_usage(torch.tensor([[0.995, 0.005, 0.0]])).item() == 1
+
+
+def test_paper_preset_and_explicit_keys_win():
+    p = ProCKDParams(preset="paper")
+    assert (p.num_prototypes, p.variant, p.proto_init, p.resolved_output()) == (72, "A", "uniform", "aug")
+    assert ProCKDParams(preset="paper", num_prototypes=8).num_prototypes == 8
+    assert set(PRESETS["paper"]) <= set(ProCKDParams.model_fields)
+    with pytest.raises(Exception, match="preset"):
+        ProCKDParams(preset="nope")
+
+
+def test_sphere_prototypes_have_unit_norm(tiny):
+    raw = tiny()
+    raw["method"]["params"]["proto_init"] = "sphere"
+    d = build(build_config(raw)).distiller
+    assert torch.allclose(d.prototypes.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert d.epoch_stats()["proto_drift"] == 0.0
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_run_logs_the_mechanism_per_epoch(tiny, tmp_path, variant):
+    raw = tiny()
+    raw["data"]["val_fraction"] = 0.25
+    raw["method"]["params"]["variant"] = variant
+    summary = train(build_config(raw), tmp_path / "run", log=lambda m: None)
+    rec = summary["final"]
+    # variant A trains FA on the teacher path only: z_aug on the student's tokens exists at validation
+    student_fa = ("train/ce_aug", "train/acc_aug", "train/fa_entropy_student") if variant == "B" else ()
+    for k in ("train/ce_pro", "train/acc_pro", "train/ce_s", "train/assign_entropy", "train/protos_used",
+              "train/fa_entropy_pro", "diag/proto_drift", "diag/proto_norm", "val/ce_pro", "val/acc_pro",
+              "val/acc_aug", "val/acc_s", "val/fa_entropy_student", "val/deployed") + student_fa:
+        assert k in rec, k
+    assert 0 < rec["diag/proto_drift"] < 1 and 1 <= rec["train/protos_used"] <= 4
+    assert 0 <= rec["train/assign_entropy"] <= math.log(4) + 1e-6
+    assert summary["selected"]["epoch"] in range(3) and "test/deployed" in summary["selected"]
+
+
+@pytest.mark.parametrize("name", ["glyphs_lower.yaml", "glyphs_teacher.yaml"])
+def test_glyph_configs_validate(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.data.name == "glyphs"
