@@ -1,4 +1,4 @@
-"""``prockd bench compare``: a small comparison end to end, the table's marks, and continuing."""
+"""``prockd bench compare``: tuning on validation, paired seeds and intervals, probes, the table, continuing."""
 from __future__ import annotations
 
 import csv
@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from prockd.bench.compare import format_markdown, standings
+from prockd.bench.compare import convergence, format_markdown, statistics_table
 from prockd.cli import main
 from tests.conftest import TINY_CNN, TINY_VIT
 
@@ -14,56 +14,79 @@ from tests.conftest import TINY_CNN, TINY_VIT
 def _spec(tmp_path) -> dict:
     small = dict(TINY_VIT, kwargs=dict(TINY_VIT["kwargs"], depth=1))
     return {
-        "seeds": 2, "workers": 1,
+        "seeds": 2, "workers": 1, "tune_seeds": 1, "tune_factors": [0.5, 2.0],
         "methods": {"student_only": {}, "prockd": {"num_prototypes": 4}, "rkd": {}},
         "students": {"vit-d2": TINY_VIT, "vit-d1": small},
         "settings": {"standard": {"corruptions": [{"kind": "fog"}]}, "long_tailed": {"imbalance": 4}},
-        "data": {"name": "digits", "classes": [5, 6, 7, 8, 9], "labels_per_class": 16},
+        "data": {"name": "digits", "classes": [5, 6, 7, 8, 9], "labels_per_class": 20, "val_fraction": 0.2},
         "base": {"teacher": TINY_CNN, "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "warmup_epochs": 0,
                                                 "progress": False},
                  "cache": {"dir": str(tmp_path / "cache"), "dtype": "float32"}},
     }
 
 
-def test_compare_end_to_end_and_continues(tmp_path, capsys):
+def test_compare_tunes_on_validation_runs_fresh_seeds_and_continues(tmp_path, capsys):
     cfg = tmp_path / "cmp.yaml"
     cfg.write_text(yaml.safe_dump(_spec(tmp_path), sort_keys=False))
     out = tmp_path / "cmp"
-    assert main(["bench", "compare", "--config", str(cfg), "--out", str(out)]) == 0
+    assert main(["bench", "compare", "--config", str(cfg), "--out", str(out), "--tune"]) == 0
     printed = capsys.readouterr().out
-    assert "= 24 runs, 0 already finished" in printed
+    assert "tuning: 3 methods, 2 configurations each" in printed and "5 runs, 0 already finished" in printed
+    assert "= 24 runs, 0 already finished" in printed and "teacher features" in printed
     res = json.loads((out / "results.json").read_text())
-    assert res["runs"] == 24
-    rows = res["table"]["vit-d2"]
-    assert set(rows) == {"student_only", "prockd", "rkd"}
-    assert set(rows["prockd"]["columns"]) == {"standard", "shifted:fog", "long_tailed"}
-    assert all(len(v) == 2 for v in rows["rkd"]["columns"].values())  # two seeds per cell
-    assert res["table"]["vit-d1"]["rkd"]["params"] < rows["rkd"]["params"]  # two student sizes
-    assert "vs_best_baseline" in res["standings"]["vit-d2"]["standard"]
+    tuned = res["tuning"]
+    assert set(tuned) == {"student_only", "prockd", "rkd"} and set(tuned["rkd"]["scores"]) == {"0.5", "2"}
+    assert tuned["rkd"]["params"]["lambda_dist"] == 25.0 * tuned["rkd"]["factor"]
+    # tuning seeds are not the table's seeds, and no tuning run ever read a test set
+    tune_runs = list((out / "runs" / "tune").rglob("final.json"))
+    assert len(tune_runs) == 5 and all("seed100" in str(p) for p in tune_runs)
+    for p in tune_runs:
+        hist = [json.loads(x) for x in (p.parent / "metrics.jsonl").read_text().splitlines()]
+        assert all(not k.startswith("test") for h in hist[:-1] for k in h)  # only the last epoch reports tests
+    st = res["settings"]["standard"]
+    assert set(st["probe"]) >= {"teacher", "pixels"}
+    cell = st["vit-d2"]["prockd"]
+    assert cell["seeds"] == [0, 1] and len(cell["values"]) == 2
+    assert set(cell["vs_student_only"]) >= {"mean", "ci95"} and cell["vs_best_baseline"]["baseline"] == "rkd"
+    assert "vs_student_only" not in st["vit-d2"]["student_only"]
+    assert set(res["settings"]) == {"standard", "standard:fog3", "long_tailed"}
+    assert res["params"]["vit-d1"]["rkd"] < res["params"]["vit-d2"]["rkd"]  # two student sizes
+    assert set(res["convergence"]["vit-d2"]) == {"standard", "long_tailed"}
     md = (out / "results.md").read_text()
-    assert md.count("**") >= 2 * 3 * 2 and "<u>" in md and "| vit-d1 | prockd |" in md
+    assert "| vit-d1 | prockd |" in md and "Paired differences of prockd" in md and "Linear probes" in md
     with open(out / "results.csv") as f:
-        table = list(csv.DictReader(f))
-    assert len(table) == 6 and "standard_mean" in table[0] and "shifted:fog_std" in table[0]
-    # an interrupted comparison: one run lost its result, another was never started
-    first = out / "runs" / "vit-d2" / "standard" / "rkd" / "seed1"
-    (first / "final.json").unlink()
-    stamp = (out / "runs" / "vit-d1" / "long_tailed" / "prockd" / "seed0" / "final.json").stat().st_mtime_ns
-    assert main(["bench", "compare", "--config", str(cfg), "--out", str(out)]) == 0
-    assert "= 24 runs, 23 already finished" in capsys.readouterr().out
-    assert (first / "final.json").is_file()
-    assert (out / "runs" / "vit-d1" / "long_tailed" / "prockd" / "seed0" / "final.json").stat().st_mtime_ns == stamp
-    assert json.loads((out / "results.json").read_text())["table"] == res["table"]  # exact resume
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 * 3 and {"vs_student_only_ci95", "best_baseline"} <= set(rows[0])
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "prototypes.png").stat().st_size > 1000
+    # an interrupted comparison: one final run lost its result; everything else is kept
+    lost = next((out / "runs" / "final" / "vit-d2" / "standard").glob("rkd-*")) / "seed1" / "final.json"
+    lost.unlink()
+    assert main(["bench", "compare", "--config", str(cfg), "--out", str(out), "--tune"]) == 0
+    printed = capsys.readouterr().out
+    assert "5 runs, 5 already finished" in printed and "= 24 runs, 23 already finished" in printed
+    again = json.loads((out / "results.json").read_text())
+    assert again["settings"] == res["settings"]  # exact resume
 
 
-def test_markdown_marks_best_and_second_per_student_block():
-    def row(*vals):
-        return {"params": 1e6, "columns": {"standard": list(vals)}}
+def _row(**seeds):
+    return {"params": 1e6, "columns": {"standard": {int(k[1:]): v for k, v in seeds.items()}}, "curves": {}}
 
-    table = {"s": {"a": row(80, 82), "b": row(90, 90), "c": row(85, 85)}, "t": {"a": row(1, 1), "b": row(2, 2)}}
-    md = format_markdown(table)
-    assert "**90.00 ± 0.00**" in md and "<u>85.00 ± 0.00</u>" in md and "| s | a | 1.000 M | 81.00 ± 1.41 |" in md
-    assert "**2.00 ± 0.00**" in md and "<u>1.00 ± 0.00</u>" in md
-    st = standings({"s": {"prockd": row(86), "student_only": row(70), "b": row(90)}})
-    assert st["s"]["standard"]["best_baseline"] == "b" and st["s"]["standard"]["vs_best_baseline"] == -4
-    assert st["s"]["standard"]["vs_student_only"] == 16
+
+def test_statistics_pair_seeds_and_name_the_best_baseline():
+    table = {"s": {"student_only": _row(s0=80, s1=82, s2=81), "b": _row(s0=90, s1=91, s2=89),
+                   "c": _row(s0=85, s1=85, s2=86), "prockd": _row(s0=86, s1=88, s2=87)}}
+    st = statistics_table(table)["s"]["standard"]
+    assert st["prockd"]["mean"] == 87 and st["prockd"]["vs_student_only"]["mean"] == 6
+    assert st["prockd"]["vs_student_only"]["ci95"] == 0.0  # the same +6 on every seed
+    assert st["prockd"]["vs_best_baseline"]["baseline"] == "b" and st["prockd"]["vs_best_baseline"]["mean"] == -3
+    assert st["b"]["vs_best_baseline"]["baseline"] == "c"
+    md = format_markdown({"s": statistics_table(table)["s"]}, {"s": {m: 1e6 for m in table["s"]}},
+                         {"standard": {"teacher": 95.0, "pixels": 60.0}})
+    assert "**90.00 ± 1.00**" in md and "<u>87.00 ± 1.00</u>" in md
+    assert "+6.00 [+6.00, +6.00]" in md and "(b)" in md and "| standard | 95.00 | 60.00 | +35.00 |" in md
+
+
+def test_convergence_is_the_validation_gain_over_the_last_fifth():
+    curve = [(e, 50 + e) for e in range(1, 11)]  # +1 point per epoch: epochs 8 -> 10 add 2 points
+    table = {"s": {"student_only": {"curves": {"standard": [curve, curve]}}}}
+    assert convergence(table) == {"s": {"standard": {"val_gain_last_fifth": 2.0, "runs": 2}}}

@@ -1,37 +1,35 @@
-"""The main job end to end at smoke size (real Fashion-MNIST, teacher pretrained by prockd)."""
+"""The main job end to end at smoke size: real rendered glyphs, a teacher pretrained by prockd, the core table."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from prockd.data import find_fashion_mnist
-from prockd.demo import format_table, run_demo
+from prockd.demo import demo_spec, run_demo
+from prockd.glyphs import find_fonts
 
 
-@pytest.mark.skipif(find_fashion_mnist(None) is None, reason="Fashion-MNIST is not installed (make data)")
-def test_quick_demo_writes_results_table_and_plots(tmp_path, capsys):
+def test_demo_spec_is_the_core_table():
+    spec = demo_spec()
+    assert list(spec["methods"]) == ["student_only", "rkd", "pkd_projector", "prockd"] and spec["seeds"] == 5
+    assert list(spec["students"]) == ["wrn16-1"] and list(spec["settings"]) == ["standard"]
+    assert spec["data"]["glyphs"]["charset"] == "lower"
+
+
+@pytest.mark.skipif(len(find_fonts()) < 40, reason="the Debian font packages are not installed (make data)")
+def test_quick_demo_writes_table_probes_and_plots(tmp_path, capsys):
     out = tmp_path / "demo"
-    payload = run_demo(out, quick=True, cache_root=tmp_path / "cache")
+    payload = run_demo(out, quick=True, cache_root=tmp_path / "cache", workers=1)
     res = json.loads((out / "results.json").read_text())
-    assert res == json.loads(json.dumps(payload))
-    row = res["settings"]["limited"]
-    assert set(row) == {"student_only", "prockd"}
-    for method in row.values():
-        assert 20.0 < method["test/deployed"]["mean"] <= 100.0
-        assert "test_fog3/deployed" in method and method["params"] > 0
-    assert "test/aug" in row["prockd"]
-    assert row["prockd"]["teacher"]["teacher/test"] > 40.0  # the teacher was checked on its own task
-    for f in ("curves.png", "prototypes_limited.png", "results.md"):
-        assert (out / f).stat().st_size > 1000 or f == "results.md"
+    assert res["settings"] == json.loads(json.dumps(payload["settings"]))
+    std = res["settings"]["standard"]
+    assert std["probe"]["teacher"] > std["probe"]["pixels"] - 30  # both probes ran on the real glyphs
+    cells = std["wrn16-1"]
+    assert set(cells) == {"student_only", "ofd", "skd", "prockd"}
+    assert all(0 <= c["mean"] <= 100 and c["seeds"] == [0, 1] for c in cells.values())
+    assert "ci95" in cells["prockd"]["vs_student_only"] and "standard:fog3" in res["settings"]
     printed = capsys.readouterr().out
-    assert "| limited | prockd |" in printed and "ProC-KD − student" in printed
-    # a second call finds every run finished and only re-summarises
-    again = run_demo(out, quick=True, cache_root=tmp_path / "cache")
+    assert "pretraining the benchmark teacher" in printed and "epoch 1/1" in printed  # teacher progress shown
+    assert "| wrn16-1 | prockd |" in printed and "curves.png" in printed and "prototypes.png" in printed
+    again = run_demo(out, quick=True, cache_root=tmp_path / "cache", workers=1)  # finished runs are kept
     assert again["settings"] == payload["settings"]
-
-
-def test_format_table_marks_difference():
-    row = lambda v: {"params": 1000, "seeds": [0, 1], "test/deployed": {"mean": v, "std": 0.0, "values": [v, v]}}  # noqa: E731
-    md = format_table({"limited": {"student_only": row(80.0), "prockd": row(82.5)}})
-    assert "+2.50 ± 0.00" in md

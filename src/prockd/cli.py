@@ -96,20 +96,27 @@ def _cmd_export(args) -> int:
 def _cmd_demo(args) -> int:
     from prockd.demo import run_demo
 
-    run_demo(out=Path(args.out), seeds=args.seeds, quick=args.quick, settings=args.settings)
+    run_demo(out=Path(args.out), suite=args.suite, seeds=args.seeds, quick=args.quick, workers=args.workers)
     return 0
 
 
 def _cmd_bench_compare(args) -> int:
     from prockd.bench.compare import load_spec, run_compare
 
-    spec = load_spec(args.config, {"seeds": args.seeds, "workers": args.workers})
+    spec = load_spec(args.config, {"seeds": args.seeds, "workers": args.workers, "tune_seeds": args.tune_seeds},
+                     suite=args.suite)
     if args.methods:
         unknown = [m for m in args.methods if m not in spec["methods"]]
         if unknown:
             raise ProckdError(f"--methods {unknown} not in the comparison (known: {', '.join(spec['methods'])})")
         spec["methods"] = {m: spec["methods"][m] for m in args.methods}
-    run_compare(Path(args.out), spec)
+    for key, names in (("students", args.students), ("settings", args.settings)):
+        if names:
+            unknown = [n for n in names if n not in spec[key]]
+            if unknown:
+                raise ProckdError(f"--{key} {unknown} not in the comparison (known: {', '.join(spec[key])})")
+            spec[key] = {n: spec[key][n] for n in names}
+    run_compare(Path(args.out), spec, do_tune=args.tune)
     return 0
 
 
@@ -148,19 +155,26 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", choices=["best", "last"], default="last")
     x.add_argument("--out", required=True)
     x.set_defaults(fn=_cmd_export)
-    d = sub.add_parser("demo", help="the embedded cross-task benchmark (Fashion-MNIST)")
+    d = sub.add_parser("demo", help="the embedded cross-task benchmark's core table (default suite: glyphs)")
     d.add_argument("--out", default="runs/demo")
+    d.add_argument("--suite", default="glyphs", help="glyphs (default) or fmnist (zero knowledge gap)")
     d.add_argument("--seeds", type=int, default=None)
+    d.add_argument("--workers", type=int, default=None)
     d.add_argument("--quick", action="store_true", help="a smoke-sized run")
-    d.add_argument("--settings", nargs="*", default=None)
     d.set_defaults(fn=_cmd_demo)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bc = b.add_parser("compare", help="methods x seeds x settings x students, the paper's Table-1 shape")
-    bc.add_argument("--config", default=None, help="YAML comparison spec (default: the embedded benchmark)")
+    bc.add_argument("--suite", default=None, help="embedded benchmark suite: glyphs (default) or fmnist")
+    bc.add_argument("--config", default=None, help="YAML comparison spec (keys replace the suite's)")
     bc.add_argument("--out", default="runs/compare")
-    bc.add_argument("--seeds", type=int, default=None)
+    bc.add_argument("--seeds", type=int, default=None, help="final seeds per cell (default 5)")
     bc.add_argument("--workers", type=int, default=None)
     bc.add_argument("--methods", nargs="*", default=None, help="a subset of the spec's methods")
+    bc.add_argument("--students", nargs="*", default=None, help="a subset of the spec's students")
+    bc.add_argument("--settings", nargs="*", default=None, help="a subset of the spec's settings")
+    bc.add_argument("--tune", action="store_true",
+                    help="first choose every method's main loss weights on validation, same budget for all")
+    bc.add_argument("--tune-seeds", type=int, default=None, help="seeds per tuning configuration (default 2)")
     bc.set_defaults(fn=_cmd_bench_compare)
     bs = b.add_parser("speed", help="training-step throughput and memory ratios, side by side in one run")
     bs.add_argument("--scenario", default="embedded", help="embedded (CPU-sized) or paper (ViT-B -> ViT-B-6, 224 px)")

@@ -1,29 +1,33 @@
-"""``prockd bench compare``: every method on the same data, models and budget, in the paper's Table-1 shape.
+"""``prockd bench compare``: every method on the same data, models, recipe and seeds, in the paper's Table-1 shape,
+with an honest protocol (``../shared/spec/benchmark.md``):
 
-The default benchmark is the embedded one (Fashion-MNIST, see :mod:`prockd.demo`): a ResNet teacher
-trained by prockd on classes 0-4 teaches ViT students of two sizes on classes 5-9, in the settings
+- **validation**: every run selects its checkpoint (``best.pt``) on a validation split carved from the training
+  data; the table reports the test accuracy of that checkpoint, never a test-selected one;
+- **paired seeds**: seed k of every method shares the data order, the augmentation and the student's
+  initialisation; the table gives mean ± std over seeds and, against student-only and against the best
+  baseline, the mean paired difference with its 95 % Student-t interval;
+- **equal tuning** (``--tune``): every method gets the same budget — one configuration per factor of
+  ``tune_factors`` multiplying its main loss weights together (``Distiller.main_weights``) — run on
+  ``tune_seeds`` seeds of their own (1000, 1001, ...) on the first student and the first setting, scored by
+  the mean validation accuracy over the last fifth of the epochs (validation only); the final table then runs each method's chosen configuration on fresh seeds 0..n-1;
+- **knowledge gap**: per setting, linear probes on the frozen teacher's pooled taps and on pixels
+  (:mod:`prockd.probe`), and the student-only convergence evidence (validation gain over the last fifth of the
+  epochs, student-only test accuracy against the pixel probe).
 
-- ``standard``: 100 labels per class; its runs are also tested on shifted domains (fog, contrast,
-  noise corruptions of the test set: the columns ``shifted:*``, the analogue of the paper's
-  cross-domain columns);
-- ``long_tailed``: exponential long-tailed training set, imbalance factor 100.
-
-A YAML file given with ``--config`` may replace any of ``seeds``, ``workers``, ``methods``
-(name -> params), ``students`` (label -> model config), ``settings`` (label -> data overrides),
-``data`` (shared data config) and ``base`` (the rest of an experiment config: teacher, train, cache;
-without ``base`` the embedded teacher is used). Every run is a resumable run directory under
-``OUT/runs/<student>/<setting>/<method>/seed<k>``: an interrupted comparison continues where it stopped.
-Writes ``results.json``, ``results.md`` and ``results.csv`` (mean ± std over seeds, best of each
-student block in bold, second underlined, a parameter column).
+The spec is a benchmark suite (:mod:`prockd.bench.suites`, ``--suite``; default ``glyphs``) whose keys a YAML file
+(``--config``) may replace: ``seeds``, ``workers``, ``methods`` (name -> params), ``students`` (label -> model
+config), ``settings`` (label -> data overrides), ``data``, ``base`` (teacher, train, cache: your own teacher and
+data), ``tune_seeds``, ``tune_factors``. Every run is a resumable run directory: an interrupted comparison
+continues where it stopped. Writes ``results.json``, ``results.md``, ``results.csv``, ``curves.png`` and, when
+ProC-KD ran, ``prototypes.png``.
 """
 from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import json
-import os
-import re
 import shutil
 import statistics
 import time
@@ -31,31 +35,22 @@ from pathlib import Path
 
 import yaml
 
+from prockd.bench.common import (default_workers, mean_std, output_dirs, paired_ci, prepare_cache, pretrained_teacher,
+                                 run_jobs, verdict)
+from prockd.bench.suites import get_suite
 from prockd.config import build_config, deep_merge
-from prockd.demo import (CORRUPTIONS, PROCKD_PARAMS, STUDENT, STUDENT_CLASSES, TEACHER_CLASSES, TEACHER_FMNIST, TRAIN,
-                         _prepare_cache, output_dirs, pretrained_fmnist_teacher, run_jobs)
 from prockd.errors import ProckdError
 from prockd.io import atomic_write_json, atomic_write_text
 
-BASELINES = ["fitnets", "rkd", "ab", "ofd", "fbkd", "pkd_projector", "pkd_pearson", "attention_probe", "cwd", "mgd",
-             "skd", "vid", "refilled"]
-SMALL_STUDENT = deep_merge(STUDENT, {"kwargs": {"depth": 3}})
-DEFAULT_SPEC = {
-    "seeds": 2,
-    "workers": None,
-    "methods": {"student_only": {}, **{m: {} for m in BASELINES}, "prockd": PROCKD_PARAMS},
-    "students": {"vit-d6": STUDENT, "vit-d3": SMALL_STUDENT},
-    "settings": {"standard": {"labels_per_class": 100, "corruptions": CORRUPTIONS},
-                 "long_tailed": {"labels_per_class": 100, "imbalance": 100}},
-    "data": {"name": "fashion_mnist", "classes": STUDENT_CLASSES, "test_limit": 2000},
-    "base": None,
-}
-SPEC_KEYS = set(DEFAULT_SPEC)
+SPEC_KEYS = {"suite", "seeds", "workers", "methods", "students", "settings", "data", "base", "tune_seeds",
+             "tune_factors"}
+REFERENCE = "student_only"
+PROPOSED = "prockd"
 
 
-def load_spec(path: str | Path | None, overrides: dict | None = None) -> dict:
-    """The comparison spec: defaults, replaced key by key by the YAML file and ``overrides``."""
-    spec = copy.deepcopy(DEFAULT_SPEC)
+def load_spec(path: str | Path | None = None, overrides: dict | None = None, suite: str | None = None) -> dict:
+    """The comparison spec: the suite's defaults, replaced key by key by the YAML file and ``overrides``."""
+    loaded: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -69,70 +64,158 @@ def load_spec(path: str | Path | None, overrides: dict | None = None) -> dict:
         unknown = set(loaded) - SPEC_KEYS
         if unknown:
             raise ProckdError(f"comparison config {p}: unknown key(s) {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
-        spec.update(loaded)
+    s = get_suite(suite or loaded.get("suite") or "glyphs")
+    spec = {"suite": s.name, "seeds": s.seeds, "workers": None, "methods": s.methods, "students": s.students,
+            "settings": s.settings, "data": s.data, "base": None, "tune_seeds": 2, "tune_factors": s.tune_factors}
+    spec.update(loaded)
     for k, v in (overrides or {}).items():
         if v is not None:
             spec[k] = v
     for key in ("methods", "students", "settings"):
         if not isinstance(spec[key], dict) or not spec[key]:
             raise ProckdError(f"comparison config: '{key}' must be a non-empty mapping")
+    if not isinstance(spec["seeds"], int) or spec["seeds"] < 1:
+        raise ProckdError(f"comparison config: 'seeds' must be a positive integer, not {spec['seeds']!r}")
     return spec
 
 
-def _base(spec: dict, cache_root: Path, log) -> tuple[dict, dict]:
+def _base(spec: dict, cache_root: Path, log, say) -> tuple[dict, dict]:
     """(experiment base without student/data/method/seed, teacher summary) for the spec."""
     if spec["base"] is not None:
         return copy.deepcopy(spec["base"]), {}
-    ckpt, summary = pretrained_fmnist_teacher(cache_root, False, log)
-    teacher = dict(copy.deepcopy(TEACHER_FMNIST), checkpoint=str(ckpt))
-    base = {"teacher": teacher, "teacher_eval": {"data": {"name": "fashion_mnist", "classes": TEACHER_CLASSES,
-                                                           "test_limit": 2000}},
-            "train": dict(TRAIN), "cache": {"dir": str(cache_root / "features"), "dtype": "float16"}}
+    s = get_suite(spec["suite"])
+    ckpt, summary = pretrained_teacher(s.teacher_run, cache_root, log, say)
+    base = {"teacher": dict(copy.deepcopy(s.teacher), checkpoint=str(ckpt)), "teacher_eval": s.teacher_eval,
+            "train": dict(s.train), "cache": {"dir": str(cache_root / "features"), "dtype": "float16"}}
     return base, summary
 
 
-def run_config(spec: dict, base: dict, student: str, setting: str, method: str, seed: int) -> dict:
+def run_config(spec: dict, base: dict, student: str, setting: str, method: str, params: dict, seed: int) -> dict:
     """The experiment config of one comparison run."""
     raw = copy.deepcopy(base)
     raw.update(seed=seed, student=copy.deepcopy(spec["students"][student]),
                data=deep_merge(spec["data"], spec["settings"][setting] or {}),
-               method={"name": method, "params": copy.deepcopy(spec["methods"][method] or {})})
+               method={"name": method, "params": copy.deepcopy(params or {})})
     return raw
 
 
-def _mean_std(v: list[float]) -> tuple[float, float]:
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+def scaled(method: str, params: dict, factor: float) -> dict:
+    """``params`` with the method's main loss weights (their defaults where unset) multiplied by ``factor``."""
+    from prockd.methods import METHODS
+
+    cls = METHODS.get(method)
+    full = cls.Params(**(params or {})).model_dump()
+    out = dict(params or {})
+    for w in cls.main_weights:
+        out[w] = full[w] * factor
+    return out
 
 
-def collect(spec: dict, out: Path) -> dict:
-    """Per student and method: params and, per column, the values over seeds (finished runs only)."""
+def _tag(params: dict) -> str:
+    return hashlib.sha1(json.dumps(params or {}, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _queue(raw: dict, run_dir: Path, log_path: Path, todo: list) -> None:
+    build_config(raw, f"comparison run {run_dir}")  # every config is validated before anything starts
+    if (run_dir / "final.json").is_file():
+        return
+    if run_dir.exists() and not (run_dir / "checkpoints" / "last.pt").is_file():
+        shutil.rmtree(run_dir)  # started but no epoch finished: start it again
+    todo.append((raw, str(run_dir), str(log_path)))
+
+
+def _execute(todo: list, spec: dict, log, desc: str) -> None:
+    if not todo:
+        return
+    prepared = set()
+    for raw, _, _ in todo:  # build each teacher cache once, before the workers start
+        key = json.dumps([raw.get("teacher"), raw["data"], raw.get("train")], sort_keys=True, default=str)
+        if key not in prepared and raw.get("teacher") and raw.get("cache", {}).get("enabled", True):
+            prepare_cache(raw, log)
+            prepared.add(key)
+    run_jobs(todo, spec.get("workers") or default_workers(), desc)
+
+
+def _score(run_dir: Path) -> float | None:
+    """A finished run's tuning score: its mean validation accuracy over the last fifth of the epochs (one
+    evaluation's maximum on a small split is mostly noise). The test sets are never read here."""
+    if not (run_dir / "final.json").is_file():
+        return None
+    hist = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    curve = [(h["epoch"] + 1, h["val/deployed"]) for h in hist if "val/deployed" in h]
+    if not curve:
+        return None
+    tail = [v for e, v in curve if e >= 0.8 * curve[-1][0]]
+    return statistics.fmean(tail)
+
+
+def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print) -> dict:
+    """Choose every method's configuration on validation with an equal budget; returns
+    ``{method: {"params", "factor", "scores": {factor: mean val}}}``."""
+    student, setting = next(iter(spec["students"])), next(iter(spec["settings"]))
+    factors = [float(f) for f in spec["tune_factors"]]
+    seeds = [1000 + k for k in range(spec["tune_seeds"])]
+    todo, grid = [], {}
+    from prockd.methods import METHODS
+
+    for method, params in spec["methods"].items():
+        fs = factors if METHODS.get(method).main_weights else [1.0]
+        grid[method] = {f: scaled(method, params, f) for f in fs}
+        for f, p in grid[method].items():
+            for seed in seeds:
+                rd = out / "runs" / "tune" / student / setting / method / f"x{f:g}" / f"seed{seed}"
+                _queue(run_config(spec, base, student, setting, method, p, seed), rd, log_path, todo)
+    total = sum(len(g) for g in grid.values()) * len(seeds)
+    say(f"tuning: {len(grid)} methods, {len(factors)} configurations each over their main weights "
+        f"(x{', x'.join(f'{f:g}' for f in factors)}), seeds {seeds}, on {student} / {setting}, scored on validation: "
+        f"{total} runs, {total - len(todo)} already finished")
+    _execute(todo, spec, log, "tuning runs")
+    chosen = {}
+    for method, g in grid.items():
+        scores = {}
+        for f in g:
+            vals = [_score(out / "runs" / "tune" / student / setting / method / f"x{f:g}" / f"seed{s}") for s in seeds]
+            vals = [v for v in vals if v is not None]
+            scores[f"{f:g}"] = round(statistics.fmean(vals), 3) if vals else None
+        best = max(g, key=lambda f: (scores[f"{f:g}"] if scores[f"{f:g}"] is not None else -1, -abs(f - 1)))
+        chosen[method] = {"params": g[best], "factor": best, "scores": scores}
+        say(f"  {method}: validation {scores} -> x{best:g}")
+    return chosen
+
+
+def collect(spec: dict, out: Path, methods: dict) -> dict:
+    """``{student: {method: {"params", "columns": {column: {seed: test %}}, "curves": [...]}}}`` from the
+    finished final runs; a column is a setting (its ``test`` set) or ``setting:<shifted test set>``."""
     table: dict = {}
-    shifted_settings = sum(1 for v in spec["settings"].values()
-                           if deep_merge(spec["data"], v or {}).get("corruptions"))
     for student in spec["students"]:
-        for method in spec["methods"]:
-            row = {"params": None, "columns": {}}
+        for method, params in methods.items():
+            row = {"params": None, "columns": {}, "curves": {}, "selected_epochs": []}
             for setting in spec["settings"]:
                 for seed in range(spec["seeds"]):
-                    f = out / "runs" / student / setting / method / f"seed{seed}" / "final.json"
+                    rd = out / "runs" / "final" / student / setting / f"{method}-{_tag(params)}" / f"seed{seed}"
+                    f = rd / "final.json"
                     if not f.is_file():
                         continue
                     s = json.loads(f.read_text())
                     row["params"] = s["deployed_params"]
-                    for key, v in s["final"].items():
-                        m = re.fullmatch(r"(test[^/]*)/deployed", key)
-                        if not m:
+                    metrics = s.get("selected") or s["final"]
+                    if s.get("selected"):
+                        row["selected_epochs"].append(s["selected"]["epoch"])
+                    for key, v in metrics.items():
+                        if not (key.startswith("test") and key.endswith("/deployed")):
                             continue
-                        name = m.group(1)
-                        col = setting if name == "test" else f"shifted:{name.removeprefix('test_').rstrip('0123456789')}"
-                        if col.startswith("shifted:") and shifted_settings > 1:
-                            col = f"{setting}:{col}"
-                        row["columns"].setdefault(col, []).append(v)
+                        name = key.split("/")[0]
+                        col = setting if name == "test" else f"{setting}:{name.removeprefix('test_')}"
+                        row["columns"].setdefault(col, {})[seed] = v
+                    hist = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()]
+                    row["curves"].setdefault(setting, []).append(
+                        [(h["epoch"] + 1, h["val/deployed"]) for h in hist if "val/deployed" in h])
             table.setdefault(student, {})[method] = row
     return table
 
 
-def _columns(table: dict) -> list[str]:
+def columns(table: dict) -> list[str]:
+    """Column names in order of appearance."""
     cols: list[str] = []
     for rows in table.values():
         for row in rows.values():
@@ -142,115 +225,240 @@ def _columns(table: dict) -> list[str]:
     return cols
 
 
-def _ranks(rows: dict, col: str) -> dict[str, int]:
-    means = {m: statistics.fmean(r["columns"][col]) for m, r in rows.items() if r["columns"].get(col)}
-    order = sorted(set(means.values()), reverse=True)
-    return {m: order.index(v) for m, v in means.items()}
-
-
-def format_markdown(table: dict, method_names: dict | None = None) -> str:
-    """Table-1-shaped Markdown: one block per student, best of each column bold, second underlined."""
-    cols = _columns(table)
-    lines = ["| student | method | params | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
+def statistics_table(table: dict) -> dict:
+    """Per student, column and method: mean, std, seeds, values and the paired differences (with 95 % CI)
+    against student-only and against the best other baseline (by mean; student-only and ProC-KD excluded)."""
+    res: dict = {}
     for student, rows in table.items():
-        ranks = {c: _ranks(rows, c) for c in cols}
-        for method, row in rows.items():
-            cells = []
-            for c in cols:
-                v = row["columns"].get(c)
-                if not v:
-                    cells.append("–")
-                    continue
-                m, sd = _mean_std(v)
-                text = f"{m:.2f} ± {sd:.2f}"
-                r = ranks[c].get(method)
-                cells.append(f"**{text}**" if r == 0 else f"<u>{text}</u>" if r == 1 else text)
-            params = f"{row['params'] / 1e6:.3f} M" if row["params"] else "–"
-            lines.append(f"| {student} | {(method_names or {}).get(method, method)} | {params} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for col in columns(table):
+            cells = {m: r["columns"][col] for m, r in rows.items() if r["columns"].get(col)}
+            means = {m: statistics.fmean(v.values()) for m, v in cells.items()}
+            entry = {}
+            for m, v in cells.items():
+                seeds = sorted(v)
+                mu, sd = mean_std([v[s] for s in seeds])
+                e = {"mean": round(mu, 3), "std": round(sd, 3), "seeds": seeds, "values": [round(v[s], 3) for s in seeds]}
+                if m != REFERENCE and REFERENCE in cells:
+                    common = [s for s in seeds if s in cells[REFERENCE]]
+                    e["vs_student_only"] = paired_ci([v[s] for s in common], [cells[REFERENCE][s] for s in common])
+                others = {b: means[b] for b in cells if b not in (m, REFERENCE, PROPOSED)}
+                if others and m != REFERENCE:
+                    best = max(others, key=others.get)
+                    common = [s for s in seeds if s in cells[best]]
+                    e["vs_best_baseline"] = dict(paired_ci([v[s] for s in common], [cells[best][s] for s in common]),
+                                                 baseline=best)
+                entry[m] = e
+            res.setdefault(student, {})[col] = entry
+    return res
 
 
-def format_csv(table: dict) -> str:
-    """CSV: student, method, params, then mean, std and n per column."""
-    cols = _columns(table)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["student", "method", "params"] + [f"{c}_{k}" for c in cols for k in ("mean", "std", "n")])
-    for student, rows in table.items():
-        for method, row in rows.items():
-            vals = []
-            for c in cols:
-                v = row["columns"].get(c) or []
-                m, sd = _mean_std(v) if v else (None, None)
-                vals += [None if m is None else round(m, 3), None if sd is None else round(sd, 3), len(v)]
-            w.writerow([student, method, row["params"]] + vals)
-    return buf.getvalue()
-
-
-def standings(table: dict, method: str = "prockd", reference: str = "student_only") -> dict:
-    """Per student and column: ``method``'s mean minus the best other method's (and minus ``reference``)."""
+def convergence(table: dict) -> dict:
+    """Student-only's validation gain over the last fifth of the epochs (mean over seeds), per student and setting."""
     out: dict = {}
     for student, rows in table.items():
-        if method not in rows or not rows[method]["columns"]:
-            continue
-        for c, v in rows[method]["columns"].items():
-            others = {m: statistics.fmean(r["columns"][c]) for m, r in rows.items()
-                      if m not in (method, reference) and r["columns"].get(c)}
-            entry = {"mean": statistics.fmean(v)}
-            if others:
-                best = max(others, key=others.get)
-                entry.update(best_baseline=best, best_baseline_mean=others[best],
-                             vs_best_baseline=statistics.fmean(v) - others[best])
-            if rows.get(reference, {}).get("columns", {}).get(c):
-                entry["vs_" + reference] = statistics.fmean(v) - statistics.fmean(rows[reference]["columns"][c])
-            out.setdefault(student, {})[c] = entry
+        for setting, curves in rows.get(REFERENCE, {}).get("curves", {}).items():
+            gains = []
+            for c in curves:
+                if len(c) < 2:
+                    continue
+                last_epoch = c[-1][0]
+                start = next(v for e, v in c if e >= 0.8 * last_epoch)
+                gains.append(c[-1][1] - start)
+            if gains:
+                out.setdefault(student, {})[setting] = {"val_gain_last_fifth": round(statistics.fmean(gains), 3),
+                                                        "runs": len(gains)}
     return out
 
 
-def run_compare(out: Path, spec: dict, cache_root: Path | None = None) -> dict:
-    """Run (or continue) the comparison and write ``results.json`` / ``results.md`` / ``results.csv``."""
+def _cell(e: dict | None, rank: int | None) -> str:
+    if not e:
+        return "–"
+    text = f"{e['mean']:.2f} ± {e['std']:.2f}"
+    return f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text
+
+
+def _diff(ci: dict | None) -> str:
+    if not ci:
+        return "–"
+    if ci.get("ci95") is None:
+        return f"{ci['mean']:+.2f}"
+    return f"{ci['mean']:+.2f} [{ci['mean'] - ci['ci95']:+.2f}, {ci['mean'] + ci['ci95']:+.2f}]"
+
+
+def format_markdown(stats: dict, params: dict, probes: dict | None = None) -> str:
+    """Table-1-shaped Markdown (best of a column per student bold, second underlined), then ProC-KD's paired
+    differences with 95 % intervals, then the linear probes."""
+    cols = list(dict.fromkeys(c for per in stats.values() for c in per))
+    lines = ["| student | method | params | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
+    for student, per_col in stats.items():
+        methods = list(dict.fromkeys(m for c in per_col.values() for m in c))
+        ranks = {}
+        for c, cells in per_col.items():
+            order = sorted({e["mean"] for e in cells.values()}, reverse=True)
+            ranks[c] = {m: order.index(e["mean"]) for m, e in cells.items()}
+        for m in methods:
+            p = params.get(student, {}).get(m)
+            cells = [_cell(per_col[c].get(m), ranks[c].get(m)) for c in cols]
+            lines.append(f"| {student} | {m} | {p / 1e6:.3f} M | " if p else f"| {student} | {m} | – | ")
+            lines[-1] += " | ".join(cells) + " |"
+    for m in [m for m in (PROPOSED,) if any(m in c for per in stats.values() for c in per.values())] + []:
+        lines += ["", f"Paired differences of {m} (mean [95 % CI], points; seed k against seed k):", "",
+                  "| student | versus | " + " | ".join(cols) + " |", "|---" * (2 + len(cols)) + "|"]
+        for student, per_col in stats.items():
+            lines.append(f"| {student} | student_only | " + " | ".join(
+                _diff(per_col[c].get(m, {}).get("vs_student_only")) for c in cols) + " |")
+            best = [per_col[c].get(m, {}).get("vs_best_baseline") for c in cols]
+            lines.append(f"| {student} | best baseline | " + " | ".join(
+                f"{_diff(b)} ({b['baseline']})" if b else "–" for b in best) + " |")
+    if probes:
+        lines += ["", "Linear probes on the student's training set (test accuracy, %): the knowledge gap", "",
+                  "| column | teacher features | pixels | gap |", "|---|---|---|---|"]
+        for c, p in probes.items():
+            lines.append(f"| {c} | {p['teacher']:.2f} | {p['pixels']:.2f} | {p['teacher'] - p['pixels']:+.2f} |")
+    return "\n".join(lines)
+
+
+def format_csv(stats: dict) -> str:
+    """CSV: student, column, method, mean, std, n, and the paired differences with their CI half-widths."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["student", "column", "method", "mean", "std", "n", "vs_student_only", "vs_student_only_ci95",
+                "vs_best_baseline", "vs_best_baseline_ci95", "best_baseline"])
+    for student, per_col in stats.items():
+        for c, cells in per_col.items():
+            for m, e in cells.items():
+                a, b = e.get("vs_student_only") or {}, e.get("vs_best_baseline") or {}
+                w.writerow([student, c, m, e["mean"], e["std"], len(e["seeds"]), a.get("mean"), a.get("ci95"),
+                            b.get("mean"), b.get("ci95"), b.get("baseline")])
+    return buf.getvalue()
+
+
+def probe_settings(spec: dict, base: dict, out: Path, log, say=print) -> dict:
+    """Linear probes (teacher features vs pixels) per column, cached in ``out/probes.json``."""
+    path = out / "probes.json"
+    key = hashlib.sha1(json.dumps([base.get("teacher"), spec["data"], spec["settings"]], sort_keys=True,
+                                  default=str).encode()).hexdigest()[:12]
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["columns"]
+    if not base.get("teacher"):
+        return {}
+    from prockd.data import build_task
+    from prockd.models import Teacher, create_model
+    from prockd.probe import probe_task
+
+    say("linear probes: teacher features vs pixels on each setting's training set")
+    cols = {}
+    teacher = None
+    for setting in spec["settings"]:
+        cfg = build_config(run_config(spec, base, next(iter(spec["students"])), setting, REFERENCE, {}, 0), "probe")
+        teacher = teacher or Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
+        r = probe_task(teacher, build_task(cfg.data))
+        for name in r["teacher"]:
+            col = setting if name == "test" else f"{setting}:{name.removeprefix('test_')}"
+            cols[col] = {"teacher": round(r["teacher"][name], 3), "pixels": round(r["pixels"][name], 3),
+                         "train_images": r["train_images"]}
+            say(f"  {col}: teacher {r['teacher'][name]:.2f} %, pixels {r['pixels'][name]:.2f} %, "
+                f"gap {r['gap'][name]:+.2f}")
+            log(f"probe {col}: {cols[col]}")
+    atomic_write_json(path, {"key": key, "columns": cols})
+    return cols
+
+
+def plot(table: dict, out: Path, methods: dict) -> list[str]:
+    """``curves.png`` (mean validation curve per method and setting, first student) and ``prototypes.png``
+    (ProC-KD's prototype distance matrices before and after learning, paper Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    files = []
+    student = next(iter(table))
+    settings = list(dict.fromkeys(s for r in table[student].values() for s in r["curves"]))
+    if settings:
+        fig, axes = plt.subplots(1, len(settings), figsize=(4.4 * len(settings), 3.5), squeeze=False)
+        for ax, setting in zip(axes[0], settings):
+            for m, row in table[student].items():
+                curves = [c for c in row["curves"].get(setting, []) if c]
+                if not curves:
+                    continue
+                n = min(len(c) for c in curves)
+                ax.plot([c[0] for c in curves[0][:n]], [statistics.fmean(c[i][1] for c in curves) for i in range(n)],
+                        label=m, lw=1.2)
+            ax.set_title(f"{student} / {setting}")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("validation top-1 (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=110)
+        plt.close(fig)
+        files.append("curves.png")
+    if PROPOSED in methods:
+        setting = next(iter(settings), None)
+        rd = out / "runs" / "final" / student / str(setting) / f"{PROPOSED}-{_tag(methods[PROPOSED])}" / "seed0"
+        if (rd / "checkpoints" / "last.pt").is_file():
+            sd = torch.load(rd / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["distiller"]
+            init, learned = sd["prototypes_init"].float(), sd["prototypes"].float()
+            fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.8))
+            for ax, p, title in ((axes[0], init, "initial prototypes"), (axes[1], learned, "learned prototypes")):
+                im = ax.imshow(torch.cdist(p, p).numpy(), cmap="viridis")
+                ax.set_title(f"{title} ({setting})")
+                fig.colorbar(im, ax=ax, fraction=0.046)
+            fig.tight_layout()
+            fig.savefig(out / "prototypes.png", dpi=110)
+            plt.close(fig)
+            files.append("prototypes.png")
+    return files
+
+
+def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: bool = False, say=print) -> dict:
+    """Run (or continue) the comparison (tuning first with ``do_tune``) and write the results files."""
     out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
     t0 = time.perf_counter()
-    base, teacher_summary = _base(spec, cache_root, log)
-    jobs, todo = [], []
+    say(f"prockd bench compare: suite {spec['suite']}; logs in {log_path}")
+    base, teacher_summary = _base(spec, cache_root, log, say)
+    if teacher_summary:
+        say(f"teacher: top-1 {teacher_summary['final'].get('test/deployed', 0):.2f} % on its own held-out test set, "
+            f"{teacher_summary['student_params'] / 1e6:.2f} M params")
+    probes = probe_settings(spec, base, out, log, say)
+    chosen = tune(spec, base, out, log_path, log, say) if do_tune else {}
+    methods = {m: chosen[m]["params"] if m in chosen else (p or {}) for m, p in spec["methods"].items()}
+    todo, n = [], 0
     for student in spec["students"]:
         for setting in spec["settings"]:
             for seed in range(spec["seeds"]):
-                for method in spec["methods"]:
-                    raw = run_config(spec, base, student, setting, method, seed)
-                    build_config(raw, f"comparison run {student}/{setting}/{method}/seed{seed}")  # validate all first
-                    run_dir = out / "runs" / student / setting / method / f"seed{seed}"
-                    jobs.append(run_dir)
-                    if (run_dir / "final.json").is_file():
-                        continue
-                    if run_dir.exists() and not (run_dir / "checkpoints" / "last.pt").is_file():
-                        shutil.rmtree(run_dir)  # started but no epoch finished: start it again
-                    todo.append((raw, str(run_dir), str(log_path)))
-    workers = spec.get("workers") or min(2, os.cpu_count() or 1)
-    print(f"prockd bench compare: {len(spec['methods'])} methods x {len(spec['students'])} students x "
-          f"{len(spec['settings'])} settings x {spec['seeds']} seeds = {len(jobs)} runs, {len(jobs) - len(todo)} "
-          f"already finished; logs in {log_path}", flush=True)
-    if todo:
-        prepared = set()
-        for raw, _, _ in todo:  # build each teacher cache once, before the workers start
-            key = json.dumps([raw.get("teacher"), raw["data"]], sort_keys=True, default=str)
-            if key not in prepared and raw.get("teacher") and raw.get("cache", {}).get("enabled", True):
-                _prepare_cache(raw, log)
-                prepared.add(key)
-        run_jobs(todo, workers, "comparison runs")
-    table = collect(spec, out)
-    md = format_markdown(table)
-    payload = {"table": table, "standings": standings(table), "elapsed_s": round(time.perf_counter() - t0, 1),
-               "spec": spec, "teacher": teacher_summary.get("final", {}).get("test/deployed"),
-               "runs": len(jobs)}
+                for method, params in methods.items():
+                    rd = out / "runs" / "final" / student / setting / f"{method}-{_tag(params)}" / f"seed{seed}"
+                    _queue(run_config(spec, base, student, setting, method, params, seed), rd, log_path, todo)
+                    n += 1
+    say(f"final table: {len(methods)} methods x {len(spec['students'])} students x {len(spec['settings'])} settings x "
+        f"{spec['seeds']} seeds = {n} runs, {n - len(todo)} already finished")
+    _execute(todo, spec, log, "final runs")
+    table = collect(spec, out, methods)
+    stats = statistics_table(table)
+    params = {s: {m: r["params"] for m, r in rows.items()} for s, rows in table.items()}
+    conv = convergence(table)
+    md = format_markdown(stats, params, probes)
+    files = plot(table, out, methods)
+    settings_json = {}
+    for col in columns(table):
+        settings_json[col] = {"probe": probes.get(col), **{s: stats[s].get(col, {}) for s in stats}}
+    payload = {"suite": spec["suite"], "settings": settings_json, "convergence": conv, "params": params,
+               "tuning": chosen, "methods": methods, "teacher": teacher_summary.get("final", {}).get("test/deployed"),
+               "runs": n, "elapsed_s": round(time.perf_counter() - t0, 1),
+               "spec": {k: v for k, v in spec.items() if k != "base"} | {"base": spec["base"]}}
     atomic_write_json(out / "results.json", payload)
     atomic_write_text(out / "results.md", md + "\n")
-    atomic_write_text(out / "results.csv", format_csv(table))
-    print(md)
-    for student, cols in payload["standings"].items():
-        for c, e in cols.items():
-            if "vs_best_baseline" in e:
-                print(f"{student} {c}: ProC-KD {e['mean']:.2f} vs best baseline {e['best_baseline']} "
-                      f"{e['best_baseline_mean']:.2f} ({e['vs_best_baseline']:+.2f})")
-    print(f"wrote {out / 'results.md'}, results.csv, results.json in {payload['elapsed_s'] / 60:.1f} min")
+    atomic_write_text(out / "results.csv", format_csv(stats))
+    say(md)
+    for student, per in conv.items():
+        for setting, c in per.items():
+            say(f"convergence {student}/{setting}: student-only validation gain over the last fifth of the epochs "
+                f"{c['val_gain_last_fifth']:+.2f} points")
+    say(f"wrote {out / 'results.md'}, results.csv, results.json" + "".join(f", {f}" for f in files)
+        + f" in {payload['elapsed_s'] / 60:.1f} min")
     return payload

@@ -1,0 +1,126 @@
+"""What the benchmarks share: output folders, parallel resumable runs, the teacher cache, the suite's
+teacher, and the statistics of paired seeds."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from prockd.config import build_config
+from prockd.engine import train
+from prockd.io import atomic_torch_save, atomic_write_json
+
+
+def output_dirs(out: Path, cache_root: Path | None, log_name: str):
+    """(out, cache_root, log_path, log function) of a benchmark writing under ``out`` (created)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_root = Path(cache_root or Path("~/.cache/prockd").expanduser())
+    log_path = out / log_name
+
+    def log(msg: str) -> None:
+        with open(log_path, "a") as f:
+            f.write(msg + "\n")
+
+    return out, cache_root, log_path, log
+
+
+def _run_job(raw: dict, run_dir: str, log_path: str, threads: int | None = 1) -> None:
+    """One run (in a worker process): train to ``run_dir`` (resumes if it was interrupted)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+    def log(msg: str) -> None:
+        with open(log_path, "a") as f:
+            f.write(f"[{run_dir}] {msg}\n")
+
+    train(build_config(raw, f"run {run_dir}"), run_dir, log=log)
+
+
+def run_jobs(todo: list[tuple], workers: int, desc: str) -> None:
+    """Run ``_run_job(raw, run_dir, log_path)`` for each job, ``workers`` processes in parallel (one thread
+    each), with a progress bar over runs."""
+    if not todo:
+        return
+    bar = tqdm(total=len(todo), desc=f"{desc} ({min(workers, len(todo))} in parallel)", unit="run")
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            for fut in as_completed([ex.submit(_run_job, *j) for j in todo]):
+                fut.result()
+                bar.update()
+    else:
+        for j in todo:
+            _run_job(*j, threads=None)
+            bar.update()
+    bar.close()
+
+
+def prepare_cache(raw: dict, log) -> None:
+    """Build the teacher-feature cache of a run's config (the teacher's view of its training data, augmented
+    views included), whatever its method, so that parallel workers only open it."""
+    from prockd.cache import TeacherCache
+    from prockd.data import build_task
+    from prockd.engine import cached_dataset
+    from prockd.models import Teacher, create_model
+
+    cfg = build_config(raw, "cache preparation")
+    teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
+    TeacherCache(teacher, cached_dataset(build_task(cfg.data), cfg.train), cfg.cache.dir, cfg.cache.dtype,
+                 log=log).prepare()
+
+
+def pretrained_teacher(teacher_run: dict, cache_root: Path, log=print, say=print) -> tuple[Path, dict]:
+    """Train (once, then cached by the config's hash) a benchmark's teacher; returns (checkpoint, summary)."""
+    key = hashlib.sha1(json.dumps(teacher_run, sort_keys=True).encode()).hexdigest()[:16]
+    run_dir = cache_root / "teachers" / key
+    ckpt = run_dir / "teacher.pt"
+    if ckpt.is_file() and (run_dir / "final.json").is_file():
+        return ckpt, json.loads((run_dir / "final.json").read_text())
+    cfg = build_config(dict(teacher_run, train=dict(teacher_run["train"], progress=True)), "benchmark teacher")
+    say(f"pretraining the benchmark teacher ({cfg.train.epochs} epochs) in {run_dir}")
+    from prockd.engine import build
+
+    built = build(cfg)
+    summary = train(cfg, run_dir, built=built, log=lambda m: (log(m), say(m)))
+    atomic_torch_save({"model": built.distiller.student.model.state_dict()}, ckpt)
+    atomic_write_json(run_dir / "final.json", summary)
+    return ckpt, summary
+
+
+def mean_std(v: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def paired_ci(a: list[float], b: list[float], level: float = 0.95) -> dict:
+    """Mean paired difference ``a - b`` and the half-width of its Student-t confidence interval
+    (``ci95`` is ``None`` with fewer than two pairs)."""
+    from scipy import stats
+
+    d = [x - y for x, y in zip(a, b)]
+    m, sd = mean_std(d)
+    n = len(d)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else None
+    return {"mean": round(m, 3), "ci95": None if half is None else round(half, 3), "n": n}
+
+
+def verdict(ci: dict) -> str:
+    """"better" / "worse" when the interval excludes 0, else "no difference"."""
+    if ci.get("ci95") is None:
+        return "n/a"
+    lo, hi = ci["mean"] - ci["ci95"], ci["mean"] + ci["ci95"]
+    return "better" if lo > 0 else "worse" if hi < 0 else "no difference"
+
+
+def default_workers() -> int:
+    """Parallel single-thread runs: one per core, at most 2 on this project's CI-sized machines."""
+    return min(2, os.cpu_count() or 1)
