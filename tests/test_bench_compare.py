@@ -90,3 +90,11 @@ def test_convergence_is_the_validation_gain_over_the_last_fifth():
     curve = [(e, 50 + e) for e in range(1, 11)]  # +1 point per epoch: epochs 8 -> 10 add 2 points
     table = {"s": {"student_only": {"curves": {"standard": [curve, curve]}}}}
     assert convergence(table) == {"s": {"standard": {"val_gain_last_fifth": 2.0, "runs": 2}}}
+
+
+def test_unknown_names_are_one_line_errors(capsys):
+    assert main(["bench", "compare", "--settings", "nope"]) == 2
+    assert "--settings ['nope'] not in the comparison" in capsys.readouterr().err
+    assert main(["bench", "compare", "--suite", "nope"]) == 2
+    assert "unknown benchmark suite 'nope'" in capsys.readouterr().err
+    assert main(["demo", "--suite", "nope"]) == 2

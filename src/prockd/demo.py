@@ -20,14 +20,15 @@ from prockd.bench.suites import get_suite
 
 
 def demo_spec(suite: str = "glyphs", seeds: int | None = None, quick: bool = False) -> dict:
-    """The demo's comparison spec: the suite's demo methods, its first student and first setting.
+    """The demo's comparison spec: the suite's demo methods with their tuned parameters, its first student and
+    first setting.
 
     ``quick`` (smoke size, for tests): 2 seeds, 3 epochs, a teacher trained for one epoch on 20 fonts, test
     sets cut to 260 images.
     """
     s = get_suite(suite)
     spec = load_spec(suite=suite, overrides={
-        "methods": {m: s.methods[m] for m in s.demo_methods},
+        "methods": {m: s.tuned.get(m, s.methods[m]) for m in s.demo_methods},
         "students": dict([next(iter(s.students.items()))]),
         "settings": dict([next(iter(s.settings.items()))]),
         "seeds": seeds or (2 if quick else s.seeds)})

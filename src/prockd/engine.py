@@ -3,6 +3,10 @@
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, TensorBoard events,
 ``checkpoints/last.pt`` and ``best.pt`` (written atomically every epoch), ``final.json`` and the
 deployable ``student.pt``. Running again on the same directory resumes exactly where it stopped.
+
+With a validation split, ``best.pt`` is chosen on it (never on a test set), the test sets are evaluated only
+after the last epoch, for the last and for the selected checkpoint (``final.json``: ``final`` and
+``selected``), and ``student.pt`` is the selected checkpoint.
 """
 from __future__ import annotations
 

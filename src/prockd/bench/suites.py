@@ -35,6 +35,7 @@ class Suite:
     train: dict  # the shared recipe
     methods: dict[str, dict]  # name -> params (bench compare's default methods)
     demo_methods: list[str]  # the demo's core table
+    tuned: dict[str, dict] = field(default_factory=dict)  # the demo's parameters, chosen by `bench compare --tune`
     seeds: int = 5
     tune_factors: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
     notes: str = ""
@@ -74,6 +75,11 @@ GLYPHS = Suite(
            "augment": "affine", "aug_views": 8, "progress": False},
     methods={"student_only": {}, **{m: {} for m in BASELINES}, "prockd": PROCKD_DEFAULT},
     demo_methods=["student_only", "rkd", "pkd_projector", "prockd"],
+    # `prockd bench compare --tune` on validation (seeds 1000-1001, wrn16-1 / standard; README): the two strongest
+    # baselines and ProC-KD at the factor of their main weights that scored best (x0.3, x1, x3 for each)
+    tuned={"student_only": {}, "rkd": {"lambda_dist": 7.5, "lambda_angle": 15.0}, "pkd_projector": {"weight": 3.0},
+           "ofd": {"weight": 3.0}, "fbkd": {"weight": 0.3},
+           "prockd": {"preset": "paper", "lambda_kl": 3.0, "lambda_emb": 3.0}},
 )
 
 _FM_NORM = {"mean": [0.286], "std": [0.353]}
