@@ -25,7 +25,7 @@ def test_quick_demo_writes_table_probes_and_plots(tmp_path, capsys):
     std = res["settings"]["standard"]
     assert std["probe"]["teacher"] > std["probe"]["pixels"] - 30  # both probes ran on the real glyphs
     cells = std["wrn16-1"]
-    assert set(cells) == {"student_only", "ofd", "skd", "prockd"}
+    assert set(cells) == {"student_only", "rkd", "pkd_projector", "prockd"}
     assert all(0 <= c["mean"] <= 100 and c["seeds"] == [0, 1] for c in cells.values())
     assert "ci95" in cells["prockd"]["vs_student_only"] and "standard:fog3" in res["settings"]
     printed = capsys.readouterr().out

@@ -192,5 +192,6 @@ def test_table4_protocol_at_small_scale_on_the_embedded_data(tmp_path, capsys):
     spec["base"]["train"].update(epochs=1, milestones=[])
     spec["base"]["cache"]["dir"] = str(tmp_path / "cache")
     res = run_compare(tmp_path / "cmp", yaml.safe_load(yaml.safe_dump(spec, sort_keys=False)))
-    assert set(res["table"]["wrn_16_1"]) == {"student_only", "kd", "prockd"}
-    assert all(r["columns"]["standard"] for r in res["table"]["wrn_16_1"].values())
+    cells = res["settings"]["standard"]["wrn_16_1"]
+    assert set(cells) == {"student_only", "kd", "prockd"} and all(c["seeds"] == [0] for c in cells.values())
+    assert res["settings"]["standard"]["probe"]["teacher"] >= 0  # same task: the probe still runs

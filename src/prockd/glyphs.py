@@ -14,6 +14,7 @@ always renders the same pixels. Rendered sets are cached as ``.npz`` files writt
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -54,9 +55,18 @@ def _covers(path: Path, chars: str) -> bool:
 
 
 def find_fonts(dirs: list[str] | None = None, chars: str = _COVER) -> list[Path]:
-    """Eligible font files (``.ttf`` / ``.otf``) under ``dirs``, sorted by path, one per distinct file content."""
+    """Eligible font files (``.ttf`` / ``.otf``) under ``dirs``, sorted by path, one per distinct file content
+    (memoised per process, keyed by the folders' listings)."""
+    dirs = tuple(dirs or FONT_DIRS)
+    listing = tuple((d, tuple(sorted(str(p) for p in Path(d).expanduser().rglob("*") if p.is_file())))
+                    for d in dirs if Path(d).expanduser().is_dir())
+    return list(_find_fonts(listing, chars))
+
+
+@functools.lru_cache(maxsize=16)
+def _find_fonts(listing: tuple, chars: str) -> tuple[Path, ...]:
     found, seen = [], set()
-    for d in dirs or FONT_DIRS:
+    for d, _ in listing:
         root = Path(d).expanduser()
         if not root.is_dir():
             continue
@@ -68,7 +78,7 @@ def find_fonts(dirs: list[str] | None = None, chars: str = _COVER) -> list[Path]
                 continue
             seen.add(digest)
             found.append(p)
-    return found
+    return tuple(found)
 
 
 def font_roles(fonts: list[Path], heldout: int, seed: int) -> tuple[list[Path], list[Path]]:

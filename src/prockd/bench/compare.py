@@ -392,7 +392,8 @@ def plot(table: dict, out: Path, methods: dict) -> list[str]:
             ax.set_xlabel("epoch")
             ax.set_ylabel("validation top-1 (%)")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "curves.png", dpi=110)
         plt.close(fig)
