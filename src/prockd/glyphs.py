@@ -154,7 +154,11 @@ def render_set(fonts: list[Path], chars: str, copies: int, size: int = 28, glyph
     labels = np.zeros(n, np.int64)
     font_idx = np.zeros(n, np.int64)
     i = 0
-    for fi, fp in enumerate(fonts):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(fonts, desc=f"rendering {len(chars)} characters x {copies} in {len(fonts)} fonts", unit="font",
+               disable=n < 2000, leave=False)  # a first run renders ~20,000 glyphs: show it
+    for fi, fp in enumerate(bar):
         try:
             font = ImageFont.truetype(str(fp), size * 4 * 2)
         except OSError as e:
