@@ -179,7 +179,7 @@ def load_imagefolder(cfg: DataConfig):
     return xtr, ytr, tests, names
 
 
-def load_glyphs(cfg: DataConfig, log=None):
+def load_glyphs(cfg: DataConfig):
     """Glyphs of ``cfg.glyphs.charset``: training fonts from the pool (the last ``val_fonts`` of them as a
     validation split), test on the held-out fonts; optionally scikit-learn's handwritten digits as a
     second, shifted test domain. Returns (train x, y, val x, y or None, {test name: (x, y)}, names, info)."""

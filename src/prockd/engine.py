@@ -140,9 +140,14 @@ def make_views(ds: ArrayDataset, t: TrainConfig) -> ArrayDataset:
     return ArrayDataset(torch.cat(out), ds.labels.repeat(t.aug_views), f"{ds.name}_views{t.aug_views}")
 
 
+def uses_views(t: TrainConfig) -> bool:
+    """Whether the recipe draws from stored augmented views (see :func:`make_views`)."""
+    return t.augment != "none" and t.aug_views > 0
+
+
 def cached_dataset(task: Task, t: TrainConfig) -> ArrayDataset:
     """What the teacher cache holds for a recipe: the stored augmented views, or the training set itself."""
-    return make_views(task.train, t) if (t.augment != "none" and t.aug_views > 0) else task.train
+    return make_views(task.train, t) if uses_views(t) else task.train
 
 
 @torch.no_grad()
@@ -310,7 +315,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         teacher_metrics = teacher_accuracy(b.teacher, teacher_task, device)
         log(f"teacher accuracy on its own task: {teacher_metrics}")
 
-    views = cached_dataset(b.task, t) if t.aug_views > 0 and t.augment != "none" else None
+    views = make_views(b.task.train, t) if uses_views(t) else None
     cache = None
     use_cache = b.teacher is not None and cfg.cache.enabled
     if use_cache and t.augment != "none" and views is None:
@@ -463,9 +468,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
     selected = None
     if b.task.val is not None and (ckpt_dir / "best.pt").is_file():  # the checkpoint chosen on validation
         chosen = torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=False)
-        dist.load_state_dict(chosen["distiller"])
         selected = {"epoch": chosen["epoch"], "val/deployed": chosen["metrics"].get("val/deployed")}
-        selected.update(evaluate(dist, b.task.tests, device, t.amp, info=info))
+        if chosen["epoch"] == final.get("epoch"):  # the last epoch itself: its test results are already there
+            selected.update({k: v for k, v in final.items() if k.split("/")[0] in b.task.tests})
+        else:
+            dist.load_state_dict(chosen["distiller"])
+            selected.update(evaluate(dist, b.task.tests, device, t.amp, info=info))
     summary = {"method": cfg.method.name, "seed": cfg.seed, "final": final, "selected": selected, "best": best,
                "student_params": count_params(dist.student),
                "deployed_params": count_params(dist.export()),

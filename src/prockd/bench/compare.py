@@ -301,7 +301,8 @@ def format_markdown(stats: dict, params: dict, probes: dict | None = None) -> st
             cells = [_cell(per_col[c].get(m), ranks[c].get(m)) for c in cols]
             lines.append(f"| {student} | {m} | {p / 1e6:.3f} M | " if p else f"| {student} | {m} | – | ")
             lines[-1] += " | ".join(cells) + " |"
-    for m in [m for m in (PROPOSED,) if any(m in c for per in stats.values() for c in per.values())] + []:
+    if any(PROPOSED in c for per in stats.values() for c in per.values()):
+        m = PROPOSED
         lines += ["", f"Paired differences of {m} (mean [95 % CI], points; seed k against seed k):", "",
                   "| student | versus | " + " | ".join(cols) + " |", "|---" * (2 + len(cols)) + "|"]
         for student, per_col in stats.items():

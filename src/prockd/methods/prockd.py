@@ -131,10 +131,7 @@ class ProCKD(Distiller):
         tok, lay, emb = self.student.features(images)
         z_s = self.student.head(tok, lay)
         tf = self.teacher_features(images, teacher_feats)
-        t_lay = self.teacher.tap_layout
-        o_pro, assign = self.pl.forward_with_assignment(self.fusion(tf["taps"].to(tok.dtype)), self.prototypes)
-        o_fa, attn_pro = self.fa.forward_with_attention(o_pro, self.prototypes)
-        z_pro = self.student.head(o_fa, t_lay)
+        z_pro, assign, attn_pro = self.teacher_path(tf["taps"].to(tok.dtype))
         losses = {"ce": F.cross_entropy(z_s, targets)}
         attn_s = None
         if p.variant == "A":
@@ -158,6 +155,12 @@ class ProCKD(Distiller):
             losses["emb"] = p.lambda_emb * self.emb(emb, self.student.embed_layout, tf["embed"],
                                                     self.teacher.embed_layout)
         return z_s, losses
+
+    def teacher_path(self, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_pro, PL assignment, FA attention): fusion -> PL -> FA -> the student's head on the teacher's taps."""
+        o_pro, assign = self.pl.forward_with_assignment(self.fusion(taps), self.prototypes)
+        o_fa, attn_pro = self.fa.forward_with_attention(o_pro, self.prototypes)
+        return self.student.head(o_fa, self.teacher.tap_layout), assign, attn_pro
 
     @staticmethod
     def _batch_stats(z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s) -> dict[str, torch.Tensor]:
@@ -194,10 +197,7 @@ class ProCKD(Distiller):
         predictor than the student's own head?"""
         tok, lay, _ = self.student.features(images)
         z_s = self.student.head(tok, lay)
-        tf = self.teacher.extract(images, ("taps",))
-        o_pro, assign = self.pl.forward_with_assignment(self.fusion(tf["taps"].to(tok.dtype)), self.prototypes)
-        o_fa, attn_pro = self.fa.forward_with_attention(o_pro, self.prototypes)
-        z_pro = self.student.head(o_fa, self.teacher.tap_layout)
+        z_pro, assign, attn_pro = self.teacher_path(self.teacher.extract(images, ("taps",))["taps"].to(tok.dtype))
         o_aug, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
         z_aug = self.student.head(o_aug, lay)
         return {k: float(v) for k, v in self._batch_stats(z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s).items()}
