@@ -1,4 +1,5 @@
-"""Command line: ``prockd train | eval | export | pretrain-teacher | demo | bench compare | bench speed``.
+"""Command line: ``prockd train | eval | export | predict | analyze | pretrain-teacher | demo | bench compare |
+bench speed | bench deploy``.
 
 Bad input (config, data, model name, tap path, checkpoint) prints one line naming the culprit and
 exits with code 2; nothing is written to the run directory.
@@ -70,26 +71,98 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _cmd_export(args) -> int:
+def _run_student(run: Path, checkpoint: str):
+    """(deployed student, run config) of a finished run: its selected ``student.pt``, or a checkpoint rebuilt."""
     import torch
 
     from prockd.config import load_config
+    from prockd.deploy import load_deployed
+
+    if not (run / "config.yaml").is_file():
+        raise ProckdError(f"{run} is not a prockd run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    if checkpoint == "selected":
+        if not (run / "student.pt").is_file():
+            raise ProckdError(f"{run} has no student.pt (the run has not finished); use --checkpoint last")
+        return load_deployed(run / "student.pt"), cfg
     from prockd.engine import build
 
-    run = Path(args.run)
-    ckpt = run / "checkpoints" / f"{args.checkpoint}.pt"
+    ckpt = run / "checkpoints" / f"{checkpoint}.pt"
     if not ckpt.is_file():
         raise ProckdError(f"checkpoint not found: {ckpt}")
-    cfg = load_config(run / "config.yaml")
     built = build(cfg)
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         built.distiller.load_state_dict(state["distiller"])
     except Exception as e:  # noqa: BLE001
         raise ProckdError(f"checkpoint {ckpt} is unreadable: {e}") from None
-    out = Path(args.out)
-    built.distiller.export().save(out, built.task.num_classes, built.task.class_names)
-    print(json.dumps({"exported": str(out)}))
+    dep = built.distiller.export().eval()
+    dep.class_names = built.task.class_names
+    dep.input_shape = tuple(built.task.train.images.shape[1:])
+    return dep, cfg
+
+
+def _cmd_export(args) -> int:
+    from prockd.data import build_task
+    from prockd.deploy import export_onnx
+
+    if not args.out and not args.onnx:
+        raise ProckdError("export needs --out FILE.pt and/or --onnx FILE.onnx")
+    run = Path(args.run)
+    dep, cfg = _run_student(run, args.checkpoint)
+    task = None
+    if dep.input_shape is None or dep.class_names is None:  # files written before they carried both
+        task = build_task(cfg.data)
+        dep.input_shape = dep.input_shape or tuple(task.train.images.shape[1:])
+        dep.class_names = dep.class_names or task.class_names
+    report = {}
+    if args.out:
+        dep.save(args.out, len(dep.class_names), dep.class_names)
+        report["exported"] = str(args.out)
+    if args.onnx:
+        task = task or build_task(cfg.data)
+        name, ds = next(iter(task.tests.items()))
+        images = next(ds.batches(args.verify_images))[0]
+        print(f"exporting to ONNX and checking it against PyTorch on {len(images)} images of test set '{name}' ...",
+              file=sys.stderr)
+        report["onnx"] = export_onnx(dep, args.onnx, images, opset=args.opset, atol=args.atol)
+        report["onnx"]["test_set"] = name
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from prockd.deploy import Predictor, image_files, predict_files
+
+    pred = Predictor(args.model, threads=args.threads)
+    files = image_files(args.inputs)
+    results = predict_files(pred, files, args.topk)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            tops = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"])
+            print(f"{r['image']}: {tops}")
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    from prockd.analysis import run_analyze
+
+    out = run_analyze(Path(args.run), [Path(c) for c in args.compare], Path(args.out) if args.out else None,
+                      images=args.images, classes=args.classes, attention=args.attention, seed=args.seed)
+    print(json.dumps({"index": str(out)}))
+    return 0
+
+
+def _cmd_bench_deploy(args) -> int:
+    from prockd.bench.deploy import SCENARIOS, run_deploy_bench
+
+    if args.scenario not in SCENARIOS:
+        raise ProckdError(f"unknown scenario '{args.scenario}' (known: {', '.join(SCENARIOS)})")
+    run_deploy_bench(args.scenario, run=Path(args.run) if args.run else None, threads=args.threads,
+                     batch=args.batch, repeats=args.repeats, onnx=not args.no_onnx,
+                     out=Path(args.out) if args.out else None)
     return 0
 
 
@@ -150,11 +223,33 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=None)
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=_cmd_eval)
-    x = sub.add_parser("export", help="export the deployable student of a run")
+    x = sub.add_parser("export", help="the deployable student of a run to a .pt file and/or ONNX (parity-checked)")
     x.add_argument("--run", required=True)
-    x.add_argument("--checkpoint", choices=["best", "last"], default="last")
-    x.add_argument("--out", required=True)
+    x.add_argument("--checkpoint", choices=["selected", "best", "last"], default="selected",
+                   help="selected: the run's student.pt (chosen on validation); best / last: rebuilt from checkpoints/")
+    x.add_argument("--out", default=None, help="deployed-student file (.pt)")
+    x.add_argument("--onnx", default=None, help="ONNX file: dynamic batch axis, checked with onnxruntime")
+    x.add_argument("--opset", type=int, default=18)
+    x.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| the ONNX check accepts")
+    x.add_argument("--verify-images", type=int, default=256, help="test images of the parity check")
     x.set_defaults(fn=_cmd_export)
+    pr = sub.add_parser("predict", help="top-k classes of images from a deployed file (.pt or .onnx) alone")
+    pr.add_argument("--model", required=True, help="a deployed student: student.pt of a run, or an exported .onnx")
+    pr.add_argument("inputs", nargs="+", help="image files or folders")
+    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    pr.set_defaults(fn=_cmd_predict)
+    an = sub.add_parser("analyze", help="the paper's analysis figures (Fig. 4, 5, 10) of finished runs")
+    an.add_argument("--run", required=True, help="the run to analyse (a ProC-KD run for Fig. 5)")
+    an.add_argument("--compare", nargs="*", default=[], help="baseline runs drawn beside it")
+    an.add_argument("--out", default=None, help="figure folder (default: RUN/analysis)")
+    an.add_argument("--images", type=int, default=4, help="test images in the attention figure")
+    an.add_argument("--classes", type=int, default=10, help="classes in the feature t-SNE (0: all)")
+    an.add_argument("--attention", choices=["grad-rollout", "lrp"], default="grad-rollout",
+                    help="Chefer et al. 2021: gradient-weighted rollout (ICCV) or LRP relevance (CVPR)")
+    an.add_argument("--seed", type=int, default=0)
+    an.set_defaults(fn=_cmd_analyze)
     d = sub.add_parser("demo", help="the embedded cross-task benchmark's core table (default suite: glyphs)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--suite", default="glyphs", help="glyphs (default) or fmnist (zero knowledge gap)")
@@ -187,6 +282,17 @@ def make_parser() -> argparse.ArgumentParser:
     bs.add_argument("--threads", type=int, default=None)
     bs.add_argument("--out", default="runs/bench_speed.json")
     bs.set_defaults(fn=_cmd_bench_speed)
+    bd = b.add_parser("deploy", help="parameters, FLOPs, latency and throughput: teacher vs student vs deployed, "
+                                      "PyTorch and onnxruntime, side by side")
+    bd.add_argument("--scenario", default="embedded",
+                    help="embedded (the glyph teacher, WRN-16-1 + FA), vit (tiny ViTs), paper (ViT-B -> ViT-B-6, 224 px)")
+    bd.add_argument("--run", default=None, help="a finished run: its teacher and deployed student instead")
+    bd.add_argument("--threads", type=int, default=None, help="threads for PyTorch and onnxruntime (default: all)")
+    bd.add_argument("--batch", type=int, default=32, help="throughput batch")
+    bd.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
+    bd.add_argument("--no-onnx", action="store_true")
+    bd.add_argument("--out", default="runs/bench_deploy.json")
+    bd.set_defaults(fn=_cmd_bench_deploy)
     return p
 
 

@@ -481,7 +481,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
                "world_size": info.world}
     if info.main:
         logger.close()
-        dist.export().save(run_dir / "student.pt", b.task.num_classes, b.task.class_names)
+        dist.export().save(run_dir / "student.pt", b.task.num_classes, b.task.class_names,
+                           tuple(b.task.train.images.shape[1:]))
         atomic_write_json(run_dir / "final.json", summary)
     ddp.barrier(info)
     return summary
