@@ -93,6 +93,8 @@ def test_analyze_writes_every_figure(tiny, tmp_path, capsys):
     out = tmp_path / "fig"
     capsys.readouterr()
     assert main(["analyze", "--run", str(runs[0]), "--compare", str(runs[1]), "--out", str(out), "--images", "3"]) == 0
+    assert main(["analyze", "--run", str(runs[0]), "--out", str(tmp_path / "lrp"), "--attention", "lrp"]) == 0
+    assert json.loads((tmp_path / "lrp" / "analysis.json").read_text())["attention"]["method"] == "lrp"
     for name in ("attention.png", "prototypes_0.png", "features_tsne.png", "index.html", "analysis.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 1000, name
     page = (out / "index.html").read_text()
@@ -110,3 +112,47 @@ def test_analyze_writes_every_figure(tiny, tmp_path, capsys):
     (tmp_path / "unfinished" / "config.yaml").write_text((runs[0] / "config.yaml").read_text())
     assert main(["analyze", "--run", str(tmp_path / "unfinished")]) == 2
     assert "student.pt" in capsys.readouterr().err
+
+
+def test_lrp_rules_hand_computed():
+    from prockd.analysis.attention import lrp_add, lrp_linear, lrp_matmul
+
+    # z+ through W = [[1, -1], [2, 3]] at x = [1, -2]: positive contributions z = [1 + 2, 2] = [3, 2];
+    # relevance [1, .5] -> s = [1/3, 1/4]; input 0 gets 1 * (1/3 * 1 + 1/4 * 2), input 1 gets -2 * (1/3 * -1)
+    r = lrp_linear(torch.tensor([[1.0, 0.5]]), torch.tensor([[1.0, -2.0]]), torch.tensor([[1.0, -1.0], [2.0, 3.0]]))
+    torch.testing.assert_close(r, torch.tensor([[1 / 3 + 0.5, 2 / 3]]))
+    assert float(r.sum()) == pytest.approx(1.5)  # conserved
+    # a + b with a = [1, 2], b = [3, -2], relevance [2, 1]: the second sum is 0 (its relevance is dropped), the
+    # first splits .5 / 1.5; rescaled to the total 3 in proportion |.5| : |1.5|
+    ra, rb = lrp_add(torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -2.0]]))
+    torch.testing.assert_close(ra, torch.tensor([[0.75, 0.0]]))
+    torch.testing.assert_close(rb, torch.tensor([[2.25, 0.0]]))
+    # [1, 2] @ [[3], [4]] = 11 carrying 22: each operand gets all of it, by its share of the products
+    pa, pb = lrp_matmul(torch.tensor([[22.0]]), torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0], [4.0]]))
+    torch.testing.assert_close(pa, torch.tensor([[6.0, 16.0]]))
+    torch.testing.assert_close(pb, torch.tensor([[6.0], [16.0]]))
+
+
+def test_lrp_maps_on_a_deployed_2_block_vit(tiny, tmp_path):
+    from prockd.analysis.attention import _block_relprop, _trace_blocks, lrp_maps
+    from prockd.engine import build
+    from prockd.config import build_config
+
+    b = build(build_config(tiny(), "test"))
+    for output in ("aug", "plain"):
+        dep = b.distiller.export().eval()
+        dep.output = output
+        x = torch.rand(3, 1, 8, 8)
+        maps = lrp_maps(dep, x)
+        assert maps.rollout.shape == (3, 4, 4) and len(maps.blocks) == 2
+        assert (maps.rollout >= 0).all() and (maps.blocks[1] >= 0).all() and float(maps.rollout.sum()) > 0
+        with torch.no_grad():
+            torch.testing.assert_close(maps.logits, dep(x))
+    # relevance is conserved through a whole block (z+, halved products, conserving additions)
+    model = dep.student.model
+    with torch.no_grad():
+        t, recs = _trace_blocks(model, dep.student.transform(x))
+        r_out = torch.rand_like(t)
+        r_in, r_a = _block_relprop(model.blocks[1], recs[1], r_out)
+    torch.testing.assert_close(r_in.sum((1, 2)), r_out.sum((1, 2)), rtol=2e-3, atol=1e-4)
+    assert r_a.shape == recs[1]["A"].shape

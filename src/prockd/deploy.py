@@ -55,6 +55,10 @@ class DeployedStudent(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits in the student's label space."""
         tok, lay, _ = self.student.features(images)
+        return self.logits_from_tokens(tok, lay)
+
+    def logits_from_tokens(self, tok: torch.Tensor, lay) -> torch.Tensor:
+        """Logits from the backbone's last tokens (FA and head; what follows the backbone at deployment)."""
         if self.output == "plain":
             return self.student.head(tok, lay)
         aug = self.student.head(self.fa(tok, self.prototypes), lay)

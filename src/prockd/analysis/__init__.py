@@ -85,23 +85,25 @@ def _overlay(ax, img: torch.Tensor, m: torch.Tensor, title: str) -> None:
 
 
 def figure_attention(runs: list[RunView], images: torch.Tensor, labels: torch.Tensor, names: list[str],
-                     out: Path, teacher=None) -> dict:
-    """Fig. 4: per ViT run (and ViT teacher) the 2nd-block, last-block and rollout maps on the same images."""
+                     out: Path, teacher=None, method: str = "grad-rollout") -> dict:
+    """Fig. 4: per ViT run (and ViT teacher) the 2nd-block, last-block and rollout maps on the same images, by
+    Chefer et al.'s gradient-weighted rollout (ICCV 2021) or LRP relevance (``method="lrp"``, CVPR 2021; the
+    teacher is always drawn with the gradient-weighted rollout)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from prockd.analysis.attention import student_maps, teacher_maps, vit_blocks
+    from prockd.analysis.attention import lrp_maps, student_maps, teacher_maps, vit_blocks
 
     vits = [r for r in runs if vit_blocks(r.dep.student.model) is not None]
     if not vits:
         return {"skipped": "no run has a ViT student (Fig. 4 explains ViT attention); students here: "
                            + ", ".join(sorted({r.cfg.student.name for r in runs}))}
     cols = [("input", None, None)]
-    info: dict = {"images": len(images), "runs": {}}
+    info: dict = {"images": len(images), "method": method, "runs": {}}
     for r in vits:
-        maps = student_maps(r.dep, images)
+        maps = lrp_maps(r.dep, images) if method == "lrp" else student_maps(r.dep, images)
         nb = len(maps.blocks)
         second = min(1, nb - 1)
         cols += [(f"{r.label}\nblock {second + 1}", maps.blocks[second], maps.target),
@@ -125,7 +127,8 @@ def figure_attention(runs: list[RunView], images: torch.Tensor, labels: torch.Te
                 continue
             pred = "" if tgt is None else f" → {names[int(tgt[i])]}{'' if int(tgt[i]) == int(labels[i]) else ' ✗'}"
             _overlay(ax, images[i], maps[i], (title if i == 0 else "") + pred)
-    fig.suptitle("Chefer et al. 2021 gradient-weighted relevance (explained class: the prediction)", fontsize=8)
+    what = ("LRP relevance (CVPR)" if method == "lrp" else "gradient-weighted relevance (ICCV)")
+    fig.suptitle(f"Chefer et al. 2021 {what}; explained class: the prediction", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=130)
     plt.close(fig)
@@ -268,8 +271,8 @@ def run_analyze(run: Path, compare: list[Path], out: Path | None = None, images:
     """Draw Fig. 4 / 5 / 10 for ``run`` (and ``compare`` runs beside it) into ``out`` with an index page."""
     from prockd.data import build_task
 
-    if attention != "grad-rollout":
-        raise ProckdError(f"attention method '{attention}' is not implemented (use grad-rollout)")
+    if attention not in ("grad-rollout", "lrp"):
+        raise ProckdError(f"unknown attention method '{attention}' (grad-rollout or lrp)")
     main = load_run(run)
     others = [load_run(p) for p in compare]
     runs = [main] + others
@@ -311,7 +314,8 @@ def run_analyze(run: Path, compare: list[Path], out: Path | None = None, images:
                     teacher = Teacher(m, main.cfg.teacher, need_embed=False)
         except Exception as e:  # noqa: BLE001 - the teacher's maps are optional; say why they are missing
             log(f"analyze: teacher maps not drawn: {type(e).__name__}: {str(e)[:200]}")
-    summary["attention"] = figure_attention(runs, x[pick], y[pick], names, out / "attention.png", teacher)
+    summary["attention"] = figure_attention(runs, x[pick], y[pick], names, out / "attention.png", teacher,
+                                            attention)
     sections.append(("Fig. 4: attention relevance (Chefer et al. 2021)",
                      None if "skipped" in summary["attention"] else "attention.png",
                      json.dumps(summary["attention"], indent=1)))

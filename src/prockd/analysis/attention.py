@@ -135,3 +135,153 @@ def teacher_maps(teacher, images: torch.Tensor) -> RelevanceMaps:
         return out
 
     return relevance_maps(fwd, teacher.model, images, lay.prefix, (lay.h, lay.w))
+
+
+# ------------------------------------------------------------------------------------------------ LRP variant
+# Chefer, Gur and Wolf, "Transformer interpretability beyond attention visualization", CVPR 2021: relevance
+# R_A of every block's attention by LRP (z+ on linear layers, gradient x input on the two products of the
+# attention, relevance split and conserved at residual additions, LayerNorm / softmax / GELU passed through),
+# weighted by the attention gradient: rollout of ``mean_heads((∇A ⊙ R_A)^+) + I`` (class-token row); a block's
+# own map is ``mean_heads(R_A^+)`` (the CVPR code's second_layer / last_layer).
+
+def _safe_div(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """``a / b`` with ``b`` pushed away from 0 by ``eps`` (keeping its sign) and 0 where ``b`` is 0."""
+    den = torch.where(b >= 0, b + eps, b - eps)
+    return a / den * (b != 0).to(a.dtype)
+
+
+def lrp_linear(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """z+ rule (alpha 1, beta 0) through ``x @ wᵀ``: positive contributions (w+ x+ and w- x-) share ``r``."""
+    pw, nw = w.clamp(min=0), w.clamp(max=0)
+    px, nx = x.clamp(min=0), x.clamp(max=0)
+    s = _safe_div(r, px @ pw.t() + nx @ nw.t())
+    return px * (s @ pw) + nx * (s @ nw)
+
+
+def lrp_matmul(r: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient x input on both operands of ``a @ b`` (each gets the whole of ``r``; callers halve)."""
+    s = _safe_div(r, a @ b)
+    return a * (s @ b.transpose(-1, -2)), b * (a.transpose(-1, -2) @ s)
+
+
+def lrp_add(r: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevance of ``a + b``: gradient x input, then rescaled per image so that the two parts sum to the
+    relevance of the output, shared in proportion to their absolute totals."""
+    s = _safe_div(r, a + b)
+    ra, rb = a * s, b * s
+    dims = tuple(range(1, r.ndim))
+    sa, sb, tot = ra.sum(dims, keepdim=True), rb.sum(dims, keepdim=True), r.sum(dims, keepdim=True)
+    share = sa.abs() + sb.abs()
+    return ra * _safe_div(_safe_div(sa.abs(), share) * tot, sa), rb * _safe_div(_safe_div(sb.abs(), share) * tot, sb)
+
+
+def _check_plain_vit(model: nn.Module) -> None:
+    for i, blk in enumerate(model.blocks):
+        for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
+            if not isinstance(getattr(blk, name, nn.Identity()), nn.Identity):
+                raise ProckdError(f"LRP attention maps support plain ViT blocks; block {i} has {name} = "
+                                  f"{type(getattr(blk, name)).__name__} (use --attention grad-rollout)")
+        at = blk.attn
+        for name in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(at, name, nn.Identity()), nn.Identity):
+                raise ProckdError(f"LRP attention maps: block {i} attention has {name} (use --attention grad-rollout)")
+        if getattr(at, "gate", None) is not None:
+            raise ProckdError(f"LRP attention maps: block {i} attention is gated (use --attention grad-rollout)")
+
+
+def _trace_blocks(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """The ViT's blocks written out op by op on transformed images, keeping every tensor LRP reads."""
+    import torch.nn.functional as F
+
+    t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    recs = []
+    for blk in model.blocks:
+        at = blk.attn
+        n1 = blk.norm1(t)
+        b, n, c = n1.shape
+        h = at.num_heads
+        q, k, v = F.linear(n1, at.qkv.weight, at.qkv.bias).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+        qs = q * at.scale
+        a = (qs @ k.transpose(-2, -1)).softmax(-1)
+        of = (a @ v).transpose(1, 2).reshape(b, n, c)
+        t1 = t + F.linear(of, at.proj.weight, at.proj.bias)
+        n2 = blk.norm2(t1)
+        g = blk.mlp.norm(blk.mlp.act(blk.mlp.fc1(n2)))
+        m = blk.mlp.fc2(g)
+        recs.append({"x": t, "po": t1 - t, "n1": n1, "qs": qs, "k": k, "v": v, "A": a, "of": of, "t1": t1,
+                     "n2": n2, "g": g, "m": m})
+        t = t1 + m
+    return t, recs
+
+
+def _block_relprop(blk: nn.Module, rec: dict, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relevance at the block's input, relevance R_A at its attention probabilities)."""
+    r_res, r_mlp = lrp_add(r, rec["t1"], rec["m"])
+    r_mlp = lrp_linear(r_mlp, rec["g"], blk.mlp.fc2.weight)
+    r_mlp = lrp_linear(r_mlp, rec["n2"], blk.mlp.fc1.weight)  # GELU and norm2 pass relevance through
+    r = r_res + r_mlp
+    r_res, r_att = lrp_add(r, rec["x"], rec["po"])
+    b, n, c = r_att.shape
+    h = blk.attn.num_heads
+    r_att = lrp_linear(r_att, rec["of"], blk.attn.proj.weight).reshape(b, n, h, c // h).transpose(1, 2)
+    r_a, r_v = lrp_matmul(r_att, rec["A"], rec["v"])
+    r_a, r_v = r_a / 2, r_v / 2
+    r_q, r_kt = lrp_matmul(r_a, rec["qs"], rec["k"].transpose(-2, -1))  # softmax passes relevance through
+    r_qkv = torch.stack([r_q / 2, r_kt.transpose(-2, -1) / 2, r_v]).permute(1, 3, 0, 2, 4).reshape(b, n, 3 * c)
+    return r_res + lrp_linear(r_qkv, rec["n1"], blk.attn.qkv.weight), r_a
+
+
+def lrp_maps(dep, images: torch.Tensor, target: torch.Tensor | None = None) -> RelevanceMaps:
+    """Chefer et al. (CVPR 2021) LRP relevance maps of a deployed ViT student.
+
+    The head (and FA with its prototypes, when deployed) is one layer for the relevance: z+ on the classifier for a
+    plain class-token head, gradient x input from the logit to the tokens otherwise (normalised to a total of 1)."""
+    from prockd.features import to_tokens
+
+    model = dep.student.model
+    if vit_blocks(model) is None or not hasattr(model, "_pos_embed"):
+        raise ProckdError(f"{type(model).__name__} is not a timm VisionTransformer: LRP maps need one")
+    _check_plain_vit(model)
+    was = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            x = dep.student.transform(images.detach().float())
+            t, recs = _trace_blocks(model, x)
+            tok_raw = model.norm(t)
+            tok, lay = to_tokens(tok_raw, model)
+            logits = dep.logits_from_tokens(tok, lay)
+            with torch.no_grad():
+                ref = dep(images)
+            if not torch.allclose(logits, ref, atol=1e-4, rtol=1e-3):
+                raise ProckdError("LRP: the ViT written out op by op does not reproduce the model's logits "
+                                  f"(max diff {float((logits - ref).abs().max()):.2e}); use --attention grad-rollout")
+            tgt = logits.argmax(-1) if target is None else target
+            z = logits.gather(1, tgt[:, None]).sum()
+            attns = [r["A"] for r in recs]
+            grads = torch.autograd.grad(z, attns + [tok_raw], retain_graph=True)
+            with torch.no_grad():
+                a_grads, tok_grad = grads[:-1], grads[-1]
+                plain_head = (dep.output == "plain" and getattr(model, "global_pool", None) == "token"
+                              and isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity)
+                              and isinstance(model.head, nn.Linear))
+                if plain_head:
+                    onehot = torch.nn.functional.one_hot(tgt, logits.shape[-1]).to(tok_raw.dtype)
+                    r = torch.zeros_like(tok_raw)
+                    r[:, 0] = lrp_linear(onehot, tok_raw[:, 0], model.head.weight)
+                else:
+                    r = tok_raw * tok_grad
+                    r = r / r.sum((1, 2), keepdim=True).abs().clamp_min(1e-12)
+                r_as = []
+                for blk, rec in zip(reversed(model.blocks), reversed(recs)):  # final norm passes relevance through
+                    r, r_a = _block_relprop(blk, {k: v.detach() for k, v in rec.items()}, r)
+                    r_as.append(r_a)
+                r_as = r_as[::-1]
+    finally:
+        model.train(was)
+    grid = (lay.h, lay.w)
+    roll, _ = grad_rollout(r_as, list(a_grads), dep.student.num_prefix, grid)
+    p = dep.student.num_prefix
+    blocks = [(ra.clamp(min=0).mean(1)[:, 0, p:] if p > 0 else ra.clamp(min=0).mean(1).mean(1)).reshape(len(images), *grid)
+              for ra in r_as]
+    return RelevanceMaps(roll.detach(), [b.detach() for b in blocks], tgt.detach(), logits.detach())
