@@ -161,7 +161,8 @@ def _cmd_bench_deploy(args) -> int:
     if args.scenario not in SCENARIOS:
         raise ProckdError(f"unknown scenario '{args.scenario}' (known: {', '.join(SCENARIOS)})")
     run_deploy_bench(args.scenario, run=Path(args.run) if args.run else None, threads=args.threads,
-                     batch=args.batch, repeats=args.repeats, onnx=not args.no_onnx,
+                     batch=args.batch, repeats=args.repeats, rounds=args.rounds, warmup=args.warmup,
+                     onnx=not args.no_onnx,
                      out=Path(args.out) if args.out else None)
     return 0
 
@@ -289,7 +290,9 @@ def make_parser() -> argparse.ArgumentParser:
     bd.add_argument("--run", default=None, help="a finished run: its teacher and deployed student instead")
     bd.add_argument("--threads", type=int, default=None, help="threads for PyTorch and onnxruntime (default: all)")
     bd.add_argument("--batch", type=int, default=32, help="throughput batch")
-    bd.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
+    bd.add_argument("--repeats", type=int, default=None, help="timed calls per measurement and round")
+    bd.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    bd.add_argument("--warmup", type=int, default=2, help="untimed calls per measurement first")
     bd.add_argument("--no-onnx", action="store_true")
     bd.add_argument("--out", default="runs/bench_deploy.json")
     bd.set_defaults(fn=_cmd_bench_deploy)

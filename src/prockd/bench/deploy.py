@@ -180,7 +180,7 @@ def run_deploy_bench(scenario: str = "embedded", run: Path | None = None, thread
             ratios[f"latency_{engine}"] = t[engine]["latency_ms_b1"] / d[engine]["latency_ms_b1"]
             ratios[f"throughput_{engine}"] = d[engine][f"throughput_b{batch}"] / t[engine][f"throughput_b{batch}"]
             fa[f"latency_{engine}_pct"] = 100 * (d[engine]["latency_ms_b1"] / s[engine]["latency_ms_b1"] - 1)
-            fa[f"throughput_{engine}_pct"] = 100 * (1 - d[engine][f"throughput_b{batch}"] / s[engine][f"throughput_b{batch}"])
+            fa[f"throughput_loss_{engine}_pct"] = 100 * (1 - d[engine][f"throughput_b{batch}"] / s[engine][f"throughput_b{batch}"])
     res["teacher_over_deployed"] = ratios
     res["fa_adds"] = fa
     say(format_table(res))
@@ -201,7 +201,8 @@ def format_table(res: dict) -> str:
     for name, m in res["models"].items():
         row = f"| {name} | {m['params'] / 1e6:.3f} M | {m['flops'] / 1e9:.4f} |"
         for e in engines:
-            row += f" {m[e]['latency_ms_b1']:.2f} | {m[e][f'throughput_b{b}']:.0f} |"
+            tp = m[e][f"throughput_b{b}"]
+            row += f" {m[e]['latency_ms_b1']:.2f} | {tp:.{0 if tp >= 100 else 1}f} |"
         lines.append(row)
     r, fa = res["teacher_over_deployed"], res["fa_adds"]
     lines.append("teacher / deployed student: " + ", ".join(f"{k} x{v:.2f}" for k, v in r.items()))
