@@ -20,7 +20,7 @@ from prockd.methods.pkd_pearson import pearson_loss
 from prockd.methods.pkd_projector import batch_whiten, projector_loss
 from prockd.methods.prockd import kl_div
 from prockd.methods.refilled import centre_soft_labels, relation_kl
-from prockd.methods.skd import ssim
+from prockd.methods.ssim_kd import ssim
 from prockd.methods.vid import vid_nll
 from prockd.features import Layout
 

@@ -69,7 +69,7 @@ def test_kd_refuses_cross_task_and_matches_direct_formula(tiny):
 
 
 CROSS_TASK = ["fitnets", "rkd", "ab", "ofd", "fbkd", "pkd_projector", "pkd_pearson", "attention_probe", "cwd",
-              "mgd", "skd", "vid", "refilled"]
+              "mgd", "ssim_kd", "vid", "refilled"]
 
 
 @pytest.mark.parametrize("method", CROSS_TASK)
@@ -127,3 +127,12 @@ def test_dkd_refuses_cross_task_and_ofd_estimates_negative_margins(tiny, tmp_pat
     b = build(build_config(raw))
     train(build_config(raw), tmp_path / "ofd", built=b, log=lambda m: None)
     assert float(b.distiller.margin.max()) < 0
+
+
+def test_the_old_skd_name_says_where_the_method_went():
+    from prockd.errors import ProckdError
+    from prockd.methods import METHODS
+
+    with pytest.raises(ProckdError, match="ssim_kd.*Zhang & Ma"):
+        METHODS.get("skd")
+    assert METHODS.get("ssim_kd").__name__ == "SSIMKD"

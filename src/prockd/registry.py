@@ -15,6 +15,11 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._moved: dict[str, str] = {}
+
+    def moved(self, name: str, message: str) -> None:
+        """A name that is no longer registered: asking for it raises ``message`` (what to use instead)."""
+        self._moved[name] = message
 
     def register(self, name: str):
         """Class decorator registering ``cls`` under ``name``."""
@@ -28,6 +33,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Return the class registered as ``name`` or raise a ProckdError with near matches."""
+        if name not in self._items and name in self._moved:
+            raise ProckdError(f"{self.kind} '{name}': {self._moved[name]}")
         if name not in self._items:
             near = difflib.get_close_matches(name, list(self._items), n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""

@@ -42,7 +42,7 @@ class Suite:
 
 
 BASELINES = ["fitnets", "rkd", "ab", "ofd", "fbkd", "pkd_projector", "pkd_pearson", "attention_probe", "cwd", "mgd",
-             "skd", "vid", "refilled"]
+             "ssim_kd", "vid", "refilled"]
 # ProC-KD's defaults on the embedded benchmark (chosen on validation, README "ProC-KD's mechanism")
 PROCKD_DEFAULT = {"preset": "paper"}
 
