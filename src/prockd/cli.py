@@ -71,49 +71,16 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _run_student(run: Path, checkpoint: str):
-    """(deployed student, run config) of a finished run: its selected ``student.pt``, or a checkpoint rebuilt."""
-    import torch
-
-    from prockd.config import load_config
-    from prockd.deploy import load_deployed
-
-    if not (run / "config.yaml").is_file():
-        raise ProckdError(f"{run} is not a prockd run directory (no config.yaml)")
-    cfg = load_config(run / "config.yaml")
-    if checkpoint == "selected":
-        if not (run / "student.pt").is_file():
-            raise ProckdError(f"{run} has no student.pt (the run has not finished); use --checkpoint last")
-        return load_deployed(run / "student.pt"), cfg
-    from prockd.engine import build
-
-    ckpt = run / "checkpoints" / f"{checkpoint}.pt"
-    if not ckpt.is_file():
-        raise ProckdError(f"checkpoint not found: {ckpt}")
-    built = build(cfg)
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        built.distiller.load_state_dict(state["distiller"])
-    except Exception as e:  # noqa: BLE001
-        raise ProckdError(f"checkpoint {ckpt} is unreadable: {e}") from None
-    dep = built.distiller.export().eval()
-    dep.class_names = built.task.class_names
-    dep.input_shape = tuple(built.task.train.images.shape[1:])
-    return dep, cfg
-
-
 def _cmd_export(args) -> int:
     from prockd.data import build_task
-    from prockd.deploy import export_onnx
+    from prockd.deploy import export_onnx, load_run_student
 
     if not args.out and not args.onnx:
         raise ProckdError("export needs --out FILE.pt and/or --onnx FILE.onnx")
-    run = Path(args.run)
-    dep, cfg = _run_student(run, args.checkpoint)
-    task = None
+    dep, cfg, task = load_run_student(Path(args.run), args.checkpoint)
     if dep.input_shape is None or dep.class_names is None:  # files written before they carried both
-        task = build_task(cfg.data)
-        dep.input_shape = dep.input_shape or tuple(task.train.images.shape[1:])
+        task = task or build_task(cfg.data)
+        dep.input_shape = dep.input_shape or task.image_shape
         dep.class_names = dep.class_names or task.class_names
     report = {}
     if args.out:

@@ -68,6 +68,11 @@ class Task:
         """Size of the label space."""
         return len(self.class_names)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images, as the training set holds them."""
+        return tuple(int(v) for v in self.train.images.shape[1:])
+
 
 def _read_idx_gz(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:

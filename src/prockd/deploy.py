@@ -57,25 +57,25 @@ class DeployedStudent(nn.Module):
         tok, lay, _ = self.student.features(images)
         return self.logits_from_tokens(tok, lay)
 
+    def _paths(self, tok: torch.Tensor, lay, pre_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(plain head, head after FA) on the backbone's tokens; each None when the deployed output skips it."""
+        plain = None if self.output == "aug" else self.student.head(tok, lay, pre_logits=pre_logits)
+        aug = None if self.output == "plain" else self.student.head(self.fa(tok, self.prototypes), lay,
+                                                                    pre_logits=pre_logits)
+        return plain, aug
+
     def logits_from_tokens(self, tok: torch.Tensor, lay) -> torch.Tensor:
         """Logits from the backbone's last tokens (FA and head; what follows the backbone at deployment)."""
-        if self.output == "plain":
-            return self.student.head(tok, lay)
-        aug = self.student.head(self.fa(tok, self.prototypes), lay)
-        if self.output == "aug":
-            return aug
-        return mean_prob_logits(self.student.head(tok, lay), aug)
+        plain, aug = self._paths(tok, lay, pre_logits=False)
+        if aug is None or plain is None:
+            return aug if plain is None else plain
+        return mean_prob_logits(plain, aug)
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled features the deployed classifier reads (``pre_logits``): after FA for the aug output,
         the concatenation of both paths for avg, the backbone's own for plain."""
         tok, lay, _ = self.student.features(images)
-        if self.output == "plain":
-            return self.student.head(tok, lay, pre_logits=True)
-        aug = self.student.head(self.fa(tok, self.prototypes), lay, pre_logits=True)
-        if self.output == "aug":
-            return aug
-        return torch.cat([self.student.head(tok, lay, pre_logits=True), aug], dim=-1)
+        return torch.cat([f for f in self._paths(tok, lay, pre_logits=True) if f is not None], dim=-1)
 
     def without_fa(self) -> "DeployedStudent":
         """The same backbone and head predicting from its own tokens (what FA adds is measured against it)."""
@@ -131,6 +131,37 @@ def load_deployed(path: str | Path) -> DeployedStudent:
     dep.class_names = obj.get("class_names")
     dep.input_shape = tuple(obj["input_shape"]) if obj.get("input_shape") else None
     return dep.eval()
+
+
+def load_run_student(run: Path, checkpoint: str = "selected"):
+    """(deployed student, run config, task or None) of a run directory: its validation-selected ``student.pt``
+    (task None: not built), or the student of ``checkpoints/{best,last}.pt`` rebuilt (the task built with it)."""
+    from prockd.config import load_config
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise ProckdError(f"{run} is not a prockd run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    if checkpoint == "selected":
+        if not (run / "student.pt").is_file():
+            raise ProckdError(f"{run} has no student.pt: the run has not finished (run it again to resume, or "
+                              "export --checkpoint last)")
+        return load_deployed(run / "student.pt"), cfg, None
+    from prockd.engine import build
+
+    ckpt = run / "checkpoints" / f"{checkpoint}.pt"
+    if not ckpt.is_file():
+        raise ProckdError(f"checkpoint not found: {ckpt}")
+    built = build(cfg)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        built.distiller.load_state_dict(state["distiller"])
+    except Exception as e:  # noqa: BLE001
+        raise ProckdError(f"checkpoint {ckpt} is unreadable: {e}") from None
+    dep = built.distiller.export().eval()
+    dep.class_names = built.task.class_names
+    dep.input_shape = built.task.image_shape
+    return dep, cfg, built.task
 
 
 # --------------------------------------------------------------------------------------------- ONNX

@@ -482,7 +482,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
     if info.main:
         logger.close()
         dist.export().save(run_dir / "student.pt", b.task.num_classes, b.task.class_names,
-                           tuple(b.task.train.images.shape[1:]))
+                           b.task.image_shape)
         atomic_write_json(run_dir / "final.json", summary)
     ddp.barrier(info)
     return summary

@@ -33,9 +33,9 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Return the class registered as ``name`` or raise a ProckdError with near matches."""
-        if name not in self._items and name in self._moved:
-            raise ProckdError(f"{self.kind} '{name}': {self._moved[name]}")
         if name not in self._items:
+            if name in self._moved:
+                raise ProckdError(f"{self.kind} '{name}': {self._moved[name]}")
             near = difflib.get_close_matches(name, list(self._items), n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise ProckdError(f"unknown {self.kind} '{name}'{hint} (known: {', '.join(sorted(self._items))})")

@@ -36,16 +36,11 @@ class RunView:
 
 def load_run(path: Path) -> RunView:
     """Read a finished run directory (``config.yaml`` and ``student.pt``)."""
-    from prockd.config import load_config
-    from prockd.deploy import load_deployed
+    from prockd.deploy import load_run_student
 
-    if not (path / "config.yaml").is_file():
-        raise ProckdError(f"{path} is not a prockd run directory (no config.yaml)")
-    if not (path / "student.pt").is_file():
-        raise ProckdError(f"{path} has no student.pt: the run has not finished (run it again to resume)")
-    cfg = load_config(path / "config.yaml")
+    dep, cfg, _ = load_run_student(path)
     final = json.loads((path / "final.json").read_text()) if (path / "final.json").is_file() else {}
-    return RunView(path, cfg, load_deployed(path / "student.pt"), f"{cfg.method.name} (seed {cfg.seed})", final)
+    return RunView(path, cfg, dep, f"{cfg.method.name} (seed {cfg.seed})", final)
 
 
 def pick_images(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -90,13 +90,12 @@ def _models_from_scenario(sc: dict):
 
 
 def _models_from_run(run: Path):
-    from prockd.analysis import load_run
-    from prockd.deploy import default_input_shape
+    from prockd.deploy import default_input_shape, load_run_student
     from prockd.models import Teacher, create_model
 
-    rv = load_run(run)
-    teacher = Teacher(create_model(rv.cfg.teacher, None, "teacher"), rv.cfg.teacher, need_embed=False)
-    return TeacherNet(teacher).eval(), rv.dep, default_input_shape(rv.dep)
+    dep, cfg, _ = load_run_student(run)
+    teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher, need_embed=False)
+    return TeacherNet(teacher).eval(), dep, default_input_shape(dep)
 
 
 def _time_calls(fn, n: int) -> list[float]:
