@@ -15,10 +15,17 @@ from prockd.errors import ProckdError
 
 
 def _cmd_train(args) -> int:
-    from prockd.config import load_config
+    from prockd.config import load_any_config
     from prockd.engine import build, train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_any_config(args.config, args.overrides)
+    if getattr(cfg, "task", None) == "detection":
+        from prockd.detection.engine import train as det_train
+
+        out = args.out or cfg.out
+        summary = det_train(cfg, out)
+        print(json.dumps({"run": out, "final": summary.get("final")}, indent=2))
+        return 0
     if args.out:
         cfg = cfg.model_copy(update={"out": args.out})
     built = build(cfg)
@@ -28,9 +35,16 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_pretrain_teacher(args) -> int:
-    from prockd.config import load_config
+    from prockd.config import load_any_config, load_config
     from prockd.engine import build, train
 
+    if getattr(load_any_config(args.config, args.overrides), "task", None) == "detection":
+        from prockd.detection.engine import pretrain_teacher
+
+        out = pretrain_teacher(load_any_config(args.config, list(args.overrides) + ["method.name=student_only",
+                                                                                     "method.params={}"]), args.out)
+        print(json.dumps(out, indent=2))
+        return 0
     cfg = load_config(args.config, list(args.overrides) + ["method.name=student_only", "method.params={}"])
     out = Path(args.out or cfg.out)
     built = build(cfg)
@@ -135,13 +149,28 @@ def _cmd_bench_deploy(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    if args.task == "detection":
+        from prockd.bench.detection import run_detection_compare
+
+        run_detection_compare(Path(args.out or "runs/demo_detection"), seeds=args.seeds or (2 if args.quick else 3), workers=args.workers,
+                              quick=args.quick)
+        return 0
     from prockd.demo import run_demo
 
-    run_demo(out=Path(args.out), suite=args.suite, seeds=args.seeds, quick=args.quick, workers=args.workers)
+    run_demo(out=Path(args.out or "runs/demo"), suite=args.suite, seeds=args.seeds, quick=args.quick, workers=args.workers)
     return 0
 
 
 def _cmd_bench_compare(args) -> int:
+    if args.task == "detection":
+        from prockd.bench.detection import ALL_METHODS, run_detection_compare
+
+        methods = tuple(args.methods or ALL_METHODS)
+        unknown = [m for m in methods if m not in ALL_METHODS]
+        if unknown:
+            raise ProckdError(f"--methods {unknown} not in the detection comparison (known: {', '.join(ALL_METHODS)})")
+        run_detection_compare(Path(args.out), seeds=args.seeds or 5, methods=methods, workers=args.workers)
+        return 0
     from prockd.bench.compare import load_spec, run_compare
 
     spec = load_spec(args.config, {"seeds": args.seeds, "workers": args.workers, "tune_seeds": args.tune_seeds},
@@ -219,7 +248,8 @@ def make_parser() -> argparse.ArgumentParser:
     an.add_argument("--seed", type=int, default=0)
     an.set_defaults(fn=_cmd_analyze)
     d = sub.add_parser("demo", help="the embedded cross-task benchmark's core table (default suite: glyphs)")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--task", choices=["classification", "detection"], default="classification")
+    d.add_argument("--out", default=None, help="default: runs/demo (runs/demo_detection for --task detection)")
     d.add_argument("--suite", default="glyphs", help="glyphs (default) or fmnist (zero knowledge gap)")
     d.add_argument("--seeds", type=int, default=None)
     d.add_argument("--workers", type=int, default=None)
@@ -227,6 +257,7 @@ def make_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_demo)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bc = b.add_parser("compare", help="methods x seeds x settings x students, the paper's Table-1 shape")
+    bc.add_argument("--task", choices=["classification", "detection"], default="classification")
     bc.add_argument("--suite", default=None, help="embedded benchmark suite: glyphs (default) or fmnist")
     bc.add_argument("--config", default=None, help="YAML comparison spec (keys replace the suite's)")
     bc.add_argument("--out", default="runs/compare")

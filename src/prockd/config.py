@@ -276,6 +276,17 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     return build_config(merged, source)
 
 
+def load_any_config(path: str | Path, overrides: list[str] = ()):
+    """A classification :class:`ExperimentConfig` or, for files with ``task: detection``, a
+    :class:`~prockd.detection.config.DetExperimentConfig` (same ``base:`` files and overrides)."""
+    data = apply_overrides(read_config_file(path), list(overrides))
+    if data.get("task") == "detection":
+        from prockd.detection.config import build_det_config
+
+        return build_det_config(data, str(path))
+    return load_config(path, overrides)
+
+
 def dump_config(cfg: ExperimentConfig) -> str:
     """The fully resolved config as YAML."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

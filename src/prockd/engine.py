@@ -288,6 +288,41 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def optimizer_step(loss: torch.Tensor, losses: dict, epoch: int, opt, scaler, sched, params, clip: float | None,
+                   scale: float = 1.0) -> None:
+    """One optimiser step on ``loss * scale`` (non-finite loss: an error naming every term; gradient clipping
+    after unscaling; then the scheduler). Shared by the classification and detection loops."""
+    if not torch.isfinite(loss):
+        raise ProckdError(f"loss became {loss.item()} at epoch {epoch + 1} (losses: "
+                          f"{ {k: float(v) for k, v in losses.items()} }); lower train.lr or loss weights")
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss * scale if scale != 1.0 else loss).backward()
+    if clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
+def resume_state(last: Path, dist, opt, sched, scaler, log=print) -> tuple[int, float, list]:
+    """Load ``last.pt`` (distiller, optimiser, scheduler, scaler, RNG states) when it exists; returns
+    (first epoch to run, best selection score, history). Shared by the classification and detection loops."""
+    if not last.is_file():
+        return 0, -1.0, []
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        dist.load_state_dict(state["distiller"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+    except Exception as e:  # noqa: BLE001
+        raise ProckdError(f"checkpoint {last} is unreadable or does not fit this config: {e}") from None
+    log(f"resumed from {last} at epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1, state["best"], state["history"]
+
+
 def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print, built: Built | None = None,
           teacher_task: Task | None = None) -> dict:
     """Train (or resume) one run; returns the summary also written to ``final.json``.
@@ -356,20 +391,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm, t.lr, t.min_lr))
     scaler = torch.amp.GradScaler(device.type, enabled=(t.amp == "fp16" and device.type == "cuda"))
 
-    start_epoch, best, history = 0, -1.0, []
     last = ckpt_dir / "last.pt"
-    if last.is_file():
-        try:
-            state = torch.load(last, map_location="cpu", weights_only=False)
-            dist.load_state_dict(state["distiller"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-        except Exception as e:  # noqa: BLE001
-            raise ProckdError(f"checkpoint {last} is unreadable or does not fit this config: {e}") from None
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        log(f"resumed from {last} at epoch {start_epoch}")
+    start_epoch, best, history = resume_state(last, dist, opt, sched, scaler, log)
     initial_protos = getattr(dist, "prototypes", None)
     if initial_protos is not None and start_epoch == 0 and info.main:
         atomic_torch_save(initial_protos.detach().cpu().clone(), run_dir / "prototypes_init.pt")
@@ -410,17 +433,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
             with autocast(device, t.amp):
                 _, losses = model(x, y, teacher_feats=tf)
                 loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise ProckdError(f"loss became {loss.item()} at epoch {epoch + 1} (losses: "
-                                  f"{ {k: float(v) for k, v in losses.items()} }); lower train.lr or loss weights")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss * share if info.enabled else loss).backward()
-            if t.clip_grad:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(loss, losses, epoch, opt, scaler, sched, params, t.clip_grad,
+                           share if info.enabled else 1.0)
             step += 1
             n_batches += 1
             for k, v in losses.items():

@@ -43,9 +43,10 @@ def _run_job(raw: dict, run_dir: str, log_path: str, threads: int | None = 1) ->
     train(build_config(raw, f"run {run_dir}"), run_dir, log=log)
 
 
-def run_jobs(todo: list[tuple], workers: int, desc: str) -> None:
-    """Run ``_run_job(raw, run_dir, log_path)`` for each job, ``workers`` processes in parallel (one thread
-    each), with a progress bar over runs."""
+def run_jobs(todo: list[tuple], workers: int, desc: str, fn=None) -> None:
+    """Run ``fn(raw, run_dir, log_path)`` (default: a classification run) for each job, ``workers`` processes
+    in parallel (one thread each), with a progress bar over runs."""
+    fn = fn or _run_job
     if not todo:
         return
     bar = tqdm(total=len(todo), desc=f"{desc} ({min(workers, len(todo))} in parallel)", unit="run")
@@ -54,12 +55,12 @@ def run_jobs(todo: list[tuple], workers: int, desc: str) -> None:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            for fut in as_completed([ex.submit(_run_job, *j) for j in todo]):
+            for fut in as_completed([ex.submit(fn, *j) for j in todo]):
                 fut.result()
                 bar.update()
     else:
         for j in todo:
-            _run_job(*j, threads=None)
+            fn(*j, threads=None)
             bar.update()
     bar.close()
 

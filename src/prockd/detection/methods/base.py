@@ -1,0 +1,147 @@
+"""The detection distiller interface: one training forward = the student detector's own losses plus the
+method's losses on FPN levels, teacher and student on one preprocessed batch."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prockd.detection.models import LEVELS, DetTeacher
+from prockd.errors import ProckdError
+from prockd.registry import Registry
+
+DET_METHODS: Registry = Registry("detection method")
+
+
+class LevelParams(BaseModel):
+    """Parameters every FPN-level method has: which levels it distils (``'0'..'3'`` = P2..P5, ``'pool'`` = P6)."""
+
+    model_config = ConfigDict(extra="forbid")
+    levels: list[str] | None = None  # None: the method's public-config default
+
+    @field_validator("levels")
+    @classmethod
+    def _known(cls, v):
+        if v is not None:
+            bad = [x for x in v if x not in LEVELS]
+            if bad or not v:
+                raise ValueError(f"levels must be a non-empty subset of {list(LEVELS)}, got {v}")
+        return v
+
+
+class WeightedLevelParams(LevelParams):
+    """One loss weight per level (summed over levels)."""
+
+    weight: float = Field(1.0, ge=0)
+
+
+def connector(s_ch: int, t_ch: int) -> nn.Module:
+    """1x1 conv from the student's FPN width to the teacher's, identity when they are equal (FPNs: 256 = 256)."""
+    return nn.Identity() if s_ch == t_ch else nn.Conv2d(s_ch, t_ch, 1)
+
+
+class DetDistiller(nn.Module):
+    """One detection method. ``forward(images, targets) -> {loss name: loss}`` in training.
+
+    ``images`` are a list of ``3 x H x W`` tensors in [0, 1], ``targets`` torchvision target dicts. The
+    student's transform runs once; its normalised, padded ``images.tensors`` go to the student's backbone
+    and to the frozen teacher's backbone + FPN (:meth:`DetTeacher.pyramid`). The teacher is held outside
+    the module tree.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = LevelParams
+    needs_teacher: ClassVar[bool] = True
+    default_levels: ClassVar[tuple[str, ...]] = ("0", "1", "2", "3")
+    main_weights: ClassVar[tuple[str, ...]] = ("weight",)
+
+    def __init__(self, student, teacher: DetTeacher | None, params: BaseModel, num_classes: int):
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)
+        self.params = params
+        self.num_classes = num_classes
+        self.levels = tuple(getattr(params, "levels", None) or self.default_levels)
+        self.s_width = student.backbone.out_channels
+        self.t_width = teacher.width if teacher is not None else self.s_width
+        self._stats: dict[str, float] = {}
+
+    def set_epoch(self, epoch: int, total_epochs: int | None = None) -> None:
+        """Called before every epoch (default: nothing)."""
+
+    def features(self, tensors: torch.Tensor) -> OrderedDict:
+        """The student's pyramid (ProC-KD adds FA here: what the deployed detector computes)."""
+        return self.student.backbone(tensors)
+
+    def detection_losses(self, il, feats: OrderedDict, targets, suffix: str = "") -> dict[str, torch.Tensor]:
+        """The student's RPN and RoI-head losses on ``feats``."""
+        proposals, rpn = self.student.rpn(il, feats, targets)
+        _, roi = self.student.roi_heads(feats, proposals, il.image_sizes, targets)
+        return {k + suffix: v for k, v in {**rpn, **roi}.items()}
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Training losses (detection + distillation)."""
+        il, targets = self.student.transform(images, targets)
+        feats = self.features(il.tensors)
+        losses = self.detection_losses(il, feats, targets)
+        if self.teacher is not None:
+            t_feats, t_stem = self.teacher.pyramid(il.tensors, [f.shape[-2:] for f in feats.values()])
+            losses.update(self.distill(feats, t_feats, t_stem, il, targets))
+        return losses
+
+    def distill(self, feats: OrderedDict, t_feats: OrderedDict, t_stem: torch.Tensor, il,
+                targets) -> dict[str, torch.Tensor]:
+        """The method's losses (default: none)."""
+        return {}
+
+    def step_stats(self) -> dict[str, float]:
+        """Diagnostics of the last training forward (default: none)."""
+        return self._stats
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        """The student's trainable parameters and the method's own modules."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def export(self) -> nn.Module:
+        """The deployable detector (no teacher, no training-only modules)."""
+        return self.student
+
+    @torch.no_grad()
+    def predict(self, images: list[torch.Tensor]) -> list[dict]:
+        """Detections of the deployed detector (``boxes`` xyxy, ``labels`` 1..K, ``scores``)."""
+        m = self.export()
+        was = m.training
+        m.eval()
+        out = m(images)
+        m.train(was)
+        return out
+
+
+class LevelDistiller(DetDistiller):
+    """A method with one loss module per distilled level; subclasses implement :meth:`make_level` and
+    :meth:`level_loss` and name their loss ``loss_name``."""
+
+    loss_name: ClassVar[str] = "kd"
+
+    def __init__(self, student, teacher, params, num_classes):
+        super().__init__(student, teacher, params, num_classes)
+        if teacher is None:
+            raise ProckdError(f"detection method '{self.name}' needs a 'teacher' section")
+        self.per_level = nn.ModuleDict({k: self.make_level(self.s_width, self.t_width) for k in self.levels})
+
+    def make_level(self, s_ch: int, t_ch: int) -> nn.Module:
+        """The trainable modules of one level (default: a connector)."""
+        return connector(s_ch, t_ch)
+
+    def level_loss(self, mod: nn.Module, s: torch.Tensor, t: torch.Tensor, level: str, il, targets) -> torch.Tensor:
+        """The loss of one level (weighted)."""
+        raise NotImplementedError
+
+    def distill(self, feats, t_feats, t_stem, il, targets):
+        """Sum over the distilled levels (float32)."""
+        total = sum(self.level_loss(self.per_level[k], feats[k].float(), t_feats[k].float(), k, il, targets)
+                    for k in self.levels)
+        return {self.loss_name: total}

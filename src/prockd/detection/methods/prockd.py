@@ -1,0 +1,150 @@
+"""ProC-KD for detection (Li, Li, Wu, Han, "Prototype-guided cross-task knowledge distillation", FITEE 2025):
+PL on the frozen teacher's FPN levels, FA on the student's FPN levels, FA kept in the deployed detector.
+
+The paper applies PL / FA "on FPN levels" without detection equations; this is the classification method's
+variant A carried over level by level (``method.md``), with the choices below as parameters:
+
+- the deployed student: ``FA(S_l, P)`` replaces each student level ``S_l`` before the RPN and RoI heads
+  (:class:`FABackbone`, part of the exported detector; no teacher needed);
+- teacher path: ``O_l = FA(PL(Fuse(T_l), P), P)`` per level (Fuse: ReLU(Linear) from the teacher's width to
+  the student's; PL aggregates each level's tokens on the prototypes, paper eq. 1-2);
+- ``L = L_det(FA(S)) + λ_aug L_det(O) + λ_mimic Σ_l mean(FA(S_l) - sg(O_l))² + λ_emb L_emb``: the student's own
+  RPN + RoI heads are trained on the teacher path too (the shared head of variant A), the student's
+  augmented levels are pulled towards the teacher path (the detection analogue of the KL term between
+  z_aug and z_s), and the first body stages are matched (embedding-layer distillation, 1x1 projection);
+- prototypes and FA shared by all levels (``per_level: false``, default; FPN heads are shared across levels
+  too) or one set per level (``per_level: true``).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field
+
+from prockd.detection.methods.base import DET_METHODS, DetDistiller, LevelParams
+from prockd.detection.models import LEVELS, StemRecorder
+from prockd.modules import FeatureAugmentation, PrototypeLearning, TapFusion, entropy
+from prockd.errors import ProckdError
+
+
+class DetProCKDParams(LevelParams):
+    """ProC-KD (detection) hyper-parameters."""
+
+    num_prototypes: int = Field(72, ge=1)
+    per_level: bool = False
+    lambda_aug: float = Field(1.0, ge=0)
+    lambda_mimic: float = Field(1.0, ge=0)
+    lambda_emb: float = Field(1.0, ge=0)
+    fa_scale: bool = False
+
+
+def to_tokens(m: torch.Tensor) -> torch.Tensor:
+    """``N x C x H x W`` -> ``N x HW x C``."""
+    return m.flatten(2).transpose(1, 2)
+
+
+def to_map(tok: torch.Tensor, hw) -> torch.Tensor:
+    """``N x HW x C`` -> ``N x C x H x W``."""
+    return tok.transpose(1, 2).reshape(tok.shape[0], -1, *hw)
+
+
+class FABackbone(nn.Module):
+    """An FPN backbone followed by FA on its levels: the deployed ProC-KD detector's backbone."""
+
+    def __init__(self, inner: nn.Module, levels: tuple[str, ...], num_prototypes: int, per_level: bool,
+                 fa_scale: bool = False):
+        super().__init__()
+        self.inner = inner
+        self.out_channels = inner.out_channels
+        self.levels = tuple(levels)
+        self.per_level = per_level
+        c = inner.out_channels
+        keys = self.levels if per_level else ("shared",)
+        self.prototypes = nn.ParameterDict({k: nn.Parameter(torch.rand(num_prototypes, c)) for k in keys})
+        self.fa = nn.ModuleDict({k: FeatureAugmentation(c, scale=fa_scale) for k in keys})
+
+    @property
+    def body(self) -> nn.Module:
+        """The inner backbone's body (its first stage is the embedding layer)."""
+        return self.inner.body
+
+    def key(self, level: str) -> str:
+        """Which prototype set / FA serves ``level``."""
+        return level if self.per_level else "shared"
+
+    def augment(self, level: str, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FA of a ``N x C x H x W`` map, attention over prototypes)."""
+        k = self.key(level)
+        out, attn = self.fa[k].forward_with_attention(to_tokens(m), self.prototypes[k].to(m.dtype))
+        return to_map(out, m.shape[-2:]), attn
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        """The inner pyramid with FA applied to ``levels``."""
+        feats = self.inner(x)
+        return OrderedDict((k, self.augment(k, v)[0] if k in self.levels else v) for k, v in feats.items())
+
+
+@DET_METHODS.register("prockd")
+class DetProCKD(DetDistiller):
+    """ProC-KD on FPN levels (see the module docstring)."""
+
+    Params = DetProCKDParams
+    default_levels = LEVELS
+    main_weights = ("lambda_mimic", "lambda_emb")
+
+    def __init__(self, student, teacher, params: DetProCKDParams, num_classes):
+        if teacher is None:
+            raise ProckdError("detection method 'prockd' needs a 'teacher' section")
+        if not isinstance(student.backbone, FABackbone):
+            student.backbone = FABackbone(student.backbone, tuple(params.levels or LEVELS), params.num_prototypes,
+                                          params.per_level, params.fa_scale)
+        super().__init__(student, teacher, params, num_classes)
+        bb = student.backbone
+        c = self.s_width
+        keys = self.levels if params.per_level else ("shared",)
+        self.fusion = nn.ModuleDict({k: TapFusion(self.t_width, c) for k in keys})
+        self.pl = nn.ModuleDict({k: PrototypeLearning(c, params.num_prototypes) for k in keys})
+        self.s_stem = StemRecorder(bb.inner)
+        self.emb = None
+        if params.lambda_emb > 0:
+            with torch.no_grad():
+                sw = bb.inner.body(torch.zeros(1, 3, 64, 64))["0"].shape[1]
+            self.emb = nn.Conv2d(sw, teacher.stem_width, 1)
+
+    def teacher_path(self, t_feats: OrderedDict) -> tuple[OrderedDict, dict]:
+        """``FA(PL(Fuse(T_l)))`` per level, and the PL assignment / FA attention entropies."""
+        bb = self.student.backbone
+        out, stats = OrderedDict(), {"assign_entropy": 0.0, "fa_entropy": 0.0}
+        for k in self.levels:
+            t = t_feats[k]
+            key = bb.key(k)
+            protos = bb.prototypes[key].to(t.dtype)
+            o_pro, assign = self.pl[key].forward_with_assignment(self.fusion[key](to_tokens(t)), protos)
+            o_fa, attn = bb.fa[key].forward_with_attention(o_pro, protos)
+            out[k] = to_map(o_fa, t.shape[-2:])
+            stats["assign_entropy"] += float(entropy(assign.detach().float())) / len(self.levels)
+            stats["fa_entropy"] += float(entropy(attn.detach().float())) / len(self.levels)
+        return out, stats
+
+    def distill(self, feats, t_feats, t_stem, il, targets):
+        """``det_aug``, ``mimic`` and ``emb`` (see the module docstring)."""
+        p = self.params
+        path, self._stats = self.teacher_path(OrderedDict((k, t_feats[k].to(feats[k].dtype)) for k in self.levels))
+        losses = {}
+        if p.lambda_aug > 0:
+            full = OrderedDict((k, path.get(k, v)) for k, v in feats.items())
+            aug = self.detection_losses(il, full, targets)
+            losses["det_aug"] = p.lambda_aug * sum(aug.values())
+        if p.lambda_mimic > 0:
+            losses["mimic"] = p.lambda_mimic * sum(F.mse_loss(feats[k].float(), path[k].detach().float())
+                                                   for k in self.levels)
+        if self.emb is not None:
+            s = self.emb(self.s_stem.value)
+            t = t_stem.to(s.dtype)
+            if t.shape[-2:] != s.shape[-2:]:
+                t = F.interpolate(t, s.shape[-2:], mode="bilinear", align_corners=False)
+            losses["emb"] = p.lambda_emb * F.mse_loss(s.float(), t.float())
+        return losses

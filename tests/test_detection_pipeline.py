@@ -1,0 +1,232 @@
+"""Detection end to end on tiny data written by the tests: datasets and their errors, the evaluator, one
+training step of every method, the deployed detector, resume."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prockd.cli import main
+from prockd.detection.config import DetectorConfig, build_det_config
+from prockd.detection.data import read_coco, read_voc
+from prockd.detection.evaluate import coco_metrics, error_analysis
+from prockd.detection.methods import DET_METHODS
+from prockd.detection.models import build_detector
+
+TINY = dict(backbone="mobilenet_v2", min_size=[64], max_size=64, fpn_channels=16, representation_size=32,
+            anchor_sizes=[8, 16, 32, 64, 128], rpn_batch_per_image=32, rpn_pre_nms_train=100,
+            rpn_post_nms_train=50, rpn_pre_nms_test=50, rpn_post_nms_test=20, box_batch_per_image=16,
+            norm="train", trainable_layers=5)
+
+
+def write_coco(root: Path, n: int = 4, classes=("car", "person"), size=64, extra=None) -> tuple[Path, Path]:
+    """A COCO-json split of ``n`` random images with two boxes each."""
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(img_dir / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": size, "height": size})
+        for j, (x, y) in enumerate([(4, 4), (30, 28)]):
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": j % len(classes) + 1,
+                         "bbox": [x, y, 20, 24], "area": 480, "iscrowd": 0})
+    data = {"images": images, "annotations": anns,
+            "categories": [{"id": k + 1, "name": c, "supercategory": "thing"} for k, c in enumerate(classes)]}
+    if extra:
+        extra(data)
+    ann = root / "ann.json"
+    ann.write_text(json.dumps(data))
+    return img_dir, ann
+
+
+def write_voc(root: Path, split="train", n=3, names=("car", "bike")) -> Path:
+    """A VOC2007-layout split with XML annotations (Diverse-Weather's class names)."""
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    ids = []
+    for i in range(n):
+        sid = f"img{i}"
+        ids.append(sid)
+        Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(root / "JPEGImages" / f"{sid}.jpg")
+        objs = "".join(f"<object><name>{nm}</name><difficult>0</difficult><bndbox><xmin>{2 + 14 * k}</xmin>"
+                       f"<ymin>3</ymin><xmax>{14 + 14 * k}</xmax><ymax>30</ymax></bndbox></object>"
+                       for k, nm in enumerate(names))
+        (root / "Annotations" / f"{sid}.xml").write_text(
+            f"<annotation><filename>{sid}.jpg</filename><size><width>64</width><height>48</height></size>{objs}"
+            "</annotation>")
+    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def test_read_coco_and_voc(tmp_path):
+    img, ann = write_coco(tmp_path / "coco")
+    ds = read_coco(img, ann, ["person", "car"])
+    assert ds.classes == ["person", "car"] and len(ds) == 4
+    im, t = ds[0]
+    assert im.shape == (3, 64, 64) and t["boxes"].tolist()[0] == [4.0, 4.0, 24.0, 28.0]
+    assert t["labels"].tolist() == [2, 1]  # car is label 2 in the given order
+    voc = read_voc(write_voc(tmp_path / "voc"), "train", ["bicycle", "car"], {"bike": "bicycle"})
+    assert voc.classes == ["bicycle", "car"] and voc[1][1]["labels"].tolist() == [2, 1]
+    gt = voc.coco_gt()
+    assert len(gt["annotations"]) == 6 and gt["categories"][0]["name"] == "bicycle"
+
+
+BAD = {
+    "outside": (lambda d: d["annotations"][1].update(bbox=[50, 50, 30, 30]), "annotation 2", "outside"),
+    "zero": (lambda d: d["annotations"][2].update(bbox=[5, 5, 0, 10]), "annotation 3", "zero or negative"),
+    "category": (lambda d: d["annotations"][0].update(category_id=7), "annotation 1", "unknown category_id 7"),
+    "missing": (lambda d: d["images"][1].update(file_name="nope.png"), "nope.png", "not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_annotations_exit_2_naming_the_entry(tmp_path, capsys, case):
+    edit, entry, words = BAD[case]
+    img, ann = write_coco(tmp_path / "d", extra=edit)
+    cfg = tmp_path / "c.yaml"
+    run = tmp_path / "run"
+    cfg.write_text(json.dumps({"task": "detection", "student": TINY, "data": {
+        "train": {"images": str(img), "annotations": str(ann)},
+        "tests": {"test": {"images": str(img), "annotations": str(ann)}}, "num_workers": 0}}))
+    assert main(["train", "--config", str(cfg), "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(ann) in err[0] and entry in err[0] and words in err[0]
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]"])
+def test_empty_or_unreadable_annotation_file(tmp_path, content):
+    from prockd.errors import ProckdError
+
+    (tmp_path / "images").mkdir()
+    f = tmp_path / "a.json"
+    f.write_text(content)
+    with pytest.raises(ProckdError, match=str(f)):
+        read_coco(tmp_path / "images", f)
+
+
+def test_voc_unknown_category_names_the_object(tmp_path):
+    from prockd.errors import ProckdError
+
+    root = write_voc(tmp_path / "voc", names=("car", "tram"))
+    with pytest.raises(ProckdError, match=r"img0.xml: object 1 \('tram'\).*unknown category"):
+        read_voc(root, "train", ["car"])
+
+
+def _gt():
+    return {"images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0},
+                            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 40, 40], "area": 1600, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "a", "supercategory": "x"}, {"id": 2, "name": "b", "supercategory": "x"}]}
+
+
+def test_evaluator_hand_built_cases():
+    gt = _gt()
+    perfect = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9},
+               {"image_id": 2, "category_id": 2, "bbox": [50, 50, 40, 40], "score": 0.8}]
+    m = coco_metrics(gt, perfect)
+    assert m["AP"] == pytest.approx(100) and m["mAP50"] == pytest.approx(100) and m["APm"] == pytest.approx(100)
+    # class a: a higher-scored false positive (on image 2) before its true positive: precision 1/2 at recall 1
+    # -> AP50(a) = 50; class b: no detection -> 0; mAP50 = 25
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9},
+            {"image_id": 2, "category_id": 1, "bbox": [50, 50, 40, 40], "score": 0.95}]
+    m = coco_metrics(gt, dets)
+    assert m["AP50/a"] == pytest.approx(50) and m["AP50/b"] == pytest.approx(0) and m["mAP50"] == pytest.approx(25)
+    # a box shifted to IoU 0.6 (40x40 vs shifted by 10 px: 30*40 / (2*1600 - 1200) = 0.6): AP50 hit, AP75 miss
+    m = coco_metrics(gt, [{"image_id": 1, "category_id": 1, "bbox": [20, 10, 40, 40], "score": 0.9}])
+    assert m["AP50/a"] == pytest.approx(100) and m["AP75"] == pytest.approx(0)
+    assert coco_metrics(gt, [])["mAP50"] == 0.0
+    # error analysis: the confusion with b (same supercategory) is forgiven by Sim, FN is 1
+    ea = error_analysis(gt, dets)["summary"]["all"]
+    assert ea["C50"] == pytest.approx(0.25) and ea["Sim"] == pytest.approx(0.5) and ea["FN"] == pytest.approx(1.0)
+    assert ea["C75"] <= ea["C50"] <= ea["Loc"] <= ea["Sim"] <= ea["Oth"] <= ea["BG"] <= ea["FN"]
+
+
+@pytest.fixture(scope="module")
+def det_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("det")
+    img, ann = write_coco(root / "train", n=4)
+    teacher = build_detector(DetectorConfig(**TINY), 5)
+    torch.save({"model": teacher.state_dict()}, root / "teacher.pt")
+    base = {"task": "detection", "seed": 0, "student": TINY,
+            "teacher": dict(TINY, checkpoint=str(root / "teacher.pt"), fpn_channels=16),
+            "data": {"train": {"images": str(img), "annotations": str(ann)},
+                     "val": {"images": str(img), "annotations": str(ann)},
+                     "tests": {"test": {"images": str(img), "annotations": str(ann)}}, "num_workers": 0},
+            "train": {"epochs": 1, "batch_size": 2, "lr": 0.01, "warmup_iters": 1, "milestones": [],
+                      "progress": False}}
+    return root, base
+
+
+@pytest.mark.parametrize("method", sorted(DET_METHODS.names()))
+def test_one_step_every_method_and_deployed_detector(det_setup, method, tmp_path):
+    from prockd.detection.engine import load_deployed_detector, train
+
+    _, base = det_setup
+    raw = dict(base, method={"name": method})
+    raw["train"] = dict(base["train"], max_steps=1)
+    summary = train(build_det_config(raw), tmp_path / "run", log=lambda m: None)
+    assert "test/mAP50" in summary["final"]
+    model, classes = load_deployed_detector(tmp_path / "run" / "detector.pt")
+    assert classes == ["car", "person"]
+    if method == "prockd":  # FA and prototypes are part of the deployed detector
+        assert any("prototypes" in k for k in model.state_dict())
+        assert summary["deployed_params"] > sum(p.numel() for p in build_detector(DetectorConfig(**TINY), 2).parameters())
+    x = [torch.rand(3, 64, 64)]
+    torch.manual_seed(0)
+    a = model(x)[0]
+    raw2 = dict(raw)
+    from prockd.detection.engine import build
+
+    b = build(build_det_config(raw2))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["distiller"]
+    b.distiller.load_state_dict(state)
+    ref = b.distiller.predict(x)[0]
+    assert torch.allclose(a["boxes"], ref["boxes"], atol=1e-4) and torch.equal(a["labels"], ref["labels"])
+
+
+def test_prockd_fa_backbone_is_fa_per_level(det_setup):
+    from prockd.detection.engine import build
+
+    _, base = det_setup
+    b = build(build_det_config(dict(base, method={"name": "prockd", "params": {"per_level": True}})))
+    bb = b.distiller.student.backbone
+    x = torch.rand(1, 3, 64, 64)
+    inner = bb.inner(x)
+    out = bb(x)
+    for k, v in inner.items():
+        tok = v.flatten(2).transpose(1, 2)
+        ref = bb.fa[k](tok, bb.prototypes[k]).transpose(1, 2).reshape(v.shape)
+        assert torch.allclose(out[k], ref, atol=1e-6)
+    assert len(bb.prototypes) == 5
+
+
+def test_resume_after_kill_equals_uninterrupted(det_setup, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    _, base = det_setup
+    raw = dict(base, method={"name": "cwd"})
+    raw["train"] = dict(base["train"], epochs=2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "prockd.cli", "train", "--config", str(cfg)]
+    full = tmp_path / "full"
+    assert subprocess.run(cmd + ["--out", str(full)], capture_output=True).returncode == 0
+    part = tmp_path / "part"
+    env = dict(__import__("os").environ, PROCKD_KILL_AFTER_STEPS="3")
+    assert subprocess.run(cmd + ["--out", str(part)], env=env, capture_output=True).returncode != 0
+    assert subprocess.run(cmd + ["--out", str(part)], capture_output=True).returncode == 0
+    a = torch.load(full / "detector.pt", weights_only=False)["model"]
+    b = torch.load(part / "detector.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fa, fb = (json.loads((d / "final.json").read_text())["final"] for d in (full, part))
+    assert all(math.isclose(fa[k], fb[k]) for k in fa)
