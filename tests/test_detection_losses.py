@@ -35,13 +35,13 @@ def test_mgd_sum_loss_direct():
 
 def test_fgd_masks_hand_computed():
     # one 8x8 image padded to 8x8, a 4x4 grid (stride 2); a box (2, 2)-(6, 4) covers cells x 1..3, y 1..2
-    fg, bg = fgd_masks([torch.tensor([[2.0, 2.0, 6.0, 4.0]])], [(8, 8)], (8, 8), (4, 4))
+    fg, bg = fgd_masks([torch.tensor([[2.0, 2.0, 6.0, 4.0]])], (8, 8), (4, 4))
     expect = torch.zeros(4, 4)
     expect[1:3, 1:4] = 1.0 / (2 * 3)
     assert torch.allclose(fg[0], expect)
     assert torch.allclose(bg[0], (expect == 0).float() / 10)
     # overlapping boxes keep the larger value (the smaller box)
-    fg2, _ = fgd_masks([torch.tensor([[0.0, 0.0, 8.0, 8.0], [2.0, 2.0, 4.0, 4.0]])], [(8, 8)], (8, 8), (4, 4))
+    fg2, _ = fgd_masks([torch.tensor([[0.0, 0.0, 8.0, 8.0], [2.0, 2.0, 4.0, 4.0]])], (8, 8), (4, 4))
     assert math.isclose(float(fg2[0, 1, 1]), 1.0 / 4) and math.isclose(float(fg2[0, 0, 0]), 1.0 / 16)
 
 
@@ -54,7 +54,7 @@ def test_fgd_level_loss_against_loops():
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
     fg, bg = fgd_masks([torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.tensor([[4.0, 4.0, 8.0, 8.0]])],
-                       [(8, 8)] * 2, (8, 8), (4, 4))
+                       (8, 8), (4, 4))
     p = DetFGDParams(alpha=1.0, beta=1.0, gamma=1.0, lambda_global=1.0, temperature=0.5)
     gc_s, gc_t = GcBlock(3), GcBlock(3)
     out = fgd_level_loss(s, t, fg, bg, gc_s, gc_t, p)

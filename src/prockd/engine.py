@@ -60,15 +60,16 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def make_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD; no weight decay on 1-D parameters (norms, biases) or prototypes."""
+def make_optimizer(params, t, nesterov: bool = True) -> torch.optim.Optimizer:
+    """AdamW or SGD (``t``: a train config with optimizer, lr, momentum, weight_decay); no weight decay on 1-D
+    parameters (norms, biases) or parameters flagged ``_no_decay`` (prototypes)."""
     decay, no_decay = [], []
     for p in params:
         (no_decay if p.ndim <= 1 or getattr(p, "_no_decay", False) else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=nesterov)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, base: float, floor: float) -> float:
@@ -378,8 +379,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
 
         dist.prepare(first_feats, cfg.seed)
     params = dist.learnable_parameters()
-    if hasattr(dist, "prototypes"):
-        dist.prototypes._no_decay = True
     opt = make_optimizer(params, t)
     steps_per_epoch = math.ceil(len(b.task.train) / t.batch_size)
     total = steps_per_epoch * t.epochs

@@ -58,7 +58,9 @@ BUILTINS = {"efficientnet_lite0": _builtin_efficientnet_lite0, **WRN_BUILTINS}
 BUILTIN_DEFAULTS = {"efficientnet_lite0": dict(input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))}
 
 
-def _load_checkpoint_into(model: nn.Module, path: str, what: str) -> None:
+def read_state_dict(path: str | Path, what: str) -> dict:
+    """The state dict saved in ``path`` (bare, or under ``model`` / ``state_dict`` / ``student``; DDP's
+    ``module.`` prefixes removed); errors name ``what`` and the file."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ProckdError(f"{what} checkpoint not found: {p}")
@@ -73,8 +75,18 @@ def _load_checkpoint_into(model: nn.Module, path: str, what: str) -> None:
                 break
     if not isinstance(obj, dict):
         raise ProckdError(f"{what} checkpoint {p} holds no state dict")
-    obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    missing, unexpected = model.load_state_dict(obj, strict=False)
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint_into(model: nn.Module, path: str | Path, what: str, state: dict | None = None) -> None:
+    """Load the checkpoint ``path`` (or its already read ``state``, see :func:`read_state_dict`) into ``model``;
+    a missing, unexpected or wrongly shaped tensor is an error naming ``what`` and the file."""
+    p = Path(path).expanduser()
+    state = read_state_dict(p, what) if state is None else state
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ProckdError(f"{what} checkpoint {p} does not fit the model: {str(e)[:300]}") from None
     if missing or unexpected:
         raise ProckdError(f"{what} checkpoint {p} does not fit the model: missing {missing[:3]}"
                           f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
@@ -120,7 +132,7 @@ def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Mod
         except TypeError as e:
             raise ProckdError(f"{what}: timm model '{name}' rejected kwargs {kwargs}: {e}") from None
     if cfg.checkpoint:
-        _load_checkpoint_into(model, cfg.checkpoint, what)
+        load_checkpoint_into(model, cfg.checkpoint, what)
     return model
 
 

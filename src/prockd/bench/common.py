@@ -32,7 +32,8 @@ def output_dirs(out: Path, cache_root: Path | None, log_name: str):
 
 
 def _run_job(raw: dict, run_dir: str, log_path: str, threads: int | None = 1) -> None:
-    """One run (in a worker process): train to ``run_dir`` (resumes if it was interrupted)."""
+    """One run (in a worker process): train to ``run_dir`` (resumes if it was interrupted); a raw config with
+    ``task: detection`` is a detection run."""
     if threads:
         torch.set_num_threads(threads)
 
@@ -40,13 +41,18 @@ def _run_job(raw: dict, run_dir: str, log_path: str, threads: int | None = 1) ->
         with open(log_path, "a") as f:
             f.write(f"[{run_dir}] {msg}\n")
 
-    train(build_config(raw, f"run {run_dir}"), run_dir, log=log)
+    if raw.get("task") == "detection":
+        from prockd.detection.config import build_det_config
+        from prockd.detection.engine import train as det_train
+
+        det_train(build_det_config(raw, f"run {run_dir}"), run_dir, log=log)
+    else:
+        train(build_config(raw, f"run {run_dir}"), run_dir, log=log)
 
 
-def run_jobs(todo: list[tuple], workers: int, desc: str, fn=None) -> None:
-    """Run ``fn(raw, run_dir, log_path)`` (default: a classification run) for each job, ``workers`` processes
-    in parallel (one thread each), with a progress bar over runs."""
-    fn = fn or _run_job
+def run_jobs(todo: list[tuple], workers: int, desc: str) -> None:
+    """Run ``_run_job(raw, run_dir, log_path)`` for each job, ``workers`` processes in parallel (one thread
+    each), with a progress bar over runs."""
     if not todo:
         return
     bar = tqdm(total=len(todo), desc=f"{desc} ({min(workers, len(todo))} in parallel)", unit="run")
@@ -55,12 +61,12 @@ def run_jobs(todo: list[tuple], workers: int, desc: str, fn=None) -> None:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            for fut in as_completed([ex.submit(fn, *j) for j in todo]):
+            for fut in as_completed([ex.submit(_run_job, *j) for j in todo]):
                 fut.result()
                 bar.update()
     else:
         for j in todo:
-            fn(*j, threads=None)
+            _run_job(*j, threads=None)
             bar.update()
     bar.close()
 

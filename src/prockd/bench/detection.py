@@ -14,8 +14,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
 from prockd.bench.common import mean_std, output_dirs, paired_ci, run_jobs, verdict
 from prockd.config import read_config_file
 from prockd.io import atomic_write_json, atomic_write_text
@@ -27,8 +25,6 @@ ALL_METHODS = DEMO_METHODS + ("fbkd", "pkd_pearson", "ssim_kd")
 
 def _configs() -> tuple[dict, dict]:
     """(teacher raw config, student raw config) of the embedded benchmark."""
-    from prockd import detection  # noqa: F401
-
     root = CONFIG_DIR if CONFIG_DIR.is_dir() else Path("configs/detection/embedded")
     return read_config_file(root / "teacher.yaml"), read_config_file(root / "student.yaml")
 
@@ -41,21 +37,6 @@ def quick_sizes(teacher: dict, student: dict) -> None:
     student["train"].update(epochs=2, max_steps=None)
     for raw in (teacher, student):
         raw["data"]["num_workers"] = 0
-
-
-def _det_job(raw: dict, run_dir: str, log_path: str, threads: int | None = 1) -> None:
-    """One detection run in a worker process (resumes if interrupted)."""
-    from prockd.detection.config import build_det_config
-    from prockd.detection.engine import train
-
-    if threads:
-        torch.set_num_threads(threads)
-
-    def log(msg: str) -> None:
-        with open(log_path, "a") as f:
-            f.write(f"[{run_dir}] {msg}\n")
-
-    train(build_det_config(raw, f"run {run_dir}"), run_dir, log=log)
 
 
 def det_teacher(teacher_raw: dict, cache_root: Path, log, say) -> tuple[Path, dict]:
@@ -109,7 +90,7 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
 
     open_data(build_det_config(dict(student_raw, teacher=None)), log=say)  # render the canvases once, not per worker
     say(f"{len(todo)} runs to go ({len(methods)} methods x {seeds} seeds); log: {log_path}")
-    run_jobs(todo, workers or default_workers(), "detection runs", fn=_det_job)
+    run_jobs(todo, workers or default_workers(), "detection runs")
     table = collect(out, methods, seeds)
     table["teacher"] = {"checkpoint": str(ckpt), "selected": t_sel}
     md = format_table(table)

@@ -25,10 +25,11 @@ from prockd.detection.config import DetExperimentConfig, DetectorConfig
 from prockd.detection.data import DetectionSet, hflip, make_loader, open_split, read_coco
 from prockd.detection.evaluate import coco_metrics, detect
 from prockd.detection.methods import DET_METHODS, DetDistiller
-from prockd.detection.models import DetTeacher, build_detector, checkpoint_classes, load_detector
-from prockd.engine import (KILL_ENV, _Logger, _rng_state, autocast, optimizer_step, resolve_device,
-                           resume_state, set_seed)
+from prockd.detection.models import DetTeacher, build_detector, checkpoint_classes
+from prockd.engine import (KILL_ENV, _Logger, _rng_state, autocast, make_optimizer, optimizer_step,
+                           resolve_device, resume_state, set_seed)
 from prockd.errors import ProckdError
+from prockd.models import read_state_dict
 from prockd.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
 
@@ -85,12 +86,12 @@ def method_params(cfg: DetExperimentConfig):
         raise ProckdError(f"config error: {_format_errors(e, prefix='method.params')}") from None
 
 
-def teacher_classes(t: DetectorConfig) -> int:
-    """The teacher head's number of classes: configured, from its checkpoint, or COCO's 90."""
+def teacher_classes(t: DetectorConfig, state: dict | None) -> int:
+    """The teacher head's number of classes: configured, from its checkpoint's ``state``, or COCO's 90."""
     if t.num_classes is not None:
         return t.num_classes
-    if t.checkpoint:
-        return checkpoint_classes(t.checkpoint)
+    if state is not None:
+        return checkpoint_classes(state, t.checkpoint)
     if t.weights == "coco":
         return 90
     raise ProckdError("teacher: set 'checkpoint' (a trained detector) or 'weights: coco'; a detection teacher "
@@ -106,8 +107,9 @@ def build(cfg: DetExperimentConfig, data: DetData | None = None, log=print) -> D
     if cls.needs_teacher:
         if cfg.teacher is None:
             raise ProckdError(f"config error: detection method '{cfg.method.name}' needs a 'teacher' section")
-        teacher = DetTeacher(build_detector(cfg.teacher, teacher_classes(cfg.teacher)), cfg.student.mean,
-                             cfg.student.std)
+        t = cfg.teacher
+        state = read_state_dict(t.checkpoint, "teacher detector") if t.checkpoint else None  # read once
+        teacher = DetTeacher(build_detector(t, teacher_classes(t, state), state), cfg.student.mean, cfg.student.std)
     data = data or open_data(cfg, log)
     set_seed(cfg.seed)
     student = build_detector(cfg.student, len(data.classes))
@@ -123,18 +125,6 @@ def lr_factor(step: int, warmup: int, factor: float, bounds: list[int], gamma: f
     if warmup > 0 and step < warmup:
         return base * (factor + (1 - factor) * step / warmup)
     return base
-
-
-def make_det_optimizer(distiller: DetDistiller, t) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW; no weight decay on norms, biases and prototypes."""
-    decay, no_decay = [], []
-    for n, p in distiller.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or "prototypes" in n else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
 
 
 def evaluate_sets(distiller: DetDistiller, sets: dict[str, DetectionSet], device, amp: str = "none") -> dict:
@@ -199,7 +189,8 @@ def train(cfg: DetExperimentConfig, run_dir: str | Path | None = None, *, log=pr
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     ckpt_dir = run_dir / "checkpoints"
-    opt = make_det_optimizer(dist, t)
+    params = dist.learnable_parameters()
+    opt = make_optimizer(params, t, nesterov=False)  # mmdet: plain momentum
     per_rank = -(-len(data.train) // info.world)
     steps_per_epoch = -(-per_rank // t.batch_size)
     bounds = [m * steps_per_epoch for m in t.milestones]
@@ -218,7 +209,6 @@ def train(cfg: DetExperimentConfig, run_dir: str | Path | None = None, *, log=pr
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     step = start_epoch * steps_per_epoch
     primary = "val/mAP50" if data.val is not None else f"{next(iter(data.tests))}/mAP50"
-    params = [p for p in dist.parameters() if p.requires_grad]
     stopped = False
     for epoch in range(start_epoch, t.epochs):
         dist.set_epoch(epoch, t.epochs)
@@ -321,6 +311,6 @@ def pretrain_teacher(cfg: DetExperimentConfig, out: str | Path | None = None, lo
     built = build(cfg, log=log)
     summary = train(cfg, out, built=built, log=log)
     ckpt = out / "teacher.pt"
-    if (out / "detector.pt").is_file():
+    if "final" in summary:  # the main process (the others return no results)
         atomic_torch_save({"model": built.distiller.student.state_dict(), "classes": built.data.classes}, ckpt)
     return {"teacher_checkpoint": str(ckpt), "final": summary.get("final")}

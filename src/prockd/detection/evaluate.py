@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import torch
@@ -162,8 +161,3 @@ def plot_error_analysis(result: dict, path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def finite(x: float) -> float:
-    """``x``, or 0 for NaN (JSON-safe)."""
-    return 0.0 if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -22,6 +22,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from prockd.detection.config import DetectorConfig
 from prockd.errors import ProckdError
+from prockd.models import load_checkpoint_into
 
 LEVELS = ("0", "1", "2", "3", "pool")  # P2..P6 as torchvision names them
 _MBV2_STAGES = {"3": "0", "6": "1", "13": "2", "18": "3"}  # torchvision MobileNetV2 features: strides 4..32
@@ -152,8 +153,9 @@ def _width(layer: nn.Sequential) -> int:
     raise ProckdError("cannot read a ResNet stage's width")
 
 
-def build_detector(cfg: DetectorConfig, num_classes: int) -> FasterRCNN:
-    """Faster R-CNN + FPN with ``num_classes`` object classes (+ background), as ``cfg`` describes it."""
+def build_detector(cfg: DetectorConfig, num_classes: int, state: dict | None = None) -> FasterRCNN:
+    """Faster R-CNN + FPN with ``num_classes`` object classes (+ background), as ``cfg`` describes it; the
+    weights of ``cfg.checkpoint`` loaded (``state``: that file's state dict when already read)."""
     if cfg.weights == "coco":
         return _coco_detector(cfg, num_classes)
     backbone = build_backbone(cfg)
@@ -168,7 +170,7 @@ def build_detector(cfg: DetectorConfig, num_classes: int) -> FasterRCNN:
         rpn_batch_size_per_image=cfg.rpn_batch_per_image, box_batch_size_per_image=cfg.box_batch_per_image,
         box_score_thresh=cfg.box_score_thresh, box_detections_per_img=cfg.box_detections_per_img)
     if cfg.checkpoint:
-        load_detector(model, cfg.checkpoint)
+        load_checkpoint_into(model, cfg.checkpoint, "detector", state)
     return model
 
 
@@ -190,36 +192,11 @@ def _coco_detector(cfg: DetectorConfig, num_classes: int) -> FasterRCNN:
     return model
 
 
-def load_detector(model: nn.Module, path: str) -> None:
-    """Load a detector state dict (a bare one, or ``{"model": state}``); errors name the file."""
-    from pathlib import Path
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ProckdError(f"detector checkpoint not found: {p}")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ProckdError(f"detector checkpoint {p} is unreadable ({e})") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ProckdError(f"detector checkpoint {p} does not fit the configured detector: {str(e)[:300]}") from None
-
-
-def checkpoint_classes(path: str) -> int:
-    """Number of object classes of a saved detector (its box predictor's rows minus background)."""
-    from pathlib import Path
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ProckdError(f"detector checkpoint not found: {p}")
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+def checkpoint_classes(state: dict, path: str) -> int:
+    """Number of object classes of a saved detector's state dict (its box predictor's rows minus background)."""
     w = state.get("roi_heads.box_predictor.cls_score.weight")
     if w is None:
-        raise ProckdError(f"{p} is not a Faster R-CNN state dict (no roi_heads.box_predictor.cls_score.weight)")
+        raise ProckdError(f"{path} is not a Faster R-CNN state dict (no roi_heads.box_predictor.cls_score.weight)")
     return int(w.shape[0]) - 1
 
 

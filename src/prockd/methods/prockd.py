@@ -103,6 +103,7 @@ class ProCKD(Distiller):
         else:
             init = torch.randn(k, c) * 0.02
         self.prototypes = nn.Parameter(init)
+        self.prototypes._no_decay = True  # the optimiser leaves prototypes without weight decay
         self.register_buffer("prototypes_init", init.clone())  # for the drift diagnostic (kept across resumes)
         self._stats: dict[str, torch.Tensor] = {}
         self.fusion = TapFusion(sum(teacher.tap_widths), c)

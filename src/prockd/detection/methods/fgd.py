@@ -42,7 +42,7 @@ def fgd_attention(f: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Ten
     return sp, ch
 
 
-def fgd_masks(boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]], padded: tuple[int, int],
+def fgd_masks(boxes: list[torch.Tensor], padded: tuple[int, int],
               grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(foreground, background) masks ``N x H x W`` of boxes (``xyxy`` on the padded batch of size ``padded``)
     on a level grid ``grid`` = (H, W)."""
@@ -118,7 +118,7 @@ class DetFGD(LevelDistiller):
         boxes = [t["boxes"] for t in targets]
         for k in self.levels:
             mod, s, t = self.per_level[k], feats[k].float(), t_feats[k].float()
-            fg, bg = fgd_masks(boxes, il.image_sizes, padded, tuple(s.shape[-2:]))
+            fg, bg = fgd_masks(boxes, padded, tuple(s.shape[-2:]))
             terms = fgd_level_loss(mod["align"](s), t, fg.to(s.device), bg.to(s.device), mod["gc_s"], mod["gc_t"],
                                    self.params)
             for name, v in terms.items():

@@ -64,6 +64,8 @@ class FABackbone(nn.Module):
         c = inner.out_channels
         keys = self.levels if per_level else ("shared",)
         self.prototypes = nn.ParameterDict({k: nn.Parameter(torch.rand(num_prototypes, c)) for k in keys})
+        for p in self.prototypes.values():
+            p._no_decay = True  # the optimiser leaves prototypes without weight decay
         self.fa = nn.ModuleDict({k: FeatureAugmentation(c, scale=fa_scale) for k in keys})
 
     @property
