@@ -80,6 +80,15 @@ class DataConfig(_Strict):
     train_dir: str | None = None  # imagefolder
     test_dirs: dict[str, str] = Field(default_factory=dict)  # imagefolder: name -> dir
     image_size: int | None = None  # imagefolder: images are resized to this at load time
+    stream: bool = False  # imagefolder: leave the images on disk, decode them batch by batch (large sets)
+    num_workers: int = Field(2, ge=0)  # loader processes decoding a streamed set's batches
+
+    @model_validator(mode="after")
+    def _check_stream(self):
+        if self.stream and self.name != "imagefolder":
+            raise ValueError(f"data.stream is for data.name=imagefolder (files on disk); '{self.name}' is "
+                             "loaded into memory")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -150,24 +159,6 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
-    @model_validator(mode="after")
-    def _check_method(self):
-        from prockd.methods import METHODS
-
-        cls = METHODS.get(self.method.name)
-        try:
-            cls.Params(**self.method.params)
-        except ValidationError as e:
-            raise ValueError(_format_errors(e, prefix="method.params")) from None
-        if cls.needs_teacher and self.teacher is None:
-            raise ValueError(f"method '{self.method.name}' needs a 'teacher' section")
-        return self
-
-    def method_params(self):
-        """The method's parameters as its typed ``Params`` model."""
-        from prockd.methods import METHODS
-
-        return METHODS.get(self.method.name).Params(**self.method.params)
 
 
 def _format_errors(e: ValidationError, prefix: str = "") -> str:

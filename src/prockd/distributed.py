@@ -70,6 +70,22 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def replicas_identical(module: torch.nn.Module, info: DistInfo) -> bool:
+    """Whether every rank holds exactly the same parameters (True in a single process): each rank's float64
+    fingerprint (sums of the tensors and of their squares) is compared with rank 0's. Buffers are left out:
+    BatchNorm statistics in training mode follow each rank's own last batch (DDP broadcasts rank 0's at the
+    start of every forward; rank 0's are the ones saved)."""
+    if not (info.enabled and dist.is_initialized()):
+        return True
+    parts = [t.detach().double() for t in module.parameters() if t.is_floating_point()]
+    fp = torch.stack([torch.stack([p.sum(), (p * p).sum()]) for p in parts]).flatten()
+    ref = fp.clone()
+    dist.broadcast(ref, src=0)
+    diff = (fp - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return bool(diff.item() == 0.0)
+
+
 def shard(idx: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Rank ``r``'s part of a global batch: items ``r, r + W, ...`` (every rank gets at least one item)."""
     if not info.enabled:

@@ -30,7 +30,7 @@ from prockd.config import ExperimentConfig, TrainConfig, dump_config
 from prockd.data import ArrayDataset, Task, build_task
 from prockd.errors import ProckdError
 from prockd.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from prockd.methods import METHODS, Distiller
+from prockd.methods import Distiller, method_params
 from prockd.models import Student, Teacher, count_params, create_model, init_student_from_teacher
 
 KILL_ENV = "PROCKD_KILL_AFTER_STEPS"  # fault injection for the resume test: SIGKILL after N steps
@@ -182,8 +182,7 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
     set_seed(cfg.seed)
     device = resolve_device(cfg.train.device)
     task = task or build_task(cfg.data)
-    cls = METHODS.get(cfg.method.name)
-    params = cfg.method_params()
+    cls, params = method_params(cfg)
     if cls.needs_teacher and teacher is None:
         teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
     set_seed(cfg.seed)
@@ -324,6 +323,119 @@ def resume_state(last: Path, dist, opt, sched, scaler, log=print) -> tuple[int, 
     return state["epoch"] + 1, state["best"], state["history"]
 
 
+def open_teacher_cache(b: Built, cfg: ExperimentConfig, views, info, log):
+    """The run's teacher-feature cache (built once per node, opened by the other ranks), or None when the
+    teacher runs live (no teacher, cache disabled, or fresh augmentation every step)."""
+    t = cfg.train
+    if b.teacher is None or not cfg.cache.enabled:
+        return None
+    if t.augment != "none" and views is None:
+        log("train.augment draws a fresh view every step (train.aug_views=0): the teacher runs live on the "
+            "augmented batch instead of from the cache")
+        return None
+
+    def open_cache():
+        return TeacherCache(b.teacher, views if views is not None else b.task.train, cfg.cache.dir,
+                            cfg.cache.dtype, device=b.device, log=log).prepare()
+
+    cache = open_cache() if info.local_rank == 0 else None
+    ddp.barrier(info)
+    return cache if cache is not None else open_cache()
+
+
+def make_scheduler(opt, t, steps_per_epoch: int):
+    """Per-step learning-rate schedule: warm-up, then steps at epoch milestones or a cosine decay."""
+    total = steps_per_epoch * t.epochs
+    warm = int(round(t.warmup_epochs * steps_per_epoch))
+    if t.schedule == "step":
+        bounds = [m * steps_per_epoch for m in t.milestones]
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_step(s, warm, bounds, t.gamma))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm, t.lr, t.min_lr))
+
+
+def save_epoch(ckpt_dir: Path, epoch: int, best: float, history: list, record: dict, improved: bool, dist,
+               opt, sched, scaler) -> None:
+    """An epoch's ``last.pt`` (everything an exact resume needs) and, when it improved, ``best.pt`` (both
+    atomic; both training loops)."""
+    atomic_torch_save({"epoch": epoch, "best": best, "history": history, "distiller": dist.state_dict(),
+                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "scaler": scaler.state_dict(), "rng": _rng_state()}, ckpt_dir / "last.pt")
+    if improved:
+        atomic_torch_save({"epoch": epoch, "distiller": dist.state_dict(), "metrics": record}, ckpt_dir / "best.pt")
+
+
+def select_best(ckpt_dir: Path, dist, primary: str, final: dict, tests, evaluate_tests) -> dict | None:
+    """The test results of the checkpoint chosen on ``primary`` (``best.pt``): the last epoch's own when it is
+    the chosen one, else ``evaluate_tests()`` after loading it into ``dist``. None without a ``best.pt``."""
+    path = ckpt_dir / "best.pt"
+    if not path.is_file():
+        return None
+    chosen = torch.load(path, map_location="cpu", weights_only=False)
+    selected = {"epoch": chosen["epoch"], primary: chosen["metrics"].get(primary)}
+    if chosen["epoch"] == final.get("epoch"):  # the last epoch itself: its test results are already there
+        selected.update({k: v for k, v in final.items() if k.split("/")[0] in tests})
+    else:
+        dist.load_state_dict(chosen["distiller"])
+        selected.update(evaluate_tests())
+    return selected
+
+
+def _train_epoch(b: Built, cfg: ExperimentConfig, model, epoch: int, step: int, views, cache, opt, sched, scaler,
+                 params, info, kill_after: int) -> tuple[dict[str, float], int, int]:
+    """One epoch of optimiser steps: (loss / stat sums over the rank's batches, batches, global step)."""
+    t, dist, device = cfg.train, b.distiller, b.device
+    steps_per_epoch = math.ceil(len(b.task.train) / t.batch_size)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    sums: dict[str, float] = {}
+    n_batches = 0
+    bar = tqdm(b.task.train.batches(t.batch_size, g), total=steps_per_epoch,
+               disable=not (t.progress and info.main), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)
+    for x, y, idx in bar:
+        if views is not None:  # one of the stored views of each image: teacher and student see the same one
+            idx = torch.randint(t.aug_views, (len(idx),), generator=g) * len(b.task.train) + idx
+            x = views.images[idx].float().div_(255.0)
+        else:
+            x = augment_batch(x, t.augment, g, t)
+        share = 1.0
+        if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
+            part = ddp.shard(torch.arange(len(idx)), info)
+            share = len(part) * info.world / max(len(idx), info.world)
+            x, y, idx = x[part], y[part], idx[part]
+        x, y = x.to(device), y.to(device)
+        tf = cache.get(idx, device) if cache is not None else None
+        with autocast(device, t.amp):
+            _, losses = model(x, y, teacher_feats=tf)
+            loss = sum(losses.values())
+        optimizer_step(loss, losses, epoch, opt, scaler, sched, params, t.clip_grad,
+                       share if info.enabled else 1.0)
+        step += 1
+        n_batches += 1
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * share / info.world
+        for k, v in dist.step_stats().items():
+            sums["stat:" + k] = sums.get("stat:" + k, 0.0) + float(v) * share / info.world
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if kill_after and step >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return sums, n_batches, step
+
+
+def _epoch_evaluation(b: Built, epoch: int, t, info) -> dict:
+    """The end of an epoch's metrics: validation (the selection data) every ``eval_every`` epochs, every test
+    set after the last epoch; without a validation split, the first test set every ``eval_every`` epochs."""
+    dist, device, out = b.distiller, b.device, {}
+    last_epoch = epoch + 1 == t.epochs
+    if b.task.val is not None and ((epoch + 1) % t.eval_every == 0 or last_epoch):
+        out.update(evaluate(dist, {"val": b.task.val}, device, t.amp, info=info))
+        out.update(validation_diagnostics(dist, b.task.val, device, t.amp))
+    if last_epoch:  # every test set (shifted domains too) at the end
+        out.update(evaluate(dist, b.task.tests, device, t.amp, info=info))
+    elif b.task.val is None and (epoch + 1) % t.eval_every == 0:
+        first = next(iter(b.task.tests))
+        out.update(evaluate(dist, {first: b.task.tests[first]}, device, t.amp, info=info))
+    return out
+
+
 def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print, built: Built | None = None,
           teacher_task: Task | None = None) -> dict:
     """Train (or resume) one run; returns the summary also written to ``final.json``.
@@ -352,22 +464,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         log(f"teacher accuracy on its own task: {teacher_metrics}")
 
     views = make_views(b.task.train, t) if uses_views(t) else None
-    cache = None
-    use_cache = b.teacher is not None and cfg.cache.enabled
-    if use_cache and t.augment != "none" and views is None:
-        log("train.augment draws a fresh view every step (train.aug_views=0): the teacher runs live on the "
-            "augmented batch instead of from the cache")
-        use_cache = False
-    if use_cache:
-        def open_cache():
-            return TeacherCache(b.teacher, views if views is not None else b.task.train, cfg.cache.dir,
-                                cfg.cache.dtype, device=device, log=log).prepare()
-
-        if info.local_rank == 0:  # built once per node; the other ranks open the finished cache
-            cache = open_cache()
-        ddp.barrier(info)
-        if info.local_rank != 0:
-            cache = open_cache()
+    cache = open_teacher_cache(b, cfg, views, info, log)
 
     if b.teacher is not None:  # deterministic, before a resume overwrites it: fresh and resumed runs agree
         first = torch.arange(min(len(b.task.train), 256))
@@ -375,19 +472,13 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         def first_feats() -> dict:
             if cache is not None:
                 return cache.get(first, device)
-            return b.teacher.extract(b.task.train.images[first].float().div(255).to(device))
+            return b.teacher.extract(b.task.train.take(first).float().div(255).to(device))
 
         dist.prepare(first_feats, cfg.seed)
     params = dist.learnable_parameters()
     opt = make_optimizer(params, t)
     steps_per_epoch = math.ceil(len(b.task.train) / t.batch_size)
-    total = steps_per_epoch * t.epochs
-    warm = int(round(t.warmup_epochs * steps_per_epoch))
-    if t.schedule == "step":
-        bounds = [m * steps_per_epoch for m in t.milestones]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_step(s, warm, bounds, t.gamma))
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm, t.lr, t.min_lr))
+    sched = make_scheduler(opt, t, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=(t.amp == "fp16" and device.type == "cuda"))
 
     last = ckpt_dir / "last.pt"
@@ -410,54 +501,16 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
     for epoch in range(start_epoch, t.epochs):
         dist.set_epoch(epoch, t.epochs)
         dist.train()
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        sums: dict[str, float] = {}
-        n_batches = 0
-        bar = tqdm(b.task.train.batches(t.batch_size, g), total=steps_per_epoch,
-                   disable=not (t.progress and info.main), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)
         t0 = time.perf_counter()
-        for x, y, idx in bar:
-            if views is not None:  # one of the stored views of each image: teacher and student see the same one
-                idx = torch.randint(t.aug_views, (len(idx),), generator=g) * len(b.task.train) + idx
-                x = views.images[idx].float().div_(255.0)
-            else:
-                x = augment_batch(x, t.augment, g, t)
-            share = 1.0
-            if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
-                part = ddp.shard(torch.arange(len(idx)), info)
-                share = len(part) * info.world / max(len(idx), info.world)
-                x, y, idx = x[part], y[part], idx[part]
-            x, y = x.to(device), y.to(device)
-            tf = cache.get(idx, device) if cache is not None else None
-            with autocast(device, t.amp):
-                _, losses = model(x, y, teacher_feats=tf)
-                loss = sum(losses.values())
-            optimizer_step(loss, losses, epoch, opt, scaler, sched, params, t.clip_grad,
-                           share if info.enabled else 1.0)
-            step += 1
-            n_batches += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * share / info.world
-            for k, v in dist.step_stats().items():
-                sums["stat:" + k] = sums.get("stat:" + k, 0.0) + float(v) * share / info.world
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            if kill_after and step >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+        sums, n_batches, step = _train_epoch(b, cfg, model, epoch, step, views, cache, opt, sched, scaler, params,
+                                             info, kill_after)
         keys = sorted(sums)
         reduced = ddp.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)
         record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "time_s": time.perf_counter() - t0}
         for k, v in zip(keys, reduced.tolist()):
             record["train/" + k[5:] if k.startswith("stat:") else "loss/" + k] = v / max(1, n_batches)
         record.update({f"diag/{k}": v for k, v in dist.epoch_stats().items()})
-        last_epoch = epoch + 1 == t.epochs
-        if b.task.val is not None and ((epoch + 1) % t.eval_every == 0 or last_epoch):  # selection data
-            record.update(evaluate(dist, {"val": b.task.val}, device, t.amp, info=info))
-            record.update(validation_diagnostics(dist, b.task.val, device, t.amp))
-        if last_epoch:  # every test set (shifted domains too) at the end
-            record.update(evaluate(dist, b.task.tests, device, t.amp, info=info))
-        elif b.task.val is None and (epoch + 1) % t.eval_every == 0:  # no validation split: the first test set
-            first = next(iter(b.task.tests))
-            record.update(evaluate(dist, {first: b.task.tests[first]}, device, t.amp, info=info))
+        record.update(_epoch_evaluation(b, epoch, t, info))
         history.append(record)
         # on a validation split a tie goes to the later epoch (small splits saturate early)
         improved = record.get(primary, -1.0) > best or (b.task.val is not None and primary in record
@@ -466,27 +519,16 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
             best = record[primary]
         if info.main:
             logger.write(record)
-            state = {"epoch": epoch, "best": best, "history": history, "distiller": dist.state_dict(),
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                     "rng": _rng_state()}
-            atomic_torch_save(state, last)
-            if improved:
-                atomic_torch_save({"epoch": epoch, "distiller": dist.state_dict(), "metrics": record},
-                                  ckpt_dir / "best.pt")
+            save_epoch(ckpt_dir, epoch, best, history, record, improved, dist, opt, sched, scaler)
         ddp.barrier(info)  # no rank runs ahead of the checkpoint
         if t.progress:
             log(f"epoch {epoch + 1}/{t.epochs} " + " ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("loss/", "test", "val/")) and "/" in k))
     final = history[-1] if history else {}
     selected = None
-    if b.task.val is not None and (ckpt_dir / "best.pt").is_file():  # the checkpoint chosen on validation
-        chosen = torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=False)
-        selected = {"epoch": chosen["epoch"], "val/deployed": chosen["metrics"].get("val/deployed")}
-        if chosen["epoch"] == final.get("epoch"):  # the last epoch itself: its test results are already there
-            selected.update({k: v for k, v in final.items() if k.split("/")[0] in b.task.tests})
-        else:
-            dist.load_state_dict(chosen["distiller"])
-            selected.update(evaluate(dist, b.task.tests, device, t.amp, info=info))
+    if b.task.val is not None:  # the checkpoint chosen on validation
+        selected = select_best(ckpt_dir, dist, "val/deployed", final, b.task.tests,
+                               lambda: evaluate(dist, b.task.tests, device, t.amp, info=info))
     summary = {"method": cfg.method.name, "seed": cfg.seed, "final": final, "selected": selected, "best": best,
                "student_params": count_params(dist.student),
                "deployed_params": count_params(dist.export()),

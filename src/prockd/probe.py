@@ -28,7 +28,7 @@ def fit_probe(xtr: np.ndarray, ytr: np.ndarray, tests: dict[str, tuple[np.ndarra
 
 def pixels(ds: ArrayDataset) -> np.ndarray:
     """Flattened pixels in [0, 1]."""
-    return ds.images.reshape(len(ds), -1).float().div(255).numpy()
+    return ds.take(torch.arange(len(ds))).reshape(len(ds), -1).float().div(255).numpy()
 
 
 @torch.no_grad()

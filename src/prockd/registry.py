@@ -44,3 +44,22 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         """All registered names, sorted."""
         return sorted(self._items)
+
+
+def method_params(registry: Registry, cfg):
+    """A run's method class from ``registry`` and its typed, validated ``Params`` (errors name the
+    ``method.params`` keys; a method that distils needs a ``teacher`` section). Config files are validated
+    without importing the method registries; the engines (and the benchmark's run queue) call this before
+    anything runs."""
+    from pydantic import ValidationError
+
+    from prockd.config import _format_errors
+
+    cls = registry.get(cfg.method.name)
+    try:
+        params = cls.Params(**cfg.method.params)
+    except ValidationError as e:
+        raise ProckdError(f"config error: {_format_errors(e, prefix='method.params')}") from None
+    if getattr(cls, "needs_teacher", False) and cfg.teacher is None:
+        raise ProckdError(f"config error: {registry.kind} '{cfg.method.name}' needs a 'teacher' section")
+    return cls, params

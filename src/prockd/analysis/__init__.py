@@ -283,7 +283,7 @@ def run_analyze(run: Path, compare: list[Path], out: Path | None = None, images:
             raise ProckdError(f"{r.path} predicts other classes than {run} ({len(r.dep.class_names)} vs "
                               f"{len(task.class_names)}): compare runs of the same task")
     test_name, ds = next(iter(task.tests.items()))
-    x = ds.images.float() / 255.0
+    x = ds.take(torch.arange(len(ds))).float() / 255.0
     y = ds.labels
     names = task.class_names
     out = out or (run / "analysis")

@@ -116,7 +116,9 @@ def _tag(params: dict) -> str:
 
 
 def _queue(raw: dict, run_dir: Path, log_path: Path, todo: list) -> None:
-    build_config(raw, f"comparison run {run_dir}")  # every config is validated before anything starts
+    from prockd.methods import method_params
+
+    method_params(build_config(raw, f"comparison run {run_dir}"))  # every config is validated before anything starts
     if (run_dir / "final.json").is_file():
         return
     if run_dir.exists() and not (run_dir / "checkpoints" / "last.pt").is_file():

@@ -272,8 +272,10 @@ def make_loader(ds: DetectionSet, batch_size: int, *, shuffle: bool, seed: int =
     if world > 1:
         per = -(-n // world)
         order = (order + order[: per * world - n])[rank::world]
+    from prockd.data import loader_context
+
     return DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers, collate_fn=collate,
-                      persistent_workers=False, drop_last=False)
+                      persistent_workers=False, drop_last=False, multiprocessing_context=loader_context(workers))
 
 
 def hflip(images: list[torch.Tensor], targets: list[dict], g: torch.Generator) -> tuple[list, list]:

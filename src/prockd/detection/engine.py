@@ -20,14 +20,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from prockd import distributed as ddp
-from prockd.config import _format_errors
 from prockd.detection.config import DetExperimentConfig, DetectorConfig
 from prockd.detection.data import DetectionSet, hflip, make_loader, open_split, read_coco
 from prockd.detection.evaluate import coco_metrics, detect
 from prockd.detection.methods import DET_METHODS, DetDistiller
 from prockd.detection.models import DetTeacher, build_detector, checkpoint_classes
-from prockd.engine import (KILL_ENV, _Logger, _rng_state, autocast, make_optimizer, optimizer_step,
-                           resolve_device, resume_state, set_seed)
+from prockd.engine import (KILL_ENV, _Logger, autocast, make_optimizer, optimizer_step, resolve_device,
+                           resume_state, save_epoch, select_best, set_seed)
 from prockd.errors import ProckdError
 from prockd.models import read_state_dict
 from prockd.io import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -76,14 +75,10 @@ class DetBuilt:
 
 
 def method_params(cfg: DetExperimentConfig):
-    """The method class and its validated parameters (errors name ``method.params`` keys)."""
-    from pydantic import ValidationError
+    """The detection method class and its validated parameters (:func:`prockd.registry.method_params`)."""
+    from prockd.registry import method_params as _validated
 
-    cls = DET_METHODS.get(cfg.method.name)
-    try:
-        return cls, cls.Params(**cfg.method.params)
-    except ValidationError as e:
-        raise ProckdError(f"config error: {_format_errors(e, prefix='method.params')}") from None
+    return _validated(DET_METHODS, cfg)
 
 
 def teacher_classes(t: DetectorConfig, state: dict | None) -> int:
@@ -105,8 +100,6 @@ def build(cfg: DetExperimentConfig, data: DetData | None = None, log=print) -> D
     cls, params = method_params(cfg)
     teacher = None
     if cls.needs_teacher:
-        if cfg.teacher is None:
-            raise ProckdError(f"config error: detection method '{cfg.method.name}' needs a 'teacher' section")
         t = cfg.teacher
         state = read_state_dict(t.checkpoint, "teacher detector") if t.checkpoint else None  # read once
         teacher = DetTeacher(build_detector(t, teacher_classes(t, state), state), cfg.student.mean, cfg.student.std)
@@ -259,31 +252,21 @@ def train(cfg: DetExperimentConfig, run_dir: str | Path | None = None, *, log=pr
             best = record[primary]
         if info.main:
             logger.write(record)
-            atomic_torch_save({"epoch": epoch, "best": best, "history": history, "distiller": dist.state_dict(),
-                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                               "scaler": scaler.state_dict(), "rng": _rng_state()}, last)
-            if improved:
-                atomic_torch_save({"epoch": epoch, "distiller": dist.state_dict(), "metrics": record},
-                                  ckpt_dir / "best.pt")
+            save_epoch(ckpt_dir, epoch, best, history, record, improved, dist, opt, sched, scaler)
             if t.progress:
                 log(f"epoch {epoch + 1}/{t.epochs} " + " ".join(
                     f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss/") or k.endswith("mAP50")))
         ddp.barrier(info)
         if stopped:
             break
-    summary: dict = {"method": cfg.method.name, "seed": cfg.seed, "classes": data.classes, "world_size": info.world}
+    summary: dict = {"method": cfg.method.name, "seed": cfg.seed, "classes": data.classes, "world_size": info.world,
+                     "replicas_identical": ddp.replicas_identical(dist, info)}
+    if not summary["replicas_identical"]:
+        log("warning: the DDP replicas' weights differ at the end of training (a rank ran other steps?)")
     if info.main:
         final = evaluate_sets(dist, data.tests, device, t.amp)
-        selected = None
-        best_path = ckpt_dir / "best.pt"
-        if best_path.is_file():
-            chosen = torch.load(best_path, map_location="cpu", weights_only=False)
-            selected = {"epoch": chosen["epoch"], primary: chosen["metrics"].get(primary)}
-            if chosen["epoch"] == history[-1]["epoch"]:
-                selected.update(final)
-            else:
-                dist.load_state_dict(chosen["distiller"])
-                selected.update(evaluate_sets(dist, data.tests, device, t.amp))
+        selected = select_best(ckpt_dir, dist, primary, dict(final, epoch=history[-1]["epoch"]), data.tests,
+                               lambda: evaluate_sets(dist, data.tests, device, t.amp))
         summary.update({"final": final, "selected": selected, "best": best, "history_len": len(history),
                         "student_params": sum(p.numel() for p in dist.student.parameters()),
                         "deployed_params": sum(p.numel() for p in dist.export().parameters())})

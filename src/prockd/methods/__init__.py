@@ -3,4 +3,13 @@ from prockd.methods.base import METHODS, Distiller  # noqa: F401
 from prockd.methods import (ab, attention_probe, cwd, dkd, fbkd, fitnets, kd, mgd, ofd, pkd_pearson,  # noqa: F401,E402
                             pkd_projector, prockd, refilled, rkd, ssim_kd, student_only, vid)  # noqa: F401,E402  (registration)
 
-__all__ = ["METHODS", "Distiller"]
+
+
+def method_params(cfg):
+    """The classification run's method class and validated ``Params`` (:func:`prockd.registry.method_params`)."""
+    from prockd.registry import method_params as _validated
+
+    return _validated(METHODS, cfg)
+
+
+__all__ = ["METHODS", "Distiller", "method_params"]
