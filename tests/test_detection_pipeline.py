@@ -230,3 +230,88 @@ def test_resume_after_kill_equals_uninterrupted(det_setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     fa, fb = (json.loads((d / "final.json").read_text())["final"] for d in (full, part))
     assert all(math.isclose(fa[k], fb[k]) for k in fa)
+
+
+def test_analyze_detection_runs_figures_6_to_9_and_11(det_setup, tmp_path, capsys):
+    from prockd.detection.engine import load_deployed_detector, train
+
+    _, base = det_setup
+    runs = {}
+    for m in ("student_only", "prockd"):
+        raw = dict(base, method={"name": m})
+        raw["train"] = dict(base["train"], max_steps=2)
+        train(build_det_config(raw), tmp_path / m, log=lambda _m: None)
+        runs[m] = tmp_path / m
+    capsys.readouterr()
+    assert main(["eval", "--run", str(runs["prockd"])]) == 0  # the deployed file alone, on the config's tests
+    ev = json.loads(capsys.readouterr().out)["metrics"]["test"]
+    fin = json.loads((runs["prockd"] / "final.json").read_text())["final"]
+    assert all(math.isclose(ev[k], fin[f"test/{k}"], abs_tol=1e-9) for k in ev)
+    out = tmp_path / "fig"
+    assert main(["analyze", "--run", str(runs["prockd"]), "--compare", str(runs["student_only"]), "--images", "2",
+                 "--score-thr", "0.05", "--out", str(out)]) == 0
+    for f in ("qualitative_test.png", "errors_0_test.png", "errors_1_test.png", "index.html"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0
+    res = json.loads((out / "analysis.json").read_text())
+    q = res["qualitative"]["test"]
+    assert q["ground_truth"] == [2, 2]  # write_coco draws two boxes per image
+    model, _ = load_deployed_detector(runs["prockd"] / "detector.pt")
+    from prockd.detection.data import read_coco
+
+    ds = read_coco(base["data"]["tests"]["test"]["images"], base["data"]["tests"]["test"]["annotations"])
+    names = [Path(r.file).name for r in ds.records]
+    with torch.no_grad():
+        direct = [int((model([ds.load_image(names.index(n))])[0]["scores"] >= 0.05).sum()) for n in q["images"]]
+    assert q["runs"]["prockd"] == direct  # the drawn boxes are the deployed detector's own
+    for label in ("prockd", "student_only"):
+        s = res["errors"]["test"][label]["all"]
+        assert set(s) == {"C75", "C50", "Loc", "Sim", "Oth", "BG", "FN"} and s["FN"] == 1.0
+        assert s["C75"] <= s["C50"] <= s["Loc"] <= s["BG"] <= 1.0
+
+    other = dict(base, method={"name": "student_only"})
+    img, ann = write_coco(tmp_path / "three", n=2, classes=("car", "person", "bus"))
+    other["data"] = dict(base["data"], train={"images": str(img), "annotations": str(ann)}, val=None,
+                         tests={"test": {"images": str(img), "annotations": str(ann)}})
+    other["train"] = dict(base["train"], max_steps=1)
+    train(build_det_config(other), tmp_path / "three_run", log=lambda _m: None)
+    capsys.readouterr()
+    assert main(["analyze", "--run", str(runs["prockd"]), "--compare", str(tmp_path / "three_run")]) == 2
+    assert "other classes" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_detection(det_setup, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each rank trains on its half of every epoch (half the steps), the
+    replicas stay identical (DDP averages their gradients; the engine compares the ranks' weights),
+    the run's files are written once and the deployed detector reloads; a killed DDP run resumes."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    _, base = det_setup
+    img, ann = write_coco(tmp_path / "d8", n=8)
+    raw = dict(base, method={"name": "prockd"})
+    raw["data"] = dict(base["data"], train={"images": str(img), "annotations": str(ann)})
+    raw["train"] = dict(base["train"], epochs=2, num_threads=1)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PROCKD_DIST_TIMEOUT="120")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "prockd.cli",
+           "train", "--config", str(cfg), "--out"]
+    r = subprocess.run(cmd + [str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "ddp" / "final.json").read_text())
+    assert s["world_size"] == 2 and s["replicas_identical"] and "test/mAP50" in s["final"]
+    hist = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["steps"] for h in hist] == [2, 4]  # 8 images, 2 ranks, batch 2: 2 steps per epoch and rank
+    from prockd.detection.engine import load_deployed_detector
+
+    load_deployed_detector(tmp_path / "ddp" / "detector.pt")
+    env_kill = dict(env, PROCKD_KILL_AFTER_STEPS="3")
+    killed = subprocess.run(cmd + [str(tmp_path / "res")], env=env_kill, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0
+    again = subprocess.run(cmd + [str(tmp_path / "res")], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout + again.stderr
+    assert json.loads((tmp_path / "res" / "final.json").read_text())["world_size"] == 2

@@ -1,5 +1,5 @@
-"""Command line: ``prockd train | eval | export | predict | analyze | pretrain-teacher | demo | bench compare |
-bench speed | bench deploy``.
+"""Command line: ``prockd train | eval | export | predict | analyze | pretrain-teacher | demo | convert |
+bench compare | bench speed | bench deploy``.
 
 Bad input (config, data, model name, tap path, checkpoint) prints one line naming the culprit and
 exits with code 2; nothing is written to the run directory.
@@ -60,7 +60,7 @@ def _cmd_pretrain_teacher(args) -> int:
 def _cmd_eval(args) -> int:
     import torch
 
-    from prockd.config import load_config
+    from prockd.config import load_any_config
     from prockd.data import build_task
     from prockd.deploy import load_deployed
 
@@ -69,9 +69,24 @@ def _cmd_eval(args) -> int:
     cfg_path = args.config or (run / "config.yaml" if run else None)
     if model_path is None or cfg_path is None:
         raise ProckdError("eval needs --run DIR, or --model FILE with --config FILE")
+
+    any_cfg = load_any_config(cfg_path, args.overrides)
+    if getattr(any_cfg, "task", None) == "detection":
+        from prockd.detection.engine import load_deployed_detector, open_data
+        from prockd.detection.evaluate import coco_metrics, detect
+
+        det_path = Path(args.model) if args.model else run / "detector.pt"
+        model, classes = load_deployed_detector(det_path)
+        data = open_data(any_cfg, log=lambda m: print(m, file=sys.stderr))
+        if classes != data.classes:
+            raise ProckdError(f"{det_path} detects {classes}, the config's data has {data.classes}")
+        res = {name: coco_metrics(ds.coco_gt(), detect(model, ds, torch.device("cpu")))
+               for name, ds in data.tests.items()}
+        print(json.dumps({"model": str(det_path), "metrics": res}, indent=2))
+        return 0
     if not model_path.is_file():
         raise ProckdError(f"deployed student not found: {model_path}")
-    cfg = load_config(cfg_path, args.overrides)
+    cfg = any_cfg
     task = build_task(cfg.data)
     model = load_deployed(model_path)
     res = {}
@@ -128,6 +143,16 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
+    import yaml
+
+    cfg_file = Path(args.run) / "config.yaml"
+    if cfg_file.is_file() and (yaml.safe_load(cfg_file.read_text()) or {}).get("task") == "detection":
+        from prockd.detection.analysis import run_det_analyze
+
+        out = run_det_analyze(Path(args.run), [Path(c) for c in args.compare], Path(args.out) if args.out else None,
+                              images=args.images, seed=args.seed, score_thr=args.score_thr, tests=args.tests)
+        print(json.dumps({"index": str(out)}))
+        return 0
     from prockd.analysis import run_analyze
 
     out = run_analyze(Path(args.run), [Path(c) for c in args.compare], Path(args.out) if args.out else None,
@@ -169,7 +194,8 @@ def _cmd_bench_compare(args) -> int:
         unknown = [m for m in methods if m not in ALL_METHODS]
         if unknown:
             raise ProckdError(f"--methods {unknown} not in the detection comparison (known: {', '.join(ALL_METHODS)})")
-        run_detection_compare(Path(args.out), seeds=args.seeds or 5, methods=methods, workers=args.workers)
+        run_detection_compare(Path(args.out), seeds=args.seeds or 5, methods=methods, workers=args.workers,
+                              do_tune=args.tune, tune_seeds=args.tune_seeds or 1)
         return 0
     from prockd.bench.compare import load_spec, run_compare
 
@@ -190,13 +216,30 @@ def _cmd_bench_compare(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from prockd.detection.cityscapes import convert_cityscapes
+
+    written = [str(convert_cityscapes(args.root, split, args.out, args.foggy_beta, args.workers))
+               for split in args.splits]
+    print(json.dumps({"written": written}, indent=2))
+    return 0
+
+
 def _cmd_bench_speed(args) -> int:
+    if args.task == "detection":
+        from prockd.bench.det_speed import DET_SCENARIOS, run_det_speed
+
+        if args.scenario not in DET_SCENARIOS:
+            raise ProckdError(f"unknown detection scenario '{args.scenario}' (known: {', '.join(DET_SCENARIOS)})")
+        run_det_speed(args.scenario, args.device, args.steps, args.rounds, args.warmup, args.batch_size, args.amp,
+                      args.threads, Path(args.out or "runs/bench_speed_detection.json"))
+        return 0
     from prockd.bench.speed import SCENARIOS, run_speed
 
     if args.scenario not in SCENARIOS:
         raise ProckdError(f"unknown scenario '{args.scenario}' (known: {', '.join(SCENARIOS)})")
     run_speed(args.scenario, args.device, args.steps, args.rounds, args.warmup, args.batch_size, args.amp,
-              args.threads, Path(args.out) if args.out else None)
+              args.threads, Path(args.out or "runs/bench_speed.json"))
     return 0
 
 
@@ -237,7 +280,8 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=None)
     pr.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     pr.set_defaults(fn=_cmd_predict)
-    an = sub.add_parser("analyze", help="the paper's analysis figures (Fig. 4, 5, 10) of finished runs")
+    an = sub.add_parser("analyze", help="the paper's analysis figures of finished runs (classification: Fig. 4, 5, "
+                                        "10; detection: Figs. 6-9 and 11)")
     an.add_argument("--run", required=True, help="the run to analyse (a ProC-KD run for Fig. 5)")
     an.add_argument("--compare", nargs="*", default=[], help="baseline runs drawn beside it")
     an.add_argument("--out", default=None, help="figure folder (default: RUN/analysis)")
@@ -246,6 +290,8 @@ def make_parser() -> argparse.ArgumentParser:
     an.add_argument("--attention", choices=["grad-rollout", "lrp"], default="grad-rollout",
                     help="Chefer et al. 2021: gradient-weighted rollout (ICCV) or LRP relevance (CVPR)")
     an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--score-thr", type=float, default=0.5, help="detection: boxes drawn at this score or above")
+    an.add_argument("--tests", nargs="*", default=None, help="detection: test sets to draw (default: all)")
     an.set_defaults(fn=_cmd_analyze)
     d = sub.add_parser("demo", help="the embedded cross-task benchmark's core table (default suite: glyphs)")
     d.add_argument("--task", choices=["classification", "detection"], default="classification")
@@ -255,6 +301,15 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None)
     d.add_argument("--quick", action="store_true", help="a smoke-sized run")
     d.set_defaults(fn=_cmd_demo)
+    cv = sub.add_parser("convert", help="a dataset's official layout to the COCO json prockd reads")
+    cv.add_argument("dataset", choices=["cityscapes"])
+    cv.add_argument("--root", required=True, help="the folder holding gtFine/ and leftImg8bit/ (or leftImg8bit_foggy/)")
+    cv.add_argument("--splits", nargs="+", default=["train", "val"])
+    cv.add_argument("--foggy-beta", type=float, default=None,
+                    help="Foggy Cityscapes: point at the *_foggy_beta_<beta>.png images (the usual split: 0.02)")
+    cv.add_argument("--out", default=None, help="annotation folder (default: ROOT/annotations)")
+    cv.add_argument("--workers", type=int, default=2)
+    cv.set_defaults(fn=_cmd_convert)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bc = b.add_parser("compare", help="methods x seeds x settings x students, the paper's Table-1 shape")
     bc.add_argument("--task", choices=["classification", "detection"], default="classification")
@@ -271,7 +326,9 @@ def make_parser() -> argparse.ArgumentParser:
     bc.add_argument("--tune-seeds", type=int, default=None, help="seeds per tuning configuration (default 2)")
     bc.set_defaults(fn=_cmd_bench_compare)
     bs = b.add_parser("speed", help="training-step throughput and memory ratios, side by side in one run")
-    bs.add_argument("--scenario", default="embedded", help="embedded (CPU-sized) or paper (ViT-B -> ViT-B-6, 224 px)")
+    bs.add_argument("--task", choices=["classification", "detection"], default="classification")
+    bs.add_argument("--scenario", default="embedded", help="embedded (CPU-sized) or paper (classification: ViT-B -> "
+                                                           "ViT-B-6, 224 px; detection: X-101 -> R-50, 1024x2048)")
     bs.add_argument("--device", default="auto")
     bs.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     bs.add_argument("--rounds", type=int, default=9, help="interleaved rounds; the median is reported")
@@ -279,7 +336,7 @@ def make_parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch-size", type=int, default=None)
     bs.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None)
     bs.add_argument("--threads", type=int, default=None)
-    bs.add_argument("--out", default="runs/bench_speed.json")
+    bs.add_argument("--out", default=None, help="JSON file (default: runs/bench_speed[_detection].json)")
     bs.set_defaults(fn=_cmd_bench_speed)
     bd = b.add_parser("deploy", help="parameters, FLOPs, latency and throughput: teacher vs student vs deployed, "
                                       "PyTorch and onnxruntime, side by side")

@@ -2,10 +2,11 @@
 
 A teacher detector trained by prockd on one label space (the 10 digits over 100 fonts: the "COCO" of the
 analogue; trained once, cached by its config's hash) teaches students a disjoint label space (8 capital
-letters) from 4 training fonts and 160 canvases; students are tested on 40 held-out fonts, clean and foggy
+letters) from 3 training fonts and 64 canvases; students are tested on 40 held-out fonts, clean and foggy
 (Table 2's two blocks). Every method runs on the same paired seeds; the table shows per-class AP50 and
 mAP50 (mean ± std over seeds) of the validation-selected checkpoint, and each method's paired difference
-to student-only with its 95 % interval.
+to student-only with its 95 % interval. Before the table: the knowledge-gap check (linear probes on the
+ground-truth boxes of the held-out fonts, the teacher's RoI features vs the boxes' pixels).
 """
 from __future__ import annotations
 
@@ -56,13 +57,100 @@ def det_teacher(teacher_raw: dict, cache_root: Path, log, say) -> tuple[Path, di
     return ckpt, json.loads((run_dir / "final.json").read_text())
 
 
+TUNE_FACTORS = (0.01, 0.1, 1.0)  # x the public configs' main loss weights: the same budget for every method
+TUNED_FILE = "tuned.yaml"  # the weights the demo uses, chosen by `prockd bench compare --task detection --tune`
+
+
+def _run_dir(out: Path, raw: dict, method: str, seed: int) -> Path:
+    """``out/<method>/<hash of the run's config without seed and out>/seed<k>``: a changed recipe or weight
+    never reuses another configuration's finished run."""
+    key = {k: v for k, v in raw.items() if k not in ("seed", "out")}
+    tag = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return out / method / tag / f"seed{seed}"
+
+
+def _queue_runs(out: Path, student_raw: dict, teacher_section: dict, method: str, params: dict, seeds, log_path,
+                todo: list) -> list[Path]:
+    """Queue (unless finished) one run per seed of ``method`` with ``params``; returns their folders."""
+    dirs = []
+    for s in seeds:
+        raw = copy.deepcopy(student_raw)
+        raw.update(method={"name": method, "params": copy.deepcopy(params)})
+        raw["train"] = dict(raw["train"], progress=False)
+        if method != "student_only":
+            raw["teacher"] = teacher_section
+        run_dir = _run_dir(out, raw, method, s)
+        raw.update(seed=s, out=str(run_dir))
+        dirs.append(run_dir)
+        if not (run_dir / "final.json").is_file():
+            todo.append((raw, str(run_dir), str(log_path)))
+    return dirs
+
+
+def scaled(method: str, params: dict, factor: float) -> dict:
+    """``params`` with the detection method's main loss weights (defaults where unset) times ``factor``."""
+    from prockd.detection.methods import DET_METHODS
+
+    cls = DET_METHODS.get(method)
+    full = cls.Params(**(params or {})).model_dump()
+    return dict(params or {}, **{w: full[w] * factor for w in cls.main_weights})
+
+
+def tuned_params() -> dict:
+    """The shipped weights of the demo (``configs/detection/embedded/tuned.yaml``; empty if absent)."""
+    import yaml
+
+    root = CONFIG_DIR if CONFIG_DIR.is_dir() else Path("configs/detection/embedded")
+    p = root / TUNED_FILE
+    return (yaml.safe_load(p.read_text()) or {}).get("params", {}) if p.is_file() else {}
+
+
+def tune(out: Path, student_raw: dict, teacher_section: dict, methods, tune_seeds: int, workers: int, log_path,
+         say=print) -> dict:
+    """Equal-budget weight choice on the validation split: every distilling method runs its main loss weights
+    x each of :data:`TUNE_FACTORS` on seeds 1000.. (not the table's seeds); the factor with the highest mean
+    validation mAP50 of the selected checkpoint wins (a tie keeps the larger factor). Writes ``tune.json``."""
+    todo: list = []
+    grid = {}
+    for m in methods:
+        if m == "student_only":
+            continue
+        for f in TUNE_FACTORS:
+            p = scaled(m, {}, f)
+            grid[(m, f)] = (p, _queue_runs(out / "tune", student_raw, teacher_section, m, p,
+                                           range(1000, 1000 + tune_seeds), log_path, todo))
+    say(f"tuning: {len(todo)} runs to go ({len(grid)} method x weight configurations x {tune_seeds} seed(s))")
+    run_jobs(todo, workers, "detection tuning runs")
+    scores: dict = {}
+    for (m, f), (_, dirs) in grid.items():
+        vals = [json.loads((d / "final.json").read_text())["best"] for d in dirs]
+        scores.setdefault(m, {})[f] = sum(vals) / len(vals)
+    best = choose_factors(scores)
+    res = {"factors": list(TUNE_FACTORS), "tune_seeds": tune_seeds,
+           "val_mAP50": {m: {str(f): v for f, v in sc.items()} for m, sc in scores.items()},
+           "chosen": {m: {"factor": f, "params": grid[(m, f)][0]} for m, f in best.items()}}
+    atomic_write_json(out / "tune.json", res)
+    say("tuning (validation mAP50 by weight factor): " + "; ".join(
+        f"{m}: " + ", ".join(f"x{f} {v:.1f}" for f, v in sc.items()) + f" -> x{best[m]}" for m, sc in scores.items()))
+    return res
+
+
+def choose_factors(scores: dict[str, dict[float, float]]) -> dict[str, float]:
+    """Per method, the weight factor of the highest validation score (a tie keeps the larger factor)."""
+    return {m: max(sc, key=lambda f: (sc[f], f)) for m, sc in scores.items()}
+
+
 def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = DEMO_METHODS,
                           workers: int | None = None, quick: bool = False, cache_root: Path | None = None,
-                          params: dict | None = None, say=print) -> dict:
-    """Teacher (cached), every method x seed (parallel, resumable), the table; writes ``results.{json,md}``."""
+                          params: dict | None = None, do_tune: bool = False, tune_seeds: int = 1,
+                          say=print) -> dict:
+    """Teacher (cached), optionally the equal-budget weight choice (:func:`tune`), every method x seed
+    (parallel, resumable), the knowledge-gap probe and the table; writes ``results.{json,md}``. Without
+    ``do_tune`` the weights are ``params`` (default: the shipped :func:`tuned_params`)."""
     from prockd.bench.common import default_workers
 
     out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
+    workers = workers or default_workers()
     teacher_raw, student_raw = _configs()
     if quick:
         quick_sizes(teacher_raw, student_raw)
@@ -73,26 +161,26 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
     say(f"teacher detector: {ckpt} (its own held-out-font test mAP50 {t_sel.get('test/mAP50', float('nan')):.1f})")
     teacher_section = copy.deepcopy(teacher_raw["student"])
     teacher_section.update(checkpoint=str(ckpt), backbone_weights="none")
-    todo = []
-    for m in methods:
-        for s in range(seeds):
-            run_dir = out / m / f"seed{s}"
-            if (run_dir / "final.json").is_file():
-                continue
-            raw = copy.deepcopy(student_raw)
-            raw.update(seed=s, out=str(run_dir), method={"name": m, "params": (params or {}).get(m, {})})
-            raw["train"] = dict(raw["train"], progress=False)
-            if m != "student_only":
-                raw["teacher"] = teacher_section
-            todo.append((raw, str(run_dir), str(log_path)))
-    from prockd.detection.engine import open_data
     from prockd.detection.config import build_det_config
+    from prockd.detection.engine import open_data
 
     open_data(build_det_config(dict(student_raw, teacher=None)), log=say)  # render the canvases once, not per worker
+    tuning = None
+    if do_tune:
+        tuning = tune(out, student_raw, teacher_section, methods, tune_seeds, workers, log_path, say)
+        params = {m: c["params"] for m, c in tuning["chosen"].items()}
+    elif params is None:
+        params = tuned_params()
+    todo: list = []
+    runs = {m: _queue_runs(out, student_raw, teacher_section, m, (params or {}).get(m, {}), range(seeds), log_path,
+                           todo) for m in methods}
     say(f"{len(todo)} runs to go ({len(methods)} methods x {seeds} seeds); log: {log_path}")
-    run_jobs(todo, workers or default_workers(), "detection runs")
-    table = collect(out, methods, seeds)
+    run_jobs(todo, workers, "detection runs")
+    table = collect(runs)
+    table["params"] = {m: (params or {}).get(m, {}) for m in methods}
+    table["tuning"] = tuning
     table["teacher"] = {"checkpoint": str(ckpt), "selected": t_sel}
+    table["probe"] = knowledge_probe(out, student_raw, teacher_section, say)
     md = format_table(table)
     atomic_write_json(out / "results.json", table)
     atomic_write_text(out / "results.md", md)
@@ -100,17 +188,34 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
     return table
 
 
-def collect(out: Path, methods, seeds: int) -> dict:
+def knowledge_probe(out: Path, student_raw: dict, teacher_section: dict, say=print) -> dict:
+    """The knowledge-gap check of the benchmark (cached in ``probe.json``): linear probes on ground-truth boxes,
+    the frozen teacher's RoI features vs the boxes' pixels (:func:`prockd.detection.analysis.detection_probe`)."""
+    from prockd.detection.analysis import detection_probe
+    from prockd.detection.config import build_det_config
+    from prockd.detection.engine import build
+
+    path = out / "probe.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    say("knowledge-gap probe: linear box classifiers on the teacher's RoI features vs on the boxes' pixels")
+    raw = dict(copy.deepcopy(student_raw), teacher=teacher_section, method={"name": "cwd", "params": {}})
+    b = build(build_det_config(raw, "probe"), log=lambda _m: None)
+    res = detection_probe(b.teacher, b.distiller.student.transform, b.data.train, b.data.tests)
+    atomic_write_json(path, res)
+    return res
+
+
+def collect(run_dirs: dict[str, list[Path]]) -> dict:
     """Per method: per-seed selected metrics of each test set; mean ± std; paired difference to student-only."""
-    res: dict = {"methods": {}, "seeds": seeds}
-    for m in methods:
-        runs = []
-        for s in range(seeds):
-            p = out / m / f"seed{s}" / "final.json"
+    res: dict = {"methods": {}, "seeds": max((len(d) for d in run_dirs.values()), default=0)}
+    for m, dirs in run_dirs.items():
+        res["methods"][m] = []
+        for d in dirs:
+            p = d / "final.json"
             if p.is_file():
                 summary = json.loads(p.read_text())
-                runs.append(summary.get("selected") or summary["final"])
-        res["methods"][m] = runs
+                res["methods"][m].append(summary.get("selected") or summary["final"])
     tests = sorted({k.split("/")[0] for runs in res["methods"].values() for r in runs for k in r
                     if k.startswith("test")})
     res["tests"] = tests
@@ -133,6 +238,19 @@ def collect(out: Path, methods, seeds: int) -> dict:
 def format_table(table: dict) -> str:
     """Table-2-shaped markdown: one block per test set, per-class AP50 and mAP50, Δ mAP50 vs student-only."""
     lines = []
+    tuning = table.get("tuning")
+    if tuning:
+        lines.append("\nWeights chosen on validation (equal budget: x" + ", x".join(map(str, tuning["factors"]))
+                     + " of each method's public weights): " + ", ".join(
+                         f"{m} x{c['factor']}" for m, c in tuning["chosen"].items()))
+    elif any(table.get("params", {}).values()):
+        lines.append("\nWeights: " + "; ".join(f"{m} " + ", ".join(f"{k}={v:.3g}" for k, v in p.items())
+                                               for m, p in table["params"].items() if p))
+    probe = table.get("probe")
+    if probe:
+        lines.append("\nKnowledge gap (linear probes on ground-truth boxes, accuracy %): " + "; ".join(
+            f"{n}: teacher RoI features {probe['teacher'][n]:.1f} vs pixels {probe['pixels'][n]:.1f} "
+            f"({probe['gap'][n]:+.1f})" for n in probe["gap"]))
     stats = table["stats"]
     for test in table["tests"]:
         classes = sorted({k.split("/")[2] for st in stats.values() for k in st if k.startswith(f"{test}/AP50/")})

@@ -58,7 +58,8 @@ SCENARIOS = {
 }
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -150,11 +151,24 @@ class _TorchdistillStep:
         self.opt.step()
 
 
-def _time(fns: dict, device, steps: int, rounds: int, warmup: int) -> dict[str, list[float]]:
+def print_speed_tables(times: dict, batch: int, ratios: dict, targets: dict, spread: dict, header: str) -> None:
+    """The per-variant step times and the ratios against their targets (both ``prockd bench speed`` tasks)."""
+    print(f"{'variant':24s} {'ms/step':>10s} {'images/s':>10s}")
+    for k, v in times.items():
+        print(f"{k:24s} {1e3 * v:10.2f} {batch / v:10.2f}")
+    print(f"{header:34s} {'value':>8s} {'target':>8s}        range over rounds")
+    for k, v in ratios.items():
+        rng = f"{spread[k][0]:.3f} .. {spread[k][1]:.3f}" if k in spread else ""
+        print(f"{k:34s} {v:8.3f} {'<= ' + str(targets[k]):>8s} {'met' if v <= targets[k] else 'MISSED':>6s}   {rng}")
+
+
+def time_interleaved(fns: dict, device, steps: int, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Per variant, the seconds per step of each round: ``warmup`` untimed calls each, then ``rounds`` rounds
+    in which every variant runs ``steps`` calls in turn, in an order rotated every round."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync_device(device)
     per: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(rounds):
@@ -163,7 +177,7 @@ def _time(fns: dict, device, steps: int, rounds: int, warmup: int) -> dict[str, 
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
-            _sync(device)
+            sync_device(device)
             per[k].append((time.perf_counter() - t0) / steps)
     return per
 
@@ -306,7 +320,7 @@ def run_speed(scenario: str = "embedded", device: str = "auto", steps: int = 5, 
         fns["fitnets_torchdistill"] = _TorchdistillStep(b_fit2, x, y, "fitnets")
     except ImportError as e:
         td_error = f"torchdistill not importable ({e}): pip install torchdistill"
-    per = _time(fns, dev, steps, rounds, warmup)
+    per = time_interleaved(fns, dev, steps, rounds, warmup)
     times = {k: statistics.median(v) for k, v in per.items()}
     mem = pl_memory(b_prockd, x)
     tmp.cleanup()
@@ -336,13 +350,7 @@ def run_speed(scenario: str = "embedded", device: str = "auto", steps: int = 5, 
                          "teacher": sum(p.numel() for p in teacher.parameters())}}
     print(f"prockd bench speed: scenario {scenario}, device {dev_name}, batch {bs}, amp {sc['amp']}, "
           f"{torch.get_num_threads()} threads, median of {rounds} rounds x {steps} steps")
-    print(f"{'variant':24s} {'ms/step':>10s} {'images/s':>10s}")
-    for k, v in times.items():
-        print(f"{k:24s} {1e3 * v:10.2f} {bs / v:10.1f}")
-    print(f"{'ratio (median of rounds)':32s} {'value':>8s} {'target':>8s}        range over rounds")
-    for k, v in r.items():
-        rng = f"{spread[k][0]:.3f} .. {spread[k][1]:.3f}" if k in spread else ""
-        print(f"{k:32s} {v:8.3f} {'<= ' + str(targets[k]):>8s} {'met' if v <= targets[k] else 'MISSED':>6s}   {rng}")
+    print_speed_tables(times, bs, r, targets, spread, "ratio (median of rounds)")
     print(f"PL peak memory {mem['peak_bytes'] / 2**20:.2f} MiB vs need {mem['need_bytes'] / 2**20:.2f} MiB "
           f"({mem['method']})")
     if td_error:

@@ -154,6 +154,10 @@ def build_canvases(cfg: CanvasConfig, log=print) -> dict[str, tuple[Path, Path]]
                 anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c + 1,
                              "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
         (tmp / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-        shutil.rmtree(root / name, ignore_errors=True)
-        os.replace(tmp, root / name)
+        try:
+            os.replace(tmp, root / name)  # atomic; only complete splits are ever in place
+        except OSError:
+            if not out[name][1].is_file():  # not another process's identical, complete copy
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -1,0 +1,83 @@
+"""``prockd bench speed --task detection`` on tiny detectors: every variant timed in the same rounds, the
+overhead ratios recomputed from the per-round times, the JSON written; an unknown scenario exits 2."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from prockd.bench.det_speed import METHODS, run_det_speed
+from prockd.cli import main
+
+TINY = dict(backbone="mobilenet_v2", backbone_weights="none", min_size=[64], max_size=64, fpn_channels=16,
+            representation_size=32, anchor_sizes=[8, 16, 32, 64, 128], rpn_batch_per_image=32,
+            rpn_pre_nms_train=100, rpn_post_nms_train=50, rpn_pre_nms_test=50, rpn_post_nms_test=20,
+            box_batch_per_image=16, norm="train", trainable_layers=5)
+
+
+def test_det_speed_variants_and_ratios(tmp_path):
+    out = tmp_path / "speed.json"
+    res = run_det_speed("embedded", device="cpu", steps=1, rounds=3, warmup=0, batch_size=2, threads=1, out=out,
+                        overrides={"image": [64, 64], "student": TINY,
+                                   "teacher": dict(TINY, fpn_channels=24, num_classes=5)})
+    assert json.loads(out.read_text())["ratios"] == res["ratios"]
+    per = res["per_round_seconds"]
+    assert set(per) == set(METHODS) | {"teacher_forward"} and all(len(v) == 3 for v in per.values())
+    for name in METHODS:
+        if name == "student_only":
+            continue
+        direct = statistics.median((per[name][i] - per["teacher_forward"][i] - per["student_only"][i])
+                                   / (per["teacher_forward"][i] + per["student_only"][i]) for i in range(3))
+        assert abs(res["ratios"][f"{name}_overhead"] - direct) < 1e-12
+        assert res["met"][f"{name}_overhead"] == (direct <= 0.15)
+    assert res["params"]["prockd_trainable"] > res["params"]["student_only_trainable"]  # PL / FA / fusion
+    assert res["params"]["teacher"] > 0
+
+
+def test_det_speed_unknown_scenario_exits_2(capsys):
+    assert main(["bench", "speed", "--task", "detection", "--scenario", "nope"]) == 2
+    assert "unknown detection scenario" in capsys.readouterr().err
+
+
+def test_weight_scaling_choice_and_run_folders():
+    from prockd.bench.detection import _run_dir, choose_factors, scaled
+
+    assert scaled("cwd", {}, 0.1) == {"weight": 1.0}  # the public weight 10, x0.1
+    fgd = scaled("fgd", {"temperature": 0.5}, 0.01)
+    assert fgd["temperature"] == 0.5 and abs(fgd["alpha"] - 5e-7) < 1e-18 and abs(fgd["lambda_global"] - 5e-9) < 1e-20
+    assert set(scaled("prockd", {}, 0.1)) == {"lambda_mimic", "lambda_emb"}
+    assert choose_factors({"a": {0.01: 5.0, 0.1: 7.0, 1.0: 7.0}, "b": {0.01: 9.0, 0.1: 1.0, 1.0: 2.0}}) == \
+        {"a": 1.0, "b": 0.01}  # a tie keeps the larger factor
+    raw = {"seed": 0, "out": "x", "method": {"name": "cwd", "params": {"weight": 1.0}}, "train": {"epochs": 12}}
+    a = _run_dir(Path("o"), raw, "cwd", 0)
+    assert _run_dir(Path("o"), dict(raw, seed=5, out="y"), "cwd", 0) == a  # seed and out are not the recipe
+    assert _run_dir(Path("o"), dict(raw, method={"name": "cwd", "params": {"weight": 10.0}}), "cwd", 0) != a
+    assert _run_dir(Path("o"), dict(raw, train={"epochs": 10}), "cwd", 0) != a
+
+
+def test_collect_and_table_on_written_results(tmp_path):
+    """The table's statistics from final.json files with known values: mean, sample std and the paired
+    Student-t interval computed here directly."""
+    from scipy import stats
+
+    from prockd.bench.detection import collect, format_table
+
+    vals = {"student_only": [80.0, 82.0, 84.0], "cwd": [81.0, 84.0, 85.5]}
+    dirs = {}
+    for m, vs in vals.items():
+        dirs[m] = []
+        for s, v in enumerate(vs):
+            d = tmp_path / m / f"seed{s}"
+            d.mkdir(parents=True)
+            sel = {"epoch": 11, "val/mAP50": 90.0, "test/mAP50": v, "test/AP50/A": v + 1, "test/AP50/C": v - 1}
+            (d / "final.json").write_text(json.dumps({"final": sel, "selected": sel}))
+            dirs[m].append(d)
+    t = collect(dirs)
+    st = t["stats"]["cwd"]["test/mAP50"]
+    diffs = [a - b for a, b in zip(vals["cwd"], vals["student_only"])]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / 3 ** 0.5
+    assert st["mean"] == round(statistics.fmean(vals["cwd"]), 2) and st["std"] == round(statistics.stdev(vals["cwd"]), 2)
+    assert abs(st["vs_student"]["mean"] - statistics.fmean(diffs)) < 1e-3 and abs(st["vs_student"]["ci95"] - half) < 1e-3
+    assert st["vs_student"]["verdict"] == ("better" if statistics.fmean(diffs) - half > 0 else "no difference")
+    md = format_table(dict(t, params={"cwd": {"weight": 1.0}}))
+    assert "| cwd | 84.5 | 82.5 | 83.5 ± 2.3 |" in md and "Weights: cwd weight=1" in md
