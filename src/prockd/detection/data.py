@@ -53,17 +53,19 @@ def check_box(x0: float, y0: float, x1: float, y1: float, w: int, h: int, where:
 class DetectionSet(Dataset):
     """Records + class names; items are ``(image float 3 x H x W in [0, 1], target dict)``."""
 
-    def __init__(self, records: list[DetRecord], classes: list[str], source: str):
+    def __init__(self, records: list[DetRecord], classes: list[str], source: str,
+                 supercategories: dict[str, str] | None = None):
         self.records = records
         self.classes = classes
         self.source = source
+        self.supercategories = supercategories or {}  # class -> supercategory (COCO json; Fig. 11's Sim curve)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def subset(self, n: int | None) -> "DetectionSet":
         """The first ``n`` images (all when ``n`` is None)."""
-        return self if n is None else DetectionSet(self.records[:n], self.classes, self.source)
+        return self if n is None else DetectionSet(self.records[:n], self.classes, self.source, self.supercategories)
 
     def load_image(self, i: int) -> torch.Tensor:
         """Image ``i`` as a float tensor ``3 x H x W`` in [0, 1]."""
@@ -99,7 +101,8 @@ class DetectionSet(Dataset):
                 w, h = float(b[2] - b[0]), float(b[3] - b[1])
                 anns.append({"id": len(anns) + 1, "image_id": r.image_id, "category_id": int(lab),
                              "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": int(c)})
-        cats = [{"id": i + 1, "name": n, "supercategory": n} for i, n in enumerate(self.classes)]
+        cats = [{"id": i + 1, "name": n, "supercategory": self.supercategories.get(n, n)}
+                for i, n in enumerate(self.classes)]
         return {"images": images, "annotations": anns, "categories": cats}
 
 
@@ -141,11 +144,13 @@ def read_coco(images: str | Path, annotations: str | Path, classes: list[str] | 
     data = _read_json(ann_path)
     name_map = name_map or {}
     src = str(ann_path)
-    cat_name = {}
+    cat_name, sup = {}, {}
     for c in data["categories"]:
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise ProckdError(f"{src}: category entry {c!r} needs 'id' and 'name'")
         cat_name[c["id"]] = name_map.get(c["name"], c["name"])
+        if c.get("supercategory"):
+            sup[cat_name[c["id"]]] = str(c["supercategory"])
     order = _class_index([c["name"] for c in data["categories"]], classes, name_map, src)
     label_of = {n: i + 1 for i, n in enumerate(order)}
     if not img_dir.is_dir():
@@ -178,7 +183,7 @@ def read_coco(images: str | Path, annotations: str | Path, classes: list[str] | 
         name = cat_name[cid]
         if name in label_of:
             boxes[iid].append((*box, label_of[name], bool(a.get("iscrowd", 0))))
-    return DetectionSet([_fill(recs[i], boxes[i]) for i in recs], order, src)
+    return DetectionSet([_fill(recs[i], boxes[i]) for i in recs], order, src, sup)
 
 
 def _fill(r: DetRecord, rows: list) -> DetRecord:
