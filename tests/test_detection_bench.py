@@ -40,12 +40,14 @@ def test_det_speed_unknown_scenario_exits_2(capsys):
 
 
 def test_weight_scaling_choice_and_run_folders():
-    from prockd.bench.detection import _run_dir, choose_factors, scaled
+    from prockd.bench.common import scaled
+    from prockd.bench.detection import _run_dir, choose_factors
+    from prockd.detection.methods import DET_METHODS
 
-    assert scaled("cwd", {}, 0.1) == {"weight": 1.0}  # the public weight 10, x0.1
-    fgd = scaled("fgd", {"temperature": 0.5}, 0.01)
+    assert scaled(DET_METHODS, "cwd", {}, 0.1) == {"weight": 1.0}  # the public weight 10, x0.1
+    fgd = scaled(DET_METHODS, "fgd", {"temperature": 0.5}, 0.01)
     assert fgd["temperature"] == 0.5 and abs(fgd["alpha"] - 5e-7) < 1e-18 and abs(fgd["lambda_global"] - 5e-9) < 1e-20
-    assert set(scaled("prockd", {}, 0.1)) == {"lambda_mimic", "lambda_emb"}
+    assert set(scaled(DET_METHODS, "prockd", {}, 0.1)) == {"lambda_mimic", "lambda_emb"}
     assert choose_factors({"a": {0.01: 5.0, 0.1: 7.0, 1.0: 7.0}, "b": {0.01: 9.0, 0.1: 1.0, 1.0: 2.0}}) == \
         {"a": 1.0, "b": 0.01}  # a tie keeps the larger factor
     raw = {"seed": 0, "out": "x", "method": {"name": "cwd", "params": {"weight": 1.0}}, "train": {"epochs": 12}}

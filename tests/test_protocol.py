@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from prockd.bench.common import paired_ci, verdict
-from prockd.bench.compare import scaled
+from prockd.bench.common import paired_ci, scaled, verdict
 from prockd.config import TrainConfig, build_config
 from prockd.data import ArrayDataset
 from prockd.engine import affine_batch, build, make_views
+from prockd.methods import METHODS
 from prockd.probe import fit_probe
 
 
@@ -39,11 +39,11 @@ def test_linear_probe_separates_informative_features_not_noise():
 
 
 def test_tuning_scales_each_methods_main_weights_together():
-    assert scaled("fitnets", {}, 3.0) == {"weight": 3.0}
-    assert scaled("rkd", {"lambda_dist": 10.0}, 0.5) == {"lambda_dist": 5.0, "lambda_angle": 25.0}
-    p = scaled("prockd", {"num_prototypes": 8}, 3.0)
+    assert scaled(METHODS, "fitnets", {}, 3.0) == {"weight": 3.0}
+    assert scaled(METHODS, "rkd", {"lambda_dist": 10.0}, 0.5) == {"lambda_dist": 5.0, "lambda_angle": 25.0}
+    p = scaled(METHODS, "prockd", {"num_prototypes": 8}, 3.0)
     assert p == {"num_prototypes": 8, "lambda_kl": 3.0, "lambda_emb": 3.0}
-    assert scaled("student_only", {}, 3.0) == {}
+    assert scaled(METHODS, "student_only", {}, 3.0) == {}
 
 
 def test_affine_identity_and_quarter_turn():

@@ -35,17 +35,15 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_pretrain_teacher(args) -> int:
-    from prockd.config import load_any_config, load_config
+    from prockd.config import load_any_config
     from prockd.engine import build, train
 
-    if getattr(load_any_config(args.config, args.overrides), "task", None) == "detection":
+    cfg = load_any_config(args.config, list(args.overrides) + ["method.name=student_only", "method.params={}"])
+    if getattr(cfg, "task", None) == "detection":
         from prockd.detection.engine import pretrain_teacher
 
-        out = pretrain_teacher(load_any_config(args.config, list(args.overrides) + ["method.name=student_only",
-                                                                                     "method.params={}"]), args.out)
-        print(json.dumps(out, indent=2))
+        print(json.dumps(pretrain_teacher(cfg, args.out), indent=2))
         return 0
-    cfg = load_config(args.config, list(args.overrides) + ["method.name=student_only", "method.params={}"])
     out = Path(args.out or cfg.out)
     built = build(cfg)
     summary = train(cfg, out, built=built)
@@ -177,12 +175,13 @@ def _cmd_demo(args) -> int:
     if args.task == "detection":
         from prockd.bench.detection import run_detection_compare
 
-        run_detection_compare(Path(args.out or "runs/demo_detection"), seeds=args.seeds or (2 if args.quick else 3), workers=args.workers,
-                              quick=args.quick)
+        run_detection_compare(Path(args.out or "runs/demo_detection"), seeds=args.seeds or (2 if args.quick else 3),
+                              workers=args.workers, quick=args.quick)
         return 0
     from prockd.demo import run_demo
 
-    run_demo(out=Path(args.out or "runs/demo"), suite=args.suite, seeds=args.seeds, quick=args.quick, workers=args.workers)
+    run_demo(out=Path(args.out or "runs/demo"), suite=args.suite, seeds=args.seeds, quick=args.quick,
+             workers=args.workers)
     return 0
 
 

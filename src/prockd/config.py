@@ -160,7 +160,6 @@ class ExperimentConfig(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
 
-
 def _format_errors(e: ValidationError, prefix: str = "") -> str:
     parts = []
     for err in e.errors():

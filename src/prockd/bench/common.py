@@ -103,6 +103,14 @@ def pretrained_teacher(teacher_run: dict, cache_root: Path, log=print, say=print
     return ckpt, summary
 
 
+def scaled(registry, method: str, params: dict, factor: float) -> dict:
+    """``params`` with the method's main loss weights (their defaults where unset) multiplied by ``factor``
+    (``registry``: the task's method registry); the weight grid of both tasks' equal-budget tuning."""
+    cls = registry.get(method)
+    full = cls.Params(**(params or {})).model_dump()
+    return dict(params or {}, **{w: full[w] * factor for w in cls.main_weights})
+
+
 def mean_std(v: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)

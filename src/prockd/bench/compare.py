@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from prockd.bench.common import (default_workers, mean_std, output_dirs, paired_ci, prepare_cache, pretrained_teacher,
-                                 run_jobs, verdict)
+                                 run_jobs, scaled)
 from prockd.bench.suites import get_suite
 from prockd.config import build_config, deep_merge
 from prockd.errors import ProckdError
@@ -99,18 +99,6 @@ def run_config(spec: dict, base: dict, student: str, setting: str, method: str, 
     return raw
 
 
-def scaled(method: str, params: dict, factor: float) -> dict:
-    """``params`` with the method's main loss weights (their defaults where unset) multiplied by ``factor``."""
-    from prockd.methods import METHODS
-
-    cls = METHODS.get(method)
-    full = cls.Params(**(params or {})).model_dump()
-    out = dict(params or {})
-    for w in cls.main_weights:
-        out[w] = full[w] * factor
-    return out
-
-
 def _tag(params: dict) -> str:
     return hashlib.sha1(json.dumps(params or {}, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -162,7 +150,7 @@ def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print) -> d
 
     for method, params in spec["methods"].items():
         fs = factors if METHODS.get(method).main_weights else [1.0]
-        grid[method] = {f: scaled(method, params, f) for f in fs}
+        grid[method] = {f: scaled(METHODS, method, params, f) for f in fs}
         for f, p in grid[method].items():
             for seed in seeds:
                 rd = out / "runs" / "tune" / student / setting / method / f"x{f:g}" / f"seed{seed}"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from prockd.bench.speed import print_speed_tables, sync_device, time_interleaved
+from prockd.bench.speed import print_speed_tables, time_interleaved
 from prockd.config import deep_merge
 from prockd.engine import autocast, resolve_device
 from prockd.io import atomic_write_json
@@ -128,7 +128,6 @@ def run_det_speed(scenario: str = "embedded", device: str = "auto", steps: int =
 
     fns["teacher_forward"] = teacher_forward
     per = time_interleaved(fns, dev, steps, rounds, warmup)
-    sync_device(dev)
     times = {k: statistics.median(v) for k, v in per.items()}
     ratios, spread = {}, {}
     for name in methods:

@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from prockd.bench.common import mean_std, output_dirs, paired_ci, run_jobs, verdict
+from prockd.bench.common import mean_std, output_dirs, paired_ci, run_jobs, scaled, verdict
 from prockd.config import read_config_file
 from prockd.io import atomic_write_json, atomic_write_text
 
@@ -24,9 +24,14 @@ DEMO_METHODS = ("student_only", "cwd", "mgd", "fgd", "skd_zhang_ma", "prockd")
 ALL_METHODS = DEMO_METHODS + ("fbkd", "pkd_pearson", "ssim_kd")
 
 
+def _config_root() -> Path:
+    """The embedded benchmark's config folder (the source tree's, else the working directory's)."""
+    return CONFIG_DIR if CONFIG_DIR.is_dir() else Path("configs/detection/embedded")
+
+
 def _configs() -> tuple[dict, dict]:
     """(teacher raw config, student raw config) of the embedded benchmark."""
-    root = CONFIG_DIR if CONFIG_DIR.is_dir() else Path("configs/detection/embedded")
+    root = _config_root()
     return read_config_file(root / "teacher.yaml"), read_config_file(root / "student.yaml")
 
 
@@ -87,21 +92,11 @@ def _queue_runs(out: Path, student_raw: dict, teacher_section: dict, method: str
     return dirs
 
 
-def scaled(method: str, params: dict, factor: float) -> dict:
-    """``params`` with the detection method's main loss weights (defaults where unset) times ``factor``."""
-    from prockd.detection.methods import DET_METHODS
-
-    cls = DET_METHODS.get(method)
-    full = cls.Params(**(params or {})).model_dump()
-    return dict(params or {}, **{w: full[w] * factor for w in cls.main_weights})
-
-
 def tuned_params() -> dict:
     """The shipped weights of the demo (``configs/detection/embedded/tuned.yaml``; empty if absent)."""
     import yaml
 
-    root = CONFIG_DIR if CONFIG_DIR.is_dir() else Path("configs/detection/embedded")
-    p = root / TUNED_FILE
+    p = _config_root() / TUNED_FILE
     return (yaml.safe_load(p.read_text()) or {}).get("params", {}) if p.is_file() else {}
 
 
@@ -110,13 +105,15 @@ def tune(out: Path, student_raw: dict, teacher_section: dict, methods, tune_seed
     """Equal-budget weight choice on the validation split: every distilling method runs its main loss weights
     x each of :data:`TUNE_FACTORS` on seeds 1000.. (not the table's seeds); the factor with the highest mean
     validation mAP50 of the selected checkpoint wins (a tie keeps the larger factor). Writes ``tune.json``."""
+    from prockd.detection.methods import DET_METHODS
+
     todo: list = []
     grid = {}
     for m in methods:
         if m == "student_only":
             continue
         for f in TUNE_FACTORS:
-            p = scaled(m, {}, f)
+            p = scaled(DET_METHODS, m, {}, f)
             grid[(m, f)] = (p, _queue_runs(out / "tune", student_raw, teacher_section, m, p,
                                            range(1000, 1000 + tune_seeds), log_path, todo))
     say(f"tuning: {len(todo)} runs to go ({len(grid)} method x weight configurations x {tune_seeds} seed(s))")

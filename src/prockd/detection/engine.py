@@ -8,7 +8,6 @@ without the teacher or the config file).
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -240,12 +239,10 @@ def train(cfg: DetExperimentConfig, run_dir: str | Path | None = None, *, log=pr
         record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "time_s": time.perf_counter() - t0, "steps": step}
         record.update({k: v / max(1, n * info.world) for k, v in zip(keys, red.tolist())})
         last_epoch = epoch + 1 == t.epochs or stopped
-        if info.main:
-            if data.val is not None and ((epoch + 1) % t.eval_every == 0 or last_epoch):
-                record.update(evaluate_sets(dist, {"val": data.val}, device, t.amp))
-            elif data.val is None and ((epoch + 1) % t.eval_every == 0 or last_epoch):
-                first = next(iter(data.tests))
-                record.update(evaluate_sets(dist, {first: data.tests[first]}, device, t.amp))
+        if info.main and ((epoch + 1) % t.eval_every == 0 or last_epoch):  # the selection data: val, else test 1
+            name = primary.split("/")[0]
+            record.update(evaluate_sets(dist, {name: data.val if data.val is not None else data.tests[name]},
+                                        device, t.amp))
         history.append(record)
         improved = primary in record and record[primary] >= best
         if improved:
@@ -279,12 +276,6 @@ def train(cfg: DetExperimentConfig, run_dir: str | Path | None = None, *, log=pr
 
 def _silent(*_a, **_k) -> None:
     """Log sink of the non-zero ranks."""
-
-
-def read_summary(run_dir: Path) -> dict | None:
-    """A finished run's ``final.json`` (None when unfinished)."""
-    p = Path(run_dir) / "final.json"
-    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def pretrain_teacher(cfg: DetExperimentConfig, out: str | Path | None = None, log=print) -> dict:

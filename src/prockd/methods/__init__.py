@@ -4,7 +4,6 @@ from prockd.methods import (ab, attention_probe, cwd, dkd, fbkd, fitnets, kd, mg
                             pkd_projector, prockd, refilled, rkd, ssim_kd, student_only, vid)  # noqa: F401,E402  (registration)
 
 
-
 def method_params(cfg):
     """The classification run's method class and validated ``Params`` (:func:`prockd.registry.method_params`)."""
     from prockd.registry import method_params as _validated
