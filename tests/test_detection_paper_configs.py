@@ -44,6 +44,7 @@ def test_paper_table2_on_the_official_cityscapes_layout(tmp_path, monkeypatch, n
         s = train(cfg, tmp_path / m / "run", log=lambda _m: None)
         test = "cityscapes" if beta is None else "foggy_cityscapes"
         assert f"{test}/AP50/car" in s["final"] and f"{test}/mAP50" in s["final"]
+        assert s["selected"] is None  # no validation split: no checkpoint is chosen (never on the test set)
 
 
 CASES = {

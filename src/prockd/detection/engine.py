@@ -262,8 +262,10 @@ def train(cfg: DetExperimentConfig, run_dir: str | Path | None = None, *, log=pr
         log("warning: the DDP replicas' weights differ at the end of training (a rank ran other steps?)")
     if info.main:
         final = evaluate_sets(dist, data.tests, device, t.amp)
-        selected = select_best(ckpt_dir, dist, primary, dict(final, epoch=history[-1]["epoch"]), data.tests,
-                               lambda: evaluate_sets(dist, data.tests, device, t.amp))
+        selected = None  # a checkpoint is chosen on validation only, never on a test set (as classification)
+        if data.val is not None:
+            selected = select_best(ckpt_dir, dist, primary, dict(final, epoch=history[-1]["epoch"]), data.tests,
+                                   lambda: evaluate_sets(dist, data.tests, device, t.amp))
         summary.update({"final": final, "selected": selected, "best": best, "history_len": len(history),
                         "student_params": sum(p.numel() for p in dist.student.parameters()),
                         "deployed_params": sum(p.numel() for p in dist.export().parameters())})
