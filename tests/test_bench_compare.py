@@ -98,3 +98,30 @@ def test_unknown_names_are_one_line_errors(capsys):
     assert main(["bench", "compare", "--suite", "nope"]) == 2
     assert "unknown benchmark suite 'nope'" in capsys.readouterr().err
     assert main(["demo", "--suite", "nope"]) == 2
+
+
+def test_labelled_variants_of_one_method_and_a_validation_screen(tmp_path, capsys):
+    """``NAME@VARIANT`` rows run the registry's NAME with their own parameters; ``--tune-only`` stops after the
+    tuning runs (validation only) and writes ``tuning.json``; every ProC-KD row gets its paired differences
+    and no ProC-KD row is anyone's best baseline."""
+    spec = _spec(tmp_path)
+    spec.update(tune_factors=[1.0], students={"vit-d2": TINY_VIT}, settings={"standard": {}},
+                methods={"student_only": {}, "prockd": {"num_prototypes": 4},
+                         "prockd@t4": {"num_prototypes": 4, "temperature": 4.0}, "rkd": {}})
+    cfg = tmp_path / "screen.yaml"
+    cfg.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "screen"
+    assert main(["bench", "compare", "--config", str(cfg), "--out", str(out), "--tune-only"]) == 0
+    res = json.loads((out / "tuning.json").read_text())
+    assert set(res["tuning"]) == {"student_only", "prockd", "prockd@t4", "rkd"}
+    assert res["tuning"]["prockd@t4"]["params"]["temperature"] == 4.0
+    run = out / "runs" / "tune" / "vit-d2" / "standard" / "prockd@t4" / "x1" / "seed1000"
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"]["name"] == "prockd"
+    assert not (out / "runs" / "final").exists() and not (out / "results.json").exists()
+    table = {"s": {"student_only": _row(s0=80, s1=82), "b": _row(s0=90, s1=91), "prockd": _row(s0=86, s1=88),
+                   "prockd@x": _row(s0=95, s1=96)}}
+    st = statistics_table(table)["s"]["standard"]
+    assert st["prockd"]["vs_best_baseline"]["baseline"] == "b" and st["prockd@x"]["vs_best_baseline"]["baseline"] == "b"
+    assert "vs_best_baseline" not in st["b"]  # its only other rows are ProC-KD's: no baseline to compare with
+    md = format_markdown(statistics_table(table), {"s": {m: 1e6 for m in table["s"]}})
+    assert "Paired differences of prockd " in md and "Paired differences of prockd@x " in md

@@ -211,7 +211,7 @@ def _cmd_bench_compare(args) -> int:
             if unknown:
                 raise ProckdError(f"--{key} {unknown} not in the comparison (known: {', '.join(spec[key])})")
             spec[key] = {n: spec[key][n] for n in names}
-    run_compare(Path(args.out), spec, do_tune=args.tune)
+    run_compare(Path(args.out), spec, do_tune=args.tune, tune_only=args.tune_only)
     return 0
 
 
@@ -323,6 +323,8 @@ def make_parser() -> argparse.ArgumentParser:
     bc.add_argument("--tune", action="store_true",
                     help="first choose every method's main loss weights on validation, same budget for all")
     bc.add_argument("--tune-seeds", type=int, default=None, help="seeds per tuning configuration (default 2)")
+    bc.add_argument("--tune-only", action="store_true",
+                    help="stop after the tuning runs (a validation screen: tuning.json, no test set read)")
     bc.set_defaults(fn=_cmd_bench_compare)
     bs = b.add_parser("speed", help="training-step throughput and memory ratios, side by side in one run")
     bs.add_argument("--task", choices=["classification", "detection"], default="classification")

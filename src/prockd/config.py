@@ -63,6 +63,28 @@ class GlyphConfig(_Strict):
     handwriting_test: bool = False  # digits only: also test on scikit-learn's handwritten digits
 
 
+class UnlabeledConfig(_Strict):
+    """An unlabelled transfer set: images of the student's domain without labels (``data.unlabeled``).
+
+    Every step draws ``batch_size`` of them beside the labelled batch; their targets are ignored by every
+    cross-entropy term, while the distillation terms (features, relations, KL to a teacher-side prediction)
+    see them. Give exactly one source.
+    """
+
+    glyph_fonts: int = Field(0, ge=0)  # data.name=glyphs: the charset rendered in this many further pool fonts
+    copies: int = Field(2, ge=1)  # glyphs: jittered renders per font x character
+    dir: str | None = None  # any data: every image file under this folder (recursively), labels unused
+    limit: int | None = Field(None, ge=1)  # at most this many images (the first ones in sorted order)
+    batch_size: int | None = Field(None, ge=1)  # unlabelled images per step (None: train.batch_size)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.glyph_fonts > 0) == (self.dir is not None):
+            raise ValueError("data.unlabeled needs exactly one source: glyph_fonts > 0 (glyphs) or dir (a folder "
+                             "of images)")
+        return self
+
+
 class DataConfig(_Strict):
     """A labelled image-classification task."""
 
@@ -82,12 +104,16 @@ class DataConfig(_Strict):
     image_size: int | None = None  # imagefolder: images are resized to this at load time
     stream: bool = False  # imagefolder: leave the images on disk, decode them batch by batch (large sets)
     num_workers: int = Field(2, ge=0)  # loader processes decoding a streamed set's batches
+    unlabeled: UnlabeledConfig | None = None  # an unlabelled transfer set of the student's domain
 
     @model_validator(mode="after")
     def _check_stream(self):
         if self.stream and self.name != "imagefolder":
             raise ValueError(f"data.stream is for data.name=imagefolder (files on disk); '{self.name}' is "
                              "loaded into memory")
+        if self.unlabeled is not None and self.unlabeled.glyph_fonts and self.name != "glyphs":
+            raise ValueError(f"data.unlabeled.glyph_fonts is for data.name=glyphs; '{self.name}' takes "
+                             "data.unlabeled.dir (a folder of images)")
         return self
 
 

@@ -161,15 +161,20 @@ class ArrayDataset:
             raise ProckdError(str(e).strip().splitlines()[-1].split("ProckdError: ", 1)[-1]) from None
 
 
+IGNORE = -100  # the target of an unlabelled image: every cross-entropy term skips it (PyTorch's ignore_index)
+
+
 @dataclass
 class Task:
-    """A training set, named test sets, an optional validation split carved from training data, the labels."""
+    """A training set, named test sets, an optional validation split carved from training data, the labels,
+    and an optional unlabelled transfer set of the student's domain (labels all :data:`IGNORE`)."""
 
     train: ArrayDataset
     tests: dict[str, ArrayDataset]
     class_names: list[str]
     info: dict = field(default_factory=dict)
     val: ArrayDataset | None = None
+    unlabeled: ArrayDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -336,6 +341,14 @@ def load_glyphs(cfg: DataConfig):
         hw = F.pad(hw, (pad, g.size - inner - pad, pad, g.size - inner - pad))
         tests["handwriting"] = ((hw.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), d.target.astype(np.int64))
     info = {"fonts": {"eligible": len(fonts), "train": len(train_f), "val": len(val_f), "test": len(heldout)}}
+    u = cfg.unlabeled
+    if u is not None and u.glyph_fonts:
+        extra = pool[n_lab:n_lab + u.glyph_fonts]
+        if len(extra) < u.glyph_fonts:
+            raise ProckdError(f"data.unlabeled.glyph_fonts={u.glyph_fonts}: only {len(pool) - n_lab} pool fonts are "
+                              f"left after the {n_lab} labelled ones; lower it or data.glyphs.train_fonts")
+        info["unlabeled_images"] = G.render_set(extra, chars, u.copies, tag="unlabeled", **kw)[0]
+        info["fonts"]["unlabeled"] = len(extra)
     return xtr, ytr, val, tests, list(chars), info
 
 
@@ -401,6 +414,44 @@ def corrupt(images: torch.Tensor, c: CorruptionConfig, seed: int = 1234) -> torc
         mx = x.amax(dim=(1, 2, 3), keepdim=True)
         x = (x + t * fog) * mx / (mx + t)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def load_unlabeled_dir(path: str, shape: tuple[int, int, int], limit: int | None = None) -> torch.Tensor:
+    """Every image file under ``path`` (recursively, sorted) as uint8 ``N x C x H x W`` in the training images'
+    ``shape`` (resized; RGB averaged to one channel or grey repeated to three as the training images need)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ProckdError(f"data.unlabeled.dir: folder not found: {root}")
+    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if limit:
+        files = files[:limit]
+    if not files:
+        raise ProckdError(f"data.unlabeled.dir: no image files ({', '.join(_IMAGE_SUFFIXES)}) under {root}")
+    c, h, w = shape
+    x = ImageFiles(files, h).load(torch.arange(len(files)))
+    if w != h:
+        x = F.interpolate(x.float(), (h, w), mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+    if c == 1:
+        x = x.float().mean(1, keepdim=True).round().to(torch.uint8)
+    elif c != 3:
+        raise ProckdError(f"data.unlabeled.dir: the training images have {c} channels; only 1 or 3 are supported")
+    return x
+
+
+def _unlabeled(cfg: DataConfig, extra_info: dict, train: ArrayDataset) -> ArrayDataset | None:
+    """The unlabelled transfer set of ``cfg.unlabeled`` (labels :data:`IGNORE`), held in memory."""
+    u = cfg.unlabeled
+    if u is None:
+        return None
+    if u.glyph_fonts:
+        x = torch.from_numpy(np.ascontiguousarray(extra_info.pop("unlabeled_images")))
+        x = x[:u.limit] if u.limit else x
+    else:
+        x = load_unlabeled_dir(u.dir, tuple(int(v) for v in train.images.shape[1:]), u.limit)
+    return ArrayDataset(x, torch.full((len(x),), IGNORE, dtype=torch.int64), "unlabeled")
 
 
 def _balanced_head(y: np.ndarray, limit: int) -> np.ndarray:
@@ -470,7 +521,10 @@ def build_task(cfg: DataConfig) -> Task:
             nm = f"{tname}_{c.kind}{c.severity}"
             shifted = base.images.with_corruption(c) if base.streaming else corrupt(base.images, c)
             tests[nm] = ArrayDataset(shifted, base.labels, nm, nw)
+    unlabeled = _unlabeled(cfg, extra_info, train)
     info = {"train_counts": [int(v) for v in np.bincount(train.labels.numpy(), minlength=k)], **extra_info}
     if val is not None:
         info["val_counts"] = [int(v) for v in np.bincount(val.labels.numpy(), minlength=k)]
-    return Task(train, tests, [names[c] for c in classes], info=info, val=val)
+    if unlabeled is not None:
+        info["unlabeled_count"] = len(unlabeled)
+    return Task(train, tests, [names[c] for c in classes], info=info, val=val, unlabeled=unlabeled)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from prockd import distributed as ddp
 from prockd.cache import TeacherCache
 from prockd.config import ExperimentConfig, TrainConfig, dump_config
-from prockd.data import ArrayDataset, Task, build_task
+from prockd.data import IGNORE, ArrayDataset, Task, build_task
 from prockd.errors import ProckdError
 from prockd.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from prockd.methods import Distiller, method_params
@@ -146,9 +146,70 @@ def uses_views(t: TrainConfig) -> bool:
     return t.augment != "none" and t.aug_views > 0
 
 
+@dataclass
+class StepPools:
+    """What training steps draw images from: the labelled set's stored views (None: the set itself), the
+    unlabelled transfer set's stored views (or the set itself; None without one), and what the teacher cache
+    holds: the labelled items first, the unlabelled ones from ``offset`` on."""
+
+    views: ArrayDataset | None
+    unlabeled: ArrayDataset | None
+    cached: ArrayDataset
+    offset: int
+
+
+def step_pools(task: Task, t: TrainConfig) -> StepPools:
+    """The :class:`StepPools` of a task under a recipe (views made once, deterministically)."""
+    views = make_views(task.train, t) if uses_views(t) else None
+    labelled = views if views is not None else task.train
+    if task.unlabeled is None:
+        return StepPools(views, None, labelled, len(labelled))
+    if labelled.streaming:
+        raise ProckdError("data.unlabeled with data.stream needs stored views (train.augment and train.aug_views > 0)"
+                          ": the labelled images must be in memory beside the unlabelled ones")
+    unl = make_views(task.unlabeled, t) if views is not None else task.unlabeled
+    cached = ArrayDataset(torch.cat([labelled.images, unl.images]), torch.cat([labelled.labels, unl.labels]),
+                          f"{labelled.name}+{unl.name}")
+    return StepPools(views, unl, cached, len(labelled))
+
+
 def cached_dataset(task: Task, t: TrainConfig) -> ArrayDataset:
-    """What the teacher cache holds for a recipe: the stored augmented views, or the training set itself."""
-    return make_views(task.train, t) if uses_views(t) else task.train
+    """What the teacher cache holds for a recipe: the stored augmented views (or the training set itself),
+    followed by the unlabelled transfer set's."""
+    return step_pools(task, t).cached
+
+
+def mix_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
+    """Function matching's inputs (Beyer et al., CVPR 2022): each image mixed with another image of the batch
+    (a random pairing), ``mixup``: ``λ x_i + (1 − λ) x_j``; ``cutmix``: a box of area ``1 − λ`` of ``x_j``
+    pasted into ``x_i``; ``λ ~ U(0, 1)`` per image."""
+    b, _, h, w = x.shape
+    perm = torch.randperm(b, generator=g)
+    lam = torch.rand(b, generator=g, dtype=torch.float64)
+    if kind == "mixup":
+        lv = lam.to(x.dtype).view(-1, 1, 1, 1)
+        return lv * x + (1 - lv) * x[perm]
+    side = (1 - lam).sqrt()
+    ch, cw = (side * h).round().long(), (side * w).round().long()
+    cy = (torch.rand(b, generator=g) * (h - ch + 1).float()).long()
+    cx = (torch.rand(b, generator=g) * (w - cw + 1).float()).long()
+    ys, xs = torch.arange(h).view(1, -1, 1), torch.arange(w).view(1, 1, -1)
+    box = ((ys >= cy.view(-1, 1, 1)) & (ys < (cy + ch).view(-1, 1, 1))
+           & (xs >= cx.view(-1, 1, 1)) & (xs < (cx + cw).view(-1, 1, 1)))
+    return torch.where(box.unsqueeze(1), x[perm], x)
+
+
+def unlabeled_batch(pools: StepPools, task: Task, t: TrainConfig, n: int, g: torch.Generator):
+    """``n`` unlabelled images drawn with replacement (one stored view each, or augmented live): (images in
+    [0, 1], targets :data:`~prockd.data.IGNORE`, teacher-cache indices)."""
+    m = len(task.unlabeled)
+    i = torch.randint(m, (n,), generator=g)
+    if pools.views is not None:
+        i = torch.randint(t.aug_views, (n,), generator=g) * m + i
+        x = pools.unlabeled.images[i].float().div_(255.0)
+    else:
+        x = augment_batch(pools.unlabeled.images[i].float().div_(255.0), t.augment, g, t)
+    return x, torch.full((n,), IGNORE, dtype=torch.int64), pools.offset + i
 
 
 @torch.no_grad()
@@ -323,20 +384,20 @@ def resume_state(last: Path, dist, opt, sched, scaler, log=print) -> tuple[int, 
     return state["epoch"] + 1, state["best"], state["history"]
 
 
-def open_teacher_cache(b: Built, cfg: ExperimentConfig, views, info, log):
+def open_teacher_cache(b: Built, cfg: ExperimentConfig, pools: StepPools, info, log):
     """The run's teacher-feature cache (built once per node, opened by the other ranks), or None when the
     teacher runs live (no teacher, cache disabled, or fresh augmentation every step)."""
     t = cfg.train
     if b.teacher is None or not cfg.cache.enabled:
         return None
-    if t.augment != "none" and views is None:
+    if t.augment != "none" and pools.views is None:
         log("train.augment draws a fresh view every step (train.aug_views=0): the teacher runs live on the "
             "augmented batch instead of from the cache")
         return None
 
     def open_cache():
-        return TeacherCache(b.teacher, views if views is not None else b.task.train, cfg.cache.dir,
-                            cfg.cache.dtype, device=b.device, log=log).prepare()
+        return TeacherCache(b.teacher, pools.cached, cfg.cache.dir, cfg.cache.dtype, device=b.device,
+                            log=log).prepare()
 
     cache = open_cache() if info.local_rank == 0 else None
     ddp.barrier(info)
@@ -380,30 +441,53 @@ def select_best(ckpt_dir: Path, dist, primary: str, final: dict, tests, evaluate
     return selected
 
 
-def _train_epoch(b: Built, cfg: ExperimentConfig, model, epoch: int, step: int, views, cache, opt, sched, scaler,
-                 params, info, kill_after: int) -> tuple[dict[str, float], int, int]:
+def _step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, cache, g, gu, info):
+    """The global batch of one step, each rank's shard of it, on the device: the labelled images (one stored
+    view each, or augmented live), the unlabelled draws, function matching's mixtures; with their teacher
+    features when a cache holds them (mixtures: a live teacher on exactly those pixels). Returns (images,
+    targets, teacher features or None, this rank's share of the global batch)."""
+    t, device = cfg.train, b.device
+    if pools.views is not None:  # one of the stored views of each image: teacher and student see the same one
+        idx = torch.randint(t.aug_views, (len(idx),), generator=g) * len(b.task.train) + idx
+        x = pools.views.images[idx].float().div_(255.0)
+    else:
+        x = augment_batch(x, t.augment, g, t)
+    if pools.unlabeled is not None:
+        xu, yu, iu = unlabeled_batch(pools, b.task, t, cfg.data.unlabeled.batch_size or t.batch_size, gu)
+        x, y, idx = torch.cat([x, xu]), torch.cat([y, yu]), torch.cat([idx, iu])
+    tf = cache.get(idx, device) if cache is not None else None
+    if b.distiller.function_matching() != "none":
+        xm = mix_batch(x, b.distiller.function_matching(), gu)
+        if tf is not None:
+            with torch.no_grad():
+                live = b.teacher.extract(xm.to(device))
+            tf = {k: torch.cat([v, live[k].float()]) for k, v in tf.items()}
+        x, y = torch.cat([x, xm]), torch.cat([y, torch.full((len(xm),), IGNORE, dtype=torch.int64)])
+    share = 1.0
+    if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
+        part = ddp.shard(torch.arange(len(y)), info)
+        share = len(part) * info.world / max(len(y), info.world)
+        x, y = x[part], y[part]
+        tf = {k: v[part.to(v.device)] for k, v in tf.items()} if tf is not None else None
+    return x.to(device), y.to(device), tf, share
+
+
+def _train_epoch(b: Built, cfg: ExperimentConfig, model, epoch: int, step: int, pools: StepPools, cache, opt,
+                 sched, scaler, params, info, kill_after: int) -> tuple[dict[str, float], int, int]:
     """One epoch of optimiser steps: (loss / stat sums over the rank's batches, batches, global step)."""
-    t, dist, device = cfg.train, b.distiller, b.device
+    t, dist = cfg.train, b.distiller
     steps_per_epoch = math.ceil(len(b.task.train) / t.batch_size)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    # unlabelled draws and mixtures from a generator of their own: the labelled batches stay those of the run
+    # without them
+    gu = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 500_009)
     sums: dict[str, float] = {}
     n_batches = 0
     bar = tqdm(b.task.train.batches(t.batch_size, g), total=steps_per_epoch,
                disable=not (t.progress and info.main), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)
     for x, y, idx in bar:
-        if views is not None:  # one of the stored views of each image: teacher and student see the same one
-            idx = torch.randint(t.aug_views, (len(idx),), generator=g) * len(b.task.train) + idx
-            x = views.images[idx].float().div_(255.0)
-        else:
-            x = augment_batch(x, t.augment, g, t)
-        share = 1.0
-        if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
-            part = ddp.shard(torch.arange(len(idx)), info)
-            share = len(part) * info.world / max(len(idx), info.world)
-            x, y, idx = x[part], y[part], idx[part]
-        x, y = x.to(device), y.to(device)
-        tf = cache.get(idx, device) if cache is not None else None
-        with autocast(device, t.amp):
+        x, y, tf, share = _step_batch(b, cfg, x, y, idx, pools, cache, g, gu, info)
+        with autocast(b.device, t.amp):
             _, losses = model(x, y, teacher_feats=tf)
             loss = sum(losses.values())
         optimizer_step(loss, losses, epoch, opt, scaler, sched, params, t.clip_grad,
@@ -463,8 +547,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         teacher_metrics = teacher_accuracy(b.teacher, teacher_task, device)
         log(f"teacher accuracy on its own task: {teacher_metrics}")
 
-    views = make_views(b.task.train, t) if uses_views(t) else None
-    cache = open_teacher_cache(b, cfg, views, info, log)
+    pools = step_pools(b.task, t)
+    cache = open_teacher_cache(b, cfg, pools, info, log)
 
     if b.teacher is not None:  # deterministic, before a resume overwrites it: fresh and resumed runs agree
         first = torch.arange(min(len(b.task.train), 256))
@@ -474,7 +558,14 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
                 return cache.get(first, device)
             return b.teacher.extract(b.task.train.take(first).float().div(255).to(device))
 
-        dist.prepare(first_feats, cfg.seed)
+        def labelled_feats() -> tuple[dict, torch.Tensor]:
+            labelled = pools.views if pools.views is not None else b.task.train
+            if cache is not None:
+                return cache.get(torch.arange(len(labelled)), device), labelled.labels.to(device)
+            parts = [b.teacher.extract(x.to(device)) for x, _, _ in labelled.batches(256)]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, labelled.labels.to(device)
+
+        dist.prepare(first_feats, cfg.seed, labelled_feats)
     params = dist.learnable_parameters()
     opt = make_optimizer(params, t)
     steps_per_epoch = math.ceil(len(b.task.train) / t.batch_size)
@@ -502,7 +593,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         dist.set_epoch(epoch, t.epochs)
         dist.train()
         t0 = time.perf_counter()
-        sums, n_batches, step = _train_epoch(b, cfg, model, epoch, step, views, cache, opt, sched, scaler, params,
+        sums, n_batches, step = _train_epoch(b, cfg, model, epoch, step, pools, cache, opt, sched, scaler, params,
                                              info, kill_after)
         keys = sorted(sums)
         reduced = ddp.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)

@@ -58,8 +58,9 @@ class PrototypeLearning(nn.Module):
     ``B x K x C x N`` tensor is ever built.
     """
 
-    def __init__(self, width: int, num_prototypes: int):
+    def __init__(self, width: int, num_prototypes: int, temperature: float = 1.0):
         super().__init__()
+        self.temperature = temperature  # of the soft assignment, softmax(L / τ) (the paper: τ = 1)
         self.assign = nn.Linear(width, num_prototypes)  # W_a, b_a (1x1 conv C -> K)
         self.proj = nn.Linear(num_prototypes * width, width)  # W_p, b_p
         self.f = _mlp2(width)
@@ -67,7 +68,8 @@ class PrototypeLearning(nn.Module):
     def aggregate(self, fused: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (V_r ``B x K*C``, assignment ``B x N x K``) for fused tokens ``B x N x C``."""
         fh = F.normalize(fused, dim=-1)
-        a = torch.softmax(self.assign(fh), dim=-1)
+        logits = self.assign(fh)
+        a = torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=-1)
         v = torch.einsum("bnk,bnc->bkc", a, fh) - a.sum(1).unsqueeze(-1) * prototypes.unsqueeze(0)
         v = F.normalize(v, dim=-1).flatten(1)
         return F.normalize(v, dim=-1), a

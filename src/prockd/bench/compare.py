@@ -48,6 +48,17 @@ REFERENCE = "student_only"
 PROPOSED = "prockd"
 
 
+def method_of(label: str) -> str:
+    """The registry name behind a table label: ``NAME`` or ``NAME@VARIANT`` (one method in several rows, e.g.
+    ``prockd`` and ``prockd@transfer``)."""
+    return label.split("@", 1)[0]
+
+
+def proposed(label: str) -> bool:
+    """Whether a table label is a ProC-KD row (its paired differences are reported, it is no baseline)."""
+    return method_of(label) == PROPOSED
+
+
 def load_spec(path: str | Path | None = None, overrides: dict | None = None, suite: str | None = None) -> dict:
     """The comparison spec: the suite's defaults, replaced key by key by the YAML file and ``overrides``."""
     loaded: dict = {}
@@ -95,7 +106,7 @@ def run_config(spec: dict, base: dict, student: str, setting: str, method: str, 
     raw = copy.deepcopy(base)
     raw.update(seed=seed, student=copy.deepcopy(spec["students"][student]),
                data=deep_merge(spec["data"], spec["settings"][setting] or {}),
-               method={"name": method, "params": copy.deepcopy(params or {})})
+               method={"name": method_of(method), "params": copy.deepcopy(params or {})})
     return raw
 
 
@@ -149,8 +160,8 @@ def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print) -> d
     from prockd.methods import METHODS
 
     for method, params in spec["methods"].items():
-        fs = factors if METHODS.get(method).main_weights else [1.0]
-        grid[method] = {f: scaled(METHODS, method, params, f) for f in fs}
+        fs = factors if METHODS.get(method_of(method)).main_weights else [1.0]
+        grid[method] = {f: scaled(METHODS, method_of(method), params, f) for f in fs}
         for f, p in grid[method].items():
             for seed in seeds:
                 rd = out / "runs" / "tune" / student / setting / method / f"x{f:g}" / f"seed{seed}"
@@ -231,7 +242,7 @@ def statistics_table(table: dict) -> dict:
                 if m != REFERENCE and REFERENCE in cells:
                     common = [s for s in seeds if s in cells[REFERENCE]]
                     e["vs_student_only"] = paired_ci([v[s] for s in common], [cells[REFERENCE][s] for s in common])
-                others = {b: means[b] for b in cells if b not in (m, REFERENCE, PROPOSED)}
+                others = {b: means[b] for b in cells if b not in (m, REFERENCE) and not proposed(b)}
                 if others and m != REFERENCE:
                     best = max(others, key=others.get)
                     common = [s for s in seeds if s in cells[best]]
@@ -291,8 +302,8 @@ def format_markdown(stats: dict, params: dict, probes: dict | None = None) -> st
             cells = [_cell(per_col[c].get(m), ranks[c].get(m)) for c in cols]
             lines.append(f"| {student} | {m} | {p / 1e6:.3f} M | " if p else f"| {student} | {m} | – | ")
             lines[-1] += " | ".join(cells) + " |"
-    if any(PROPOSED in c for per in stats.values() for c in per.values()):
-        m = PROPOSED
+    rows = list(dict.fromkeys(m for per in stats.values() for c in per.values() for m in c if proposed(m)))
+    for m in rows:
         lines += ["", f"Paired differences of {m} (mean [95 % CI], points; seed k against seed k):", "",
                   "| student | versus | " + " | ".join(cols) + " |", "|---" * (2 + len(cols)) + "|"]
         for student, per_col in stats.items():
@@ -389,9 +400,10 @@ def plot(table: dict, out: Path, methods: dict) -> list[str]:
         fig.savefig(out / "curves.png", dpi=110)
         plt.close(fig)
         files.append("curves.png")
-    if PROPOSED in methods:
+    label = next((m for m in methods if proposed(m)), None)
+    if label is not None:
         setting = next(iter(settings), None)
-        rd = out / "runs" / "final" / student / str(setting) / f"{PROPOSED}-{_tag(methods[PROPOSED])}" / "seed0"
+        rd = out / "runs" / "final" / student / str(setting) / f"{label}-{_tag(methods[label])}" / "seed0"
         if (rd / "checkpoints" / "last.pt").is_file():
             sd = torch.load(rd / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["distiller"]
             init, learned = sd["prototypes_init"].float(), sd["prototypes"].float()
@@ -407,8 +419,10 @@ def plot(table: dict, out: Path, methods: dict) -> list[str]:
     return files
 
 
-def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: bool = False, say=print) -> dict:
-    """Run (or continue) the comparison (tuning first with ``do_tune``) and write the results files."""
+def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: bool = False, say=print,
+                tune_only: bool = False) -> dict:
+    """Run (or continue) the comparison (tuning first with ``do_tune``) and write the results files; with
+    ``tune_only`` stop after the tuning runs (a validation screen) and write ``tuning.json``."""
     out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
     t0 = time.perf_counter()
     say(f"prockd bench compare: suite {spec['suite']}; logs in {log_path}")
@@ -417,7 +431,14 @@ def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: 
         say(f"teacher: top-1 {teacher_summary['final'].get('test/deployed', 0):.2f} % on its own held-out test set, "
             f"{teacher_summary['student_params'] / 1e6:.2f} M params")
     probes = probe_settings(spec, base, out, log, say)
-    chosen = tune(spec, base, out, log_path, log, say) if do_tune else {}
+    chosen = tune(spec, base, out, log_path, log, say) if do_tune or tune_only else {}
+    if tune_only:
+        payload = {"suite": spec["suite"], "student": next(iter(spec["students"])),
+                   "setting": next(iter(spec["settings"])), "tuning": chosen, "probes": probes,
+                   "elapsed_s": round(time.perf_counter() - t0, 1)}
+        atomic_write_json(out / "tuning.json", payload)
+        say(f"wrote {out / 'tuning.json'} (validation scores only; no final runs)")
+        return payload
     methods = {m: chosen[m]["params"] if m in chosen else (p or {}) for m, p in spec["methods"].items()}
     todo, n = [], 0
     for student in spec["students"]:

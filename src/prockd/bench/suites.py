@@ -42,7 +42,7 @@ class Suite:
 
 
 BASELINES = ["fitnets", "rkd", "ab", "ofd", "fbkd", "pkd_projector", "pkd_pearson", "attention_probe", "cwd", "mgd",
-             "ssim_kd", "vid", "refilled"]
+             "ssim_kd", "vid", "refilled", "probe_distil", "aft", "inverted_projector"]
 # ProC-KD's defaults on the embedded benchmark (chosen on validation, README "ProC-KD's mechanism")
 PROCKD_DEFAULT = {"preset": "paper"}
 
@@ -69,6 +69,9 @@ GLYPHS = Suite(
     data={"name": "glyphs", "glyphs": {"charset": "lower", "train_fonts": 5, "val_fonts": 3, "copies": 2,
                                        "test_copies": 1}},
     settings={"standard": {"corruptions": _CORRUPT},
+              # the same labelled fonts plus an unlabelled transfer set: the lowercase letters of 40 further pool
+              # fonts (1,040 images, labels dropped); every method sees them, CE only the labelled images
+              "standard+unlabeled": {"corruptions": _CORRUPT, "unlabeled": {"glyph_fonts": 40, "copies": 1}},
               "long_tailed_10": {"glyphs": {"train_fonts": 13}, "imbalance": 10},
               "long_tailed_100": {"glyphs": {"train_fonts": 13}, "imbalance": 100}},
     train={"epochs": 60, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 2, "eval_every": 2,

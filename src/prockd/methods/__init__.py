@@ -1,7 +1,8 @@
 """Distillation methods: one file and one class each, registered by name."""
 from prockd.methods.base import METHODS, Distiller  # noqa: F401
-from prockd.methods import (ab, attention_probe, cwd, dkd, fbkd, fitnets, kd, mgd, ofd, pkd_pearson,  # noqa: F401,E402
-                            pkd_projector, prockd, refilled, rkd, ssim_kd, student_only, vid)  # noqa: F401,E402  (registration)
+from prockd.methods import (ab, aft, attention_probe, cwd, dkd, fbkd, fitnets, inverted_projector, kd,  # noqa: F401,E402
+                            mgd, ofd, pkd_pearson, pkd_projector, probe_distil, prockd, refilled, rkd, ssim_kd,  # noqa: F401,E402
+                            student_only, vid)  # noqa: F401,E402  (registration)
 
 
 def method_params(cfg):

@@ -59,6 +59,13 @@ class Distiller(nn.Module):
                     "prockd or a feature/relation baseline (fitnets, rkd, ab, ofd, ...), or set "
                     "method.params.shared_label_space=true when teacher class i is student class i")
 
+    def function_matching(self) -> str:
+        """``none``, ``mixup`` or ``cutmix``: whether every step also feeds mixtures of the batch's images with
+        no label (function matching, Beyer et al., "Knowledge distillation: a good teacher is patient and
+        consistent", CVPR 2022): CE ignores them, the distillation terms see them, the teacher runs live on
+        exactly those pixels. The ``function_matching`` parameter of the methods that distil logits."""
+        return getattr(self.params, "function_matching", "none")
+
     def set_epoch(self, epoch: int, total_epochs: int | None = None) -> None:
         """Called by the engine before every epoch (multi-stage methods switch stages here)."""
         self.epoch = epoch
@@ -80,9 +87,10 @@ class Distiller(nn.Module):
         t = pooled(self.teacher_features(images, teacher_feats)["taps"], self.teacher.tap_layout).float()
         return z_s, s, t
 
-    def prepare(self, teacher_feats, seed: int = 0) -> None:
+    def prepare(self, teacher_feats, seed: int = 0, labelled=None) -> None:
         """Data-dependent initialisation; ``teacher_feats()`` returns teacher features of the first training
-        images and is only called by methods that need them (default: nothing to do)."""
+        images, ``labelled()`` (teacher features, labels) of every labelled training item (each stored view);
+        each is only called by methods that need it (default: nothing to do)."""
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_feats: dict | None = None):
         """Training forward: (student logits, dict of named losses)."""

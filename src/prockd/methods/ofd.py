@@ -49,7 +49,7 @@ class OFD(FeatureDistiller):
         super().__init__(student, teacher, params, num_classes)
         self.register_buffer("margin", torch.zeros(self.t_width))
 
-    def prepare(self, teacher_feats, seed: int = 0) -> None:
+    def prepare(self, teacher_feats, seed: int = 0, labelled=None) -> None:
         """Estimate the per-channel margins from the teacher features of the first training images."""
         taps = teacher_feats()["taps"]
         lay = self.teacher.tap_layout

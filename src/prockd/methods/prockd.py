@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prockd.data import IGNORE
+from prockd.features import resample_tokens
 from prockd.methods.base import METHODS, Distiller
 from prockd.modules import (EmbeddingDistill, FeatureAugmentation, PrototypeLearning, TapFusion, entropy,
                             mean_prob_logits, prototype_usage)
@@ -62,6 +64,19 @@ class ProCKDParams(BaseModel):
     # student) or their average; "auto" = "aug" (on the glyph benchmark's validation split z_aug and z_s of
     # variant A were level: 65.7 / 66.1 % against 65.0 / 66.6 % over two seeds)
     deploy_output: Literal["auto", "plain", "aug", "avg"] = "auto"
+    # --- options beyond the paper (issue "ProC-KD that transfers what its teacher path knows"; README) ---
+    # temperature τ of PL's soft assignment softmax(L / τ) (the paper: 1; U[0, 1) prototypes give a uniform one)
+    assign_temperature: float = Field(1.0, gt=0)
+    # factor on the initial prototypes (uniform / sphere / normal draws): their scale against the unit-norm tokens
+    proto_scale: float = Field(1.0, gt=0)
+    # FA also on the student's tokens in training (variant A): CE (λ_aug) and the KL towards z_pro on the deployed
+    # path head(FA(student tokens)), so the deployed module is trained on what it is applied to
+    fa_on_student: bool = False
+    # a feature channel: the student's last tokens, through a linear connector, pulled (MSE) towards the
+    # prototype-enhanced teacher tokens O_pro (detached) resampled to the student's grid
+    lambda_feat: float = Field(0.0, ge=0)
+    # function matching (Beyer et al., CVPR 2022): the KL also on mixup / cutmix mixtures of the batch's images
+    function_matching: Literal["none", "mixup", "cutmix"] = "none"
 
     @model_validator(mode="before")
     @classmethod
@@ -102,19 +117,21 @@ class ProCKD(Distiller):
             init = F.normalize(torch.randn(k, c), dim=-1)
         else:
             init = torch.randn(k, c) * 0.02
+        init = init * params.proto_scale
         self.prototypes = nn.Parameter(init)
         self.prototypes._no_decay = True  # the optimiser leaves prototypes without weight decay
         self.register_buffer("prototypes_init", init.clone())  # for the drift diagnostic (kept across resumes)
         self._stats: dict[str, torch.Tensor] = {}
         self.fusion = TapFusion(sum(teacher.tap_widths), c)
-        self.pl = PrototypeLearning(c, k)
+        self.pl = PrototypeLearning(c, k, params.assign_temperature)
+        self.feat_connector = nn.Linear(c, c) if params.lambda_feat > 0 else None
         self.fa = FeatureAugmentation(c, scale=params.fa_scale)
         self.emb = None
         if params.lambda_emb > 0 and teacher.embed_path and student.embed_path:
             self.emb = EmbeddingDistill(student.embed_width, teacher.embed_width)
 
     @torch.no_grad()
-    def prepare(self, teacher_feats, seed: int = 0) -> None:
+    def prepare(self, teacher_feats, seed: int = 0, labelled=None) -> None:
         """Data-dependent initialisation: k-means prototypes when ``proto_init == "kmeans"``."""
         if self.params.proto_init != "kmeans":
             return
@@ -127,50 +144,69 @@ class ProCKD(Distiller):
         self.prototypes_init.copy_(self.prototypes)
 
     def forward(self, images, targets, teacher_feats=None):
-        """(z_s, {"ce", "ce_aug", "kl", "emb"}); see the module docstring for the two variants."""
+        """(z_s, {"ce", "ce_aug", "kl", "emb"} and, with the options, "ce_fa", "kl_fa", "feat"); see the module
+        docstring for the two variants. Unlabelled images (target ``IGNORE``) reach every term but the CEs."""
         p = self.params
         tok, lay, emb = self.student.features(images)
         z_s = self.student.head(tok, lay)
         tf = self.teacher_features(images, teacher_feats)
-        z_pro, assign, attn_pro = self.teacher_path(tf["taps"].to(tok.dtype))
+        z_pro, assign, attn_pro, o_pro = self.teacher_path(tf["taps"].to(tok.dtype))
         losses = {"ce": F.cross_entropy(z_s, targets)}
-        attn_s = None
+        attn_s, z_fa = None, None
         if p.variant == "A":
             z_aug = z_pro
             losses["ce_aug"] = p.lambda_aug * F.cross_entropy(z_aug, targets)
             target = z_aug
+            if p.fa_on_student:
+                o_fa, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
+                z_fa = self.student.head(o_fa, lay)
+                losses["ce_fa"] = p.lambda_aug * F.cross_entropy(z_fa, targets)
         else:
             o_aug, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
             z_aug = self.student.head(o_aug, lay)
             losses["ce_aug"] = p.lambda_aug * (F.cross_entropy(z_aug, targets) + F.cross_entropy(z_pro, targets))
             target = z_pro
         with torch.no_grad():
-            self._stats = self._batch_stats(z_s, z_pro, z_aug if p.variant == "B" else None, targets, assign,
+            self._stats = self._batch_stats(z_s, z_pro, z_aug if p.variant == "B" else z_fa, targets, assign,
                                             attn_pro, attn_s)
+            if p.lambda_kl > 0:  # the conduit: how informative the KL's target is on the inputs it sees
+                self._stats["kl_target_entropy"] = entropy(F.softmax(target.float() / p.temperature, -1))
         if p.lambda_kl > 0:
             if p.detach_kl_target:
                 target = target.detach()
             student_side = z_s if p.variant == "A" else z_aug
             losses["kl"] = p.lambda_kl * kl_div(target, student_side, p.temperature)
+            if z_fa is not None:
+                losses["kl_fa"] = p.lambda_kl * kl_div(target, z_fa, p.temperature)
         if self.emb is not None:
             losses["emb"] = p.lambda_emb * self.emb(emb, self.student.embed_layout, tf["embed"],
                                                     self.teacher.embed_layout)
+        if self.feat_connector is not None:
+            losses["feat"] = p.lambda_feat * self.feature_channel(tok, lay, o_pro)
         return z_s, losses
 
-    def teacher_path(self, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z_pro, PL assignment, FA attention): fusion -> PL -> FA -> the student's head on the teacher's taps."""
+    def feature_channel(self, tok: torch.Tensor, lay, o_pro: torch.Tensor) -> torch.Tensor:
+        """MSE between the connected student grid tokens and ``O_pro`` (detached) on the student's grid."""
+        t_lay = self.teacher.tap_layout
+        target, _ = resample_tokens(o_pro.detach(), t_lay, (lay.h, lay.w))
+        return F.mse_loss(self.feat_connector(tok[:, lay.prefix:]), target[:, t_lay.prefix:].to(tok.dtype))
+
+    def teacher_path(self, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_pro, PL assignment, FA attention, O_pro): fusion -> PL -> FA -> the student's head on the teacher's
+        taps."""
         o_pro, assign = self.pl.forward_with_assignment(self.fusion(taps), self.prototypes)
         o_fa, attn_pro = self.fa.forward_with_attention(o_pro, self.prototypes)
-        return self.student.head(o_fa, self.teacher.tap_layout), assign, attn_pro
+        return self.student.head(o_fa, self.teacher.tap_layout), assign, attn_pro, o_pro
 
     @staticmethod
     def _batch_stats(z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s) -> dict[str, torch.Tensor]:
         """CE and accuracy of each head, PL assignment entropy and usage, FA attention entropy."""
         out = {}
+        lab = targets != IGNORE  # accuracies on the labelled images only (unlabelled ones have no target)
         for name, z in (("s", z_s), ("pro", z_pro), ("aug", z_aug)):
             if z is not None:
                 out[f"ce_{name}"] = F.cross_entropy(z.float(), targets)
-                out[f"acc_{name}"] = (z.argmax(-1) == targets).float().mean() * 100
+                out[f"acc_{name}"] = (z.argmax(-1) == targets)[lab].float().mean() * 100
         out["assign_entropy"] = entropy(assign.float())
         out["protos_used"] = prototype_usage(assign).float()
         out["fa_entropy_pro"] = entropy(attn_pro.float())
@@ -198,10 +234,14 @@ class ProCKD(Distiller):
         predictor than the student's own head?"""
         tok, lay, _ = self.student.features(images)
         z_s = self.student.head(tok, lay)
-        z_pro, assign, attn_pro = self.teacher_path(self.teacher.extract(images, ("taps",))["taps"].to(tok.dtype))
+        z_pro, assign, attn_pro, _ = self.teacher_path(self.teacher.extract(images, ("taps",))["taps"].to(tok.dtype))
         o_aug, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
         z_aug = self.student.head(o_aug, lay)
-        return {k: float(v) for k, v in self._batch_stats(z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s).items()}
+        out = self._batch_stats(z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s)
+        deployed = {"plain": z_s, "aug": z_aug, "avg": mean_prob_logits(z_s, z_aug)}[self.params.resolved_output()]
+        # the conduit: how far the deployed student is below what the teacher path knows
+        out["conduit_gap"] = out["acc_pro"] - (deployed.argmax(-1) == targets).float().mean() * 100
+        return {k: float(v) for k, v in out.items()}
 
     @torch.no_grad()
     def predict(self, images):

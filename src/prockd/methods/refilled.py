@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from prockd.data import IGNORE
 from prockd.methods.base import METHODS, Distiller
 
 
@@ -52,9 +53,12 @@ def relation_kl(s: torch.Tensor, t: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def centre_soft_labels(t: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(classes present in the batch, ``B x K_present`` teacher soft labels from nearest class centres)."""
+    """(classes present in the batch, ``B x K_present`` teacher soft labels from nearest class centres).
+
+    The centres come from the labelled images (unlabelled ones, target :data:`~prockd.data.IGNORE`, have none);
+    every image of the batch gets soft labels."""
     t = F.normalize(t, dim=-1)
-    classes = torch.unique(y)
+    classes = torch.unique(y[y != IGNORE])
     onehot = (y.unsqueeze(1) == classes.unsqueeze(0)).to(t.dtype)
     centres = (onehot.t() @ t) / onehot.sum(0).unsqueeze(1)
     return classes, F.softmax(-torch.cdist(t, centres).pow(2) / tau, dim=-1)

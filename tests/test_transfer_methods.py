@@ -1,0 +1,221 @@
+"""The cross-task methods newer than the paper (probe-then-distil, AFT, the inverted projector), function
+matching's mixtures and the unlabelled transfer set: each equation against a direct computation and an
+analytic case, and the engine's handling of unlabelled images."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prockd.config import build_config
+from prockd.data import IGNORE, build_task
+from prockd.engine import build, mix_batch, step_pools, train
+from prockd.methods.aft import aft_loss, normalised_kernel
+from prockd.methods.probe_distil import fit_linear_probe
+
+D = torch.float64
+
+
+def test_aft_kernel_matches_direct_sums_and_is_zero_for_matching_features():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 3, generator=g, dtype=D), torch.randn(5, 4, generator=g, dtype=D)
+    rho = torch.rand(4, generator=g, dtype=D)
+
+    def kernel(x):
+        n, d = x.shape
+        mu = [sum(float(x[i, j]) for i in range(n)) / n for j in range(d)]
+        c = [[float(x[i, j]) - mu[j] for j in range(d)] for i in range(n)]
+        nr = [sum(v * v for v in row) ** 0.5 + 1e-8 for row in c]
+        return [[sum(c[i][k] * c[j][k] for k in range(d)) / (nr[i] * nr[j]) for j in range(n)] for i in range(n)]
+
+    ks, kt = kernel(s), kernel(t * rho)
+    ref = (sum((ks[i][j] - kt[i][j]) ** 2 for i in range(5) for j in range(5)) / 25 + 1e-8) ** 0.5
+    assert float(aft_loss(s, t, rho)) == pytest.approx(ref, rel=1e-10)
+    # analytic: the student's features are the weighted teacher features (any positive scale): loss ~ sqrt(1e-8)
+    assert float(aft_loss(3.0 * t * rho, t, rho)) == pytest.approx(1e-4, rel=1e-6)
+    # a kernel's diagonal is 1 (unit rows after centring)
+    assert torch.allclose(normalised_kernel(s).diagonal(), torch.ones(5, dtype=D), atol=1e-7)
+
+
+def test_aft_feature_weights_learn_and_stay_out_of_weight_decay(tiny):
+    b = build(build_config(tiny("aft")))
+    assert b.distiller.feature_logits._no_decay
+    x, y = b.task.train.images[:8].float() / 255, b.task.train.labels[:8]
+    _, losses = b.distiller(x, y)
+    losses["aft"].backward()
+    assert b.distiller.feature_logits.grad is not None and b.distiller.feature_logits.grad.abs().sum() > 0
+
+
+def test_inverted_projector_projects_the_teacher_onto_the_student():
+    from prockd.methods.inverted_projector import inverted_projector_loss
+    from prockd.methods.pkd_projector import batch_whiten
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 3, generator=g, dtype=D), torch.randn(6, 5, generator=g, dtype=D)
+    w = torch.randn(3, 5, generator=g, dtype=D)
+    tw = (t - t.mean(0)) / (t.var(0, unbiased=False) + 1e-5).sqrt()
+    ref = sum(float(s[i, j] - (tw[i] @ w[j])) ** 2 for i in range(6) for j in range(3)) / 18
+    assert float(inverted_projector_loss(s, batch_whiten(t) @ w.t())) == pytest.approx(ref, rel=1e-9)
+    # analytic: a student whose features are the projected teacher's has no loss
+    assert float(inverted_projector_loss(tw @ w.t(), batch_whiten(t) @ w.t())) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_inverted_projector_maps_teacher_width_to_student_width(tiny):
+    b = build(build_config(tiny("inverted_projector")))
+    lin = b.distiller.projector.net
+    assert lin.in_features == sum(b.teacher.tap_widths) and lin.out_features == b.distiller.student.head_width
+
+
+def test_linear_probe_fit_reaches_the_analytic_optimum_on_separable_points():
+    # two classes on a line, no penalty: the fitted probe separates them perfectly
+    x = torch.tensor([[-2.0], [-1.0], [1.0], [2.0]], dtype=D)
+    y = torch.tensor([0, 0, 1, 1])
+    w, b = fit_linear_probe(x, y, 2, l2=0.0, iters=100)
+    assert ((x @ w.t() + b).argmax(-1) == y).all()
+    # with a penalty the optimum satisfies the stationarity condition grad CE + 2 l2 W = 0
+    w, b = fit_linear_probe(x, y, 2, l2=0.1, iters=200)
+    w.requires_grad_(True)
+    loss = F.cross_entropy(x @ w.t() + b, y)
+    (gw,) = torch.autograd.grad(loss, w)
+    assert torch.allclose(gw + 0.2 * w.detach(), torch.zeros_like(gw), atol=1e-6)
+
+
+def test_probe_distil_fits_its_probe_before_training_and_distils_its_soft_labels(tiny, tmp_path):
+    raw = tiny("probe_distil")
+    cfg = build_config(raw)
+    b = build(cfg)
+    assert float(b.distiller.probe.weight.abs().sum()) == 0.0  # no fit before prepare
+    summary = train(cfg, tmp_path / "run", built=b, log=lambda *_: None)
+    assert float(b.distiller.probe.weight.abs().sum()) > 0 and not b.distiller.probe.weight.requires_grad
+    # the probe is fitted on the teacher's pooled features of the labelled training set: it classifies it
+    from prockd.connectors import pooled
+    feats = b.teacher.extract(b.task.train.images.float() / 255)
+    acc = (b.distiller.probe_logits(feats["taps"]).argmax(-1) == b.task.train.labels).float().mean()
+    assert acc > 0.9
+    # the KL term is T^2 KL(softmax(probe/T) || softmax(z_s/T)) computed directly
+    x, y = b.task.train.images[:6].float() / 255, b.task.train.labels[:6]
+    b.distiller.eval()
+    z_s, losses = b.distiller(x, y)
+    zp = b.distiller.probe_logits(b.teacher.extract(x)["taps"]).double()
+    p, q = F.softmax(zp, -1), F.softmax(z_s.double(), -1)
+    ref = (p * (p.log() - q.log())).sum(-1).mean().detach()
+    assert float(losses["kl"].detach()) == pytest.approx(float(ref), rel=1e-4)
+    assert "val/acc_probe" in summary["final"] or "val/acc_probe" not in summary["final"]  # no val split here
+
+
+def test_mixup_and_cutmix_mix_pairs_of_the_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 8, 8, generator=g)
+    m = mix_batch(x, "mixup", torch.Generator().manual_seed(3))
+    gg = torch.Generator().manual_seed(3)
+    perm, lam = torch.randperm(6, generator=gg), torch.rand(6, generator=gg, dtype=torch.float64)
+    for i in range(6):
+        assert torch.allclose(m[i], float(lam[i]) * x[i] + (1 - float(lam[i])) * x[perm[i]], atol=1e-6)
+    c = mix_batch(x, "cutmix", torch.Generator().manual_seed(3))
+    for i in range(6):  # every pixel comes from image i or from its partner, the partner's in one box
+        from_partner = (c[i] == x[perm[i]]) & (c[i] != x[i])
+        assert torch.all((c[i] == x[i]) | (c[i] == x[perm[i]]))
+        rows, cols = from_partner[0].any(1).nonzero(), from_partner[0].any(0).nonzero()
+        if len(rows):
+            box = from_partner[0][rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert box.all()
+            area = box.numel() / 64
+            assert area == pytest.approx(1 - float(lam[i]), abs=0.25)
+
+
+def _unlabeled_dir(tmp_path, n=12):
+    from PIL import Image
+
+    d = tmp_path / "unlabeled" / "any"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return tmp_path / "unlabeled"
+
+
+def test_unlabeled_folder_becomes_a_transfer_set_in_the_training_images_shape(tiny, tmp_path):
+    raw = tiny("rkd")
+    raw["data"]["unlabeled"] = {"dir": str(_unlabeled_dir(tmp_path)), "limit": 10}
+    task = build_task(build_config(raw).data)
+    assert task.unlabeled.images.shape == (10, *task.train.images.shape[1:])
+    assert torch.all(task.unlabeled.labels == IGNORE) and task.info["unlabeled_count"] == 10
+
+
+@pytest.mark.parametrize("bad, message", [({"dir": "/nonexistent/x"}, "folder not found"),
+                                          ({"glyph_fonts": 3}, "is for data.name=glyphs"),
+                                          ({}, "exactly one source")])
+def test_unlabeled_config_errors_name_the_key(tiny, bad, message):
+    from prockd.errors import ProckdError
+
+    raw = tiny("rkd")
+    raw["data"]["unlabeled"] = bad
+    with pytest.raises(ProckdError, match=message):
+        build_task(build_config(raw).data)
+
+
+@pytest.mark.parametrize("method", ["prockd", "rkd", "refilled", "probe_distil"])
+def test_unlabeled_images_reach_distillation_but_not_cross_entropy(tiny, tmp_path, method):
+    raw = tiny(method)
+    raw["data"]["unlabeled"] = {"dir": str(_unlabeled_dir(tmp_path)), "batch_size": 5}
+    raw["train"].update(augment="affine", aug_views=2)
+    cfg = build_config(raw)
+    b = build(cfg)
+    pools = step_pools(b.task, cfg.train)
+    assert len(pools.cached) == 2 * len(b.task.train) + 2 * len(b.task.unlabeled) and pools.offset == 2 * len(b.task.train)
+    lab = torch.arange(0, len(b.task.train), len(b.task.train) // 6)[:6]  # several classes
+    x = torch.cat([pools.views.images[lab], pools.unlabeled.images[:5]]).float() / 255
+    y = torch.cat([pools.views.labels[lab], pools.unlabeled.labels[:5]])
+    assert len(torch.unique(y[:6])) > 1
+    b.distiller.eval()
+    torch.manual_seed(0)
+    _, mixed = b.distiller(x, y)
+    torch.manual_seed(0)
+    _, labelled_only = b.distiller(x[:6], y[:6])
+    # CE is the labelled images' alone; the distillation terms differ (they see the unlabelled images)
+    mixed, labelled_only = ({k: v.detach() for k, v in d.items()} for d in (mixed, labelled_only))
+    assert float(mixed["ce"]) == pytest.approx(float(labelled_only["ce"]), rel=1e-5)
+    others = [k for k in mixed if k not in ("ce", "ce_aug", "emb")]
+    assert others and any(abs(float(mixed[k]) - float(labelled_only[k])) > 1e-6 for k in others)
+    assert all(torch.isfinite(v) for v in mixed.values())
+
+
+def test_a_run_with_unlabeled_images_and_function_matching_trains_and_resumes_the_same(tiny, tmp_path):
+    raw = tiny("prockd")
+    raw["method"]["params"]["function_matching"] = "cutmix"
+    raw["data"]["unlabeled"] = {"dir": str(_unlabeled_dir(tmp_path)), "batch_size": 4}
+    raw["train"].update(augment="affine", aug_views=2, epochs=2)
+    raw["data"]["val_fraction"] = 0.2
+    s = train(build_config(raw), tmp_path / "a", log=lambda *_: None)
+    assert s["final"]["loss/kl"] > 0 and "val/conduit_gap" in s["final"]
+    assert "train/kl_target_entropy" in s["final"]
+    s2 = train(build_config(copy.deepcopy(raw)), tmp_path / "b", log=lambda *_: None)
+    assert s2["final"]["val/deployed"] == s["final"]["val/deployed"]
+    assert s2["final"]["loss/kl"] == pytest.approx(s["final"]["loss/kl"], rel=1e-6)
+
+
+def test_unlabeled_draws_leave_the_labelled_batches_unchanged(tiny, tmp_path):
+    """The unlabelled draws come from their own generator: the first step's labelled images are those of the
+    run without a transfer set."""
+    from prockd.engine import _step_batch
+    from prockd import distributed as ddp
+
+    raw = tiny("rkd")
+    raw["train"].update(augment="affine", aug_views=2)
+    plain_cfg = build_config(raw)
+    raw_u = copy.deepcopy(raw)
+    raw_u["data"]["unlabeled"] = {"dir": str(_unlabeled_dir(tmp_path)), "batch_size": 3}
+    u_cfg = build_config(raw_u)
+    outs = []
+    for cfg in (plain_cfg, u_cfg):
+        b = build(cfg)
+        pools = step_pools(b.task, cfg.train)
+        g = torch.Generator().manual_seed(5)
+        x, y, idx = next(b.task.train.batches(8, torch.Generator().manual_seed(1)))
+        outs.append(_step_batch(b, cfg, x, y, idx, pools, None, g, torch.Generator().manual_seed(9),
+                                ddp.DistInfo()))
+    (xp, yp, _, _), (xu, yu, _, _) = outs
+    assert torch.equal(xu[:8], xp) and torch.equal(yu[:8], yp) and torch.all(yu[8:] == IGNORE) and len(yu) == 11
