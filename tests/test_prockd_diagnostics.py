@@ -62,7 +62,21 @@ def test_run_logs_the_mechanism_per_epoch(tiny, tmp_path, variant):
     assert summary["selected"]["epoch"] in range(3) and "test/deployed" in summary["selected"]
 
 
-@pytest.mark.parametrize("name", ["glyphs_lower.yaml", "glyphs_teacher.yaml"])
+@pytest.mark.parametrize("name", ["glyphs_lower.yaml", "glyphs_teacher.yaml", "glyphs_lower_transfer.yaml"])
 def test_glyph_configs_validate(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.data.name == "glyphs"
+    if name == "glyphs_lower_transfer.yaml":
+        from prockd.methods import method_params
+
+        _, params = method_params(cfg)
+        assert params.model_dump() == ProCKDParams(preset="transfer").model_dump()
+        assert cfg.data.unlabeled.glyph_fonts == 40
+
+
+def test_transfer_preset_is_the_paper_preset_plus_function_matching():
+    paper, transfer = ProCKDParams(preset="paper").model_dump(), ProCKDParams(preset="transfer").model_dump()
+    diff = {k for k in paper if paper[k] != transfer[k]}
+    assert diff == {"preset", "function_matching"} and transfer["function_matching"] == "cutmix"
+    assert paper["function_matching"] == "none" and paper["lambda_feat"] == 0 and not paper["fa_on_student"]
+    assert paper["assign_temperature"] == 1.0 and paper["proto_scale"] == 1.0  # the paper's PL, unchanged

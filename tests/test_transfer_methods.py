@@ -219,3 +219,29 @@ def test_unlabeled_draws_leave_the_labelled_batches_unchanged(tiny, tmp_path):
                                 ddp.DistInfo()))
     (xp, yp, _, _), (xu, yu, _, _) = outs
     assert torch.equal(xu[:8], xp) and torch.equal(yu[:8], yp) and torch.all(yu[8:] == IGNORE) and len(yu) == 11
+
+
+def test_function_matching_feeds_mixtures_with_the_teachers_features_of_those_pixels(tiny, tmp_path):
+    from prockd import distributed as ddp
+    from prockd.cache import TeacherCache
+    from prockd.engine import _step_batch
+
+    raw = tiny("probe_distil")
+    raw["method"]["params"]["function_matching"] = "mixup"
+    raw["train"].update(augment="affine", aug_views=2)
+    cfg = build_config(raw)
+    b = build(cfg)
+    pools = step_pools(b.task, cfg.train)
+    cache = TeacherCache(b.teacher, pools.cached, tmp_path / "c", "float32").prepare()
+    x, y, idx = next(b.task.train.batches(6, torch.Generator().manual_seed(1)))
+    xs, ys, tf, _ = _step_batch(b, cfg, x, y, idx, pools, cache, torch.Generator().manual_seed(2),
+                                torch.Generator().manual_seed(3), ddp.DistInfo())
+    assert len(xs) == 12 and torch.all(ys[6:] == IGNORE) and torch.equal(ys[:6], y)
+    live = b.teacher.extract(xs)
+    for k in tf:  # the clean half from the cache, the mixtures from a live teacher on exactly those pixels
+        assert torch.allclose(tf[k], live[k], atol=1e-4), k
+    # the mixtures are convex combinations of two clean images of the batch
+    g = torch.Generator().manual_seed(3)
+    perm, lam = torch.randperm(6, generator=g), torch.rand(6, generator=g, dtype=torch.float64)
+    ref = lam.float().view(-1, 1, 1, 1) * xs[:6] + (1 - lam.float().view(-1, 1, 1, 1)) * xs[:6][perm]
+    assert torch.allclose(xs[6:], ref, atol=1e-6)

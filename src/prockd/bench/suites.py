@@ -76,7 +76,10 @@ GLYPHS = Suite(
               "long_tailed_100": {"glyphs": {"train_fonts": 13}, "imbalance": 100}},
     train={"epochs": 60, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 2, "eval_every": 2,
            "augment": "affine", "aug_views": 8, "progress": False},
-    methods={"student_only": {}, **{m: {} for m in BASELINES}, "prockd": PROCKD_DEFAULT},
+    # probe_distil with function matching: the same option ProC-KD's transfer preset takes, chosen for both by the
+    # same rule on the validation screens (mean over the labelled-only and the unlabelled column; docs/transfer.md)
+    methods={"student_only": {}, **{m: {} for m in BASELINES}, "probe_distil": {"function_matching": "cutmix"},
+             "prockd": PROCKD_DEFAULT, "prockd@transfer": {"preset": "transfer"}},
     demo_methods=["student_only", "rkd", "pkd_projector", "prockd"],
     # `prockd bench compare --tune` on validation (seeds 1000-1001, wrn16-1 / standard; README): the two strongest
     # baselines and ProC-KD at the factor of their main weights that scored best (x0.3, x1, x3 for each)
