@@ -85,6 +85,7 @@ def test_linear_probe_fit_reaches_the_analytic_optimum_on_separable_points():
 
 def test_probe_distil_fits_its_probe_before_training_and_distils_its_soft_labels(tiny, tmp_path):
     raw = tiny("probe_distil")
+    raw["data"]["val_fraction"] = 0.2
     cfg = build_config(raw)
     b = build(cfg)
     assert float(b.distiller.probe.weight.abs().sum()) == 0.0  # no fit before prepare
@@ -103,7 +104,8 @@ def test_probe_distil_fits_its_probe_before_training_and_distils_its_soft_labels
     p, q = F.softmax(zp, -1), F.softmax(z_s.double(), -1)
     ref = (p * (p.log() - q.log())).sum(-1).mean().detach()
     assert float(losses["kl"].detach()) == pytest.approx(float(ref), rel=1e-4)
-    assert "val/acc_probe" in summary["final"] or "val/acc_probe" not in summary["final"]  # no val split here
+    # the probe's validation accuracy is logged (what the KL can transfer at most) and so is its target's entropy
+    assert 0 <= summary["final"]["val/acc_probe"] <= 100 and summary["final"]["train/kl_target_entropy"] >= 0
 
 
 def test_mixup_and_cutmix_mix_pairs_of_the_batch():

@@ -456,8 +456,9 @@ def _step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, ca
         xu, yu, iu = unlabeled_batch(pools, b.task, t, cfg.data.unlabeled.batch_size or t.batch_size, gu)
         x, y, idx = torch.cat([x, xu]), torch.cat([y, yu]), torch.cat([idx, iu])
     tf = cache.get(idx, device) if cache is not None else None
-    if b.distiller.function_matching() != "none":
-        xm = mix_batch(x, b.distiller.function_matching(), gu)
+    mixing = b.distiller.function_matching()
+    if mixing != "none":
+        xm = mix_batch(x, mixing, gu)
         if tf is not None:
             with torch.no_grad():
                 live = b.teacher.extract(xm.to(device))

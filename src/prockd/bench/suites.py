@@ -80,12 +80,14 @@ GLYPHS = Suite(
     # same rule on the validation screens (mean over the labelled-only and the unlabelled column; docs/transfer.md)
     methods={"student_only": {}, **{m: {} for m in BASELINES}, "probe_distil": {"function_matching": "cutmix"},
              "prockd": PROCKD_DEFAULT, "prockd@transfer": {"preset": "transfer"}},
-    demo_methods=["student_only", "rkd", "pkd_projector", "prockd"],
-    # `prockd bench compare --tune` on validation (seeds 1000-1001, wrn16-1 / standard; README): the two strongest
-    # baselines and ProC-KD at the factor of their main weights that scored best (x0.3, x1, x3 for each)
+    demo_methods=["student_only", "rkd", "pkd_projector", "prockd", "prockd@transfer"],
+    # `prockd bench compare --tune` on validation (seeds 1000-1001, wrn16-1 / standard; README, docs/transfer.md):
+    # every method at the factor of its main weights that scored best (x0.3, x1, x3 for each)
     tuned={"student_only": {}, "rkd": {"lambda_dist": 7.5, "lambda_angle": 15.0}, "pkd_projector": {"weight": 3.0},
-           "ofd": {"weight": 3.0}, "fbkd": {"weight": 0.3},
-           "prockd": {"preset": "paper", "lambda_kl": 3.0, "lambda_emb": 3.0}},
+           "ofd": {"weight": 3.0}, "fbkd": {"weight": 0.3}, "aft": {"weight": 3.0},
+           "probe_distil": {"function_matching": "cutmix", "weight": 3.0}, "inverted_projector": {"weight": 3.0},
+           "prockd": {"preset": "paper", "lambda_kl": 3.0, "lambda_emb": 3.0},
+           "prockd@transfer": {"preset": "transfer", "lambda_kl": 3.0, "lambda_emb": 3.0}},
 )
 
 _FM_NORM = {"mean": [0.286], "std": [0.353]}

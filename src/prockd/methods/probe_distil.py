@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prockd.connectors import pooled
 from prockd.methods.base import METHODS, Distiller
 from prockd.methods.prockd import kl_div
+from prockd.modules import entropy
 
 
 class ProbeDistilParams(BaseModel):
@@ -35,10 +36,10 @@ class ProbeDistilParams(BaseModel):
     function_matching: Literal["none", "mixup", "cutmix"] = "none"
 
 
-def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, iters: int,
-                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
+                     iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight ``K x D``, bias ``K``) minimising ``CE(x W^T + b, y) + l2 · ||W||²`` by full-batch L-BFGS
-    (float64, zero start: deterministic; ``seed`` is unused by the zero start and kept for the interface)."""
+    (float64, zero start: deterministic)."""
     x, y = x.double(), y.long()
     w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
@@ -81,7 +82,7 @@ class ProbeDistil(Distiller):
         t = pooled(feats["taps"].float(), self.teacher.tap_layout).cpu()
         mean, std = t.mean(0), t.std(0).clamp_min(1e-6)
         w, b = fit_linear_probe((t - mean) / std, labels.cpu(), self.num_classes, self.params.probe_l2,
-                                self.params.probe_iters, seed)
+                                self.params.probe_iters)
         dev = self.probe.weight.device
         self.feat_mean.copy_(mean.to(dev))
         self.feat_std.copy_(std.to(dev))
@@ -98,8 +99,7 @@ class ProbeDistil(Distiller):
         z_s = self.student(images)
         z_p = self.probe_logits(self.teacher_features(images, teacher_feats)["taps"])
         with torch.no_grad():
-            self._stats = {"kl_target_entropy": -(F.softmax(z_p / self.params.temperature, -1)
-                                                  * F.log_softmax(z_p / self.params.temperature, -1)).sum(-1).mean()}
+            self._stats = {"kl_target_entropy": entropy(F.softmax(z_p / self.params.temperature, -1))}
         return z_s, {"ce": F.cross_entropy(z_s, targets),
                      "kl": self.params.weight * kl_div(z_p, z_s.float(), self.params.temperature)}
 
