@@ -60,6 +60,13 @@ def test_no_fonts_is_a_clear_error(tmp_path):
         build_task(DataConfig(name="glyphs", glyphs={"font_dirs": [str(tmp_path)]}))
 
 
+@needs_fonts
+def test_a_charset_no_font_covers_names_the_missing_characters():
+    with pytest.raises(ProckdError, match=r"only 0 of the \d+ fonts .* fewer than 3 fonts have U\+E000 .* \(in 0\)") as e:
+        build_task(DataConfig(name="glyphs", glyphs={"charset": "ab\ue000", "font_dirs": DEJAVU}))
+    assert "get_fonts.sh" not in str(e.value) and "charset" in str(e.value)
+
+
 def test_stratified_validation_split_is_carved_from_training():
     task = build_task(DataConfig(name="digits", classes=[0, 1, 2], labels_per_class=20, val_fraction=0.25))
     assert task.info["train_counts"] == [15, 15, 15] and task.info["val_counts"] == [5, 5, 5]

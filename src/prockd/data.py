@@ -311,6 +311,14 @@ def load_glyphs(cfg: DataConfig):
     fonts = G.find_fonts(g.font_dirs, G._COVER + "".join(c for c in chars if c not in G._COVER))
     if len(fonts) < 3:
         where = ", ".join(g.font_dirs or G.FONT_DIRS)
+        latin = G.find_fonts(g.font_dirs)  # fonts with digits and both Latin cases, whatever the charset
+        if len(latin) >= 3:  # the fonts are there: the charset is what they lack
+            counts = G.coverage(latin, chars)
+            rare = "".join(c for c, n in counts.items() if n < 3)
+            raise ProckdError(f"data.glyphs.charset {g.charset!r}: only {len(fonts)} of the {len(latin)} fonts under "
+                              f"{where} cover all its characters; fewer than 3 fonts have "
+                              + ", ".join(f"U+{ord(c):04X} {c!r} (in {counts[c]})" for c in rare)
+                              + "; drop those characters or add fonts that have them (data.glyphs.font_dirs)")
         raise ProckdError(f"data.glyphs: only {len(fonts)} eligible font files under {where}; run "
                           "scripts/get_fonts.sh (Debian font packages) or set data.glyphs.font_dirs")
     held_n = G.heldout_count(len(fonts), g.heldout_fonts)

@@ -43,15 +43,26 @@ def charset(name: str) -> str:
     return chars
 
 
-def _covers(path: Path, chars: str) -> bool:
+def _cmap(path: Path) -> set[int]:
+    """The code points a font file maps (empty for an unreadable file)."""
     from fontTools.ttLib import TTFont, TTLibError
 
     try:
         with TTFont(str(path), lazy=True, fontNumber=0) as f:
-            cmap = f.getBestCmap() or {}
+            return set((f.getBestCmap() or {}).keys())
     except (TTLibError, OSError, KeyError, AssertionError, ValueError):
-        return False
+        return set()
+
+
+def _covers(path: Path, chars: str) -> bool:
+    cmap = _cmap(path)
     return all(ord(c) in cmap for c in chars)
+
+
+def coverage(fonts: list[Path], chars: str) -> dict[str, int]:
+    """How many of ``fonts`` map each character of ``chars``."""
+    cmaps = [_cmap(f) for f in fonts]
+    return {c: sum(ord(c) in m for m in cmaps) for c in chars}
 
 
 def find_fonts(dirs: list[str] | None = None, chars: str = _COVER) -> list[Path]:
