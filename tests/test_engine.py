@@ -94,3 +94,30 @@ def test_bf16_autocast_and_sgd(tiny, tmp_path, method):
     raw["train"].update(amp="bf16", optimizer="sgd", lr=0.05, epochs=1)
     s = train(build_config(raw), tmp_path / "run", log=lambda m: None)
     assert s["final"]["test/deployed"] >= 0
+
+
+def test_a_run_directory_belongs_to_one_process(tiny, tmp_path):
+    """A second run on a directory another process holds exits 2 with one line naming the directory and the
+    holder's PID, writing nothing; once the holder is killed (SIGKILL) its stale lock file blocks nothing."""
+    raw = tiny()
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from prockd.io import run_lock; cm = run_lock(sys.argv[1]); "
+         "cm.__enter__(); print('locked', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = _cli(cfg_path, out)
+        assert second.returncode == 2
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and str(out) in err[0] and f"process {holder.pid}" in err[0]
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == -9 and (out / ".lock").read_text().strip() == str(holder.pid)  # stale file stays
+    again = _cli(cfg_path, out)
+    assert again.returncode == 0, again.stderr
+    assert (out / "final.json").is_file()

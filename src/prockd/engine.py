@@ -29,7 +29,7 @@ from prockd.cache import TeacherCache
 from prockd.config import ExperimentConfig, TrainConfig, dump_config
 from prockd.data import IGNORE, ArrayDataset, Task, build_task
 from prockd.errors import ProckdError
-from prockd.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from prockd.io import atomic_torch_save, atomic_write_json, atomic_write_text, run_lock
 from prockd.methods import Distiller, method_params
 from prockd.models import Student, Teacher, count_params, create_model, init_student_from_teacher
 
@@ -526,15 +526,22 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
     """Train (or resume) one run; returns the summary also written to ``final.json``.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the run is data-parallel (DDP): rank 0 alone logs and writes
-    checkpoints, metrics are reduced over ranks, the teacher cache is built once per node and shared.
+    checkpoints, metrics are reduced over ranks, the teacher cache is built once per node and shared. The run
+    directory belongs to one process (:func:`prockd.io.run_lock`, held by rank 0): a second run on it is an error.
     """
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    b = built or build(cfg)
+    b = built or build(cfg)  # bad input fails here, before anything is written
+    run_dir = Path(run_dir or cfg.out)
+    with run_lock(run_dir, ddp.env_info().main):
+        return _train(cfg, run_dir, b, log=log, teacher_task=teacher_task)
+
+
+def _train(cfg: ExperimentConfig, run_dir: Path, b: Built, *, log, teacher_task: Task | None) -> dict:
+    """:func:`train` inside the run directory's lock."""
     info = ddp.setup(b.device.type)
     if not info.main:
         log = _silent
-    run_dir = Path(run_dir or cfg.out)
     if teacher_task is None and cfg.teacher_eval.data is not None and b.teacher is not None:
         teacher_task = build_task(cfg.teacher_eval.data)
     dist, device, t = b.distiller, b.device, cfg.train

@@ -1,12 +1,15 @@
-"""Atomic file writes: nothing half-written is ever left behind."""
+"""Atomic file writes (nothing half-written is ever left behind) and the run-directory lock."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+
+from prockd.errors import ProckdError
 
 
 def _atomic(path: str | Path, write) -> None:
@@ -38,3 +41,38 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj) -> None:
     """Write JSON atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, held: bool = True):
+    """Hold an exclusive lock on a run directory for the duration of the block: one process owns a run
+    directory (under torchrun, rank 0: ``held`` is False on the other ranks). The lock is ``fcntl.flock`` on
+    ``<run_dir>/.lock``, which holds the owner's PID; the kernel releases it when the owner exits, killed or not,
+    so a stale file never blocks a resume. A second process gets a :class:`~prockd.errors.ProckdError` naming
+    the directory and the holder's PID before it writes anything else."""
+    if not held:
+        yield
+        return
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ProckdError(f"run directory {run_dir} is in use by process {holder} (another run writes there); "
+                          "wait for it to finish or choose another out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -28,7 +28,7 @@ from prockd.engine import (KILL_ENV, _Logger, autocast, make_optimizer, optimize
                            resume_state, save_epoch, select_best, set_seed)
 from prockd.errors import ProckdError
 from prockd.models import read_state_dict
-from prockd.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from prockd.io import atomic_torch_save, atomic_write_json, atomic_write_text, run_lock
 
 
 @dataclass
@@ -168,14 +168,21 @@ def load_deployed_detector(path: str | Path):
 
 
 def train(cfg: DetExperimentConfig, run_dir: str | Path | None = None, *, log=print, built: DetBuilt | None = None) -> dict:
-    """Train (or resume) one detection run; returns the summary also written to ``final.json``."""
+    """Train (or resume) one detection run; returns the summary also written to ``final.json``. The run
+    directory belongs to one process (:func:`prockd.io.run_lock`, held by rank 0)."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    b = built or build(cfg, log=log)
+    b = built or build(cfg, log=log)  # bad input fails here, before anything is written
+    run_dir = Path(run_dir or cfg.out)
+    with run_lock(run_dir, ddp.env_info().main):
+        return _train(cfg, run_dir, b, log=log)
+
+
+def _train(cfg: DetExperimentConfig, run_dir: Path, b: DetBuilt, *, log) -> dict:
+    """:func:`train` inside the run directory's lock."""
     info = ddp.setup(b.device.type)
     if not info.main:
         log = _silent
-    run_dir = Path(run_dir or cfg.out)
     dist, device, t, data = b.distiller, b.device, cfg.train, b.data
     if info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
