@@ -247,3 +247,35 @@ def test_function_matching_feeds_mixtures_with_the_teachers_features_of_those_pi
     perm, lam = torch.randperm(6, generator=g), torch.rand(6, generator=g, dtype=torch.float64)
     ref = lam.float().view(-1, 1, 1, 1) * xs[:6] + (1 - lam.float().view(-1, 1, 1, 1)) * xs[:6][perm]
     assert torch.allclose(xs[6:], ref, atol=1e-6)
+
+
+def test_prockd_options_against_direct_computations(tiny):
+    """assign_temperature, the feature channel and FA on the student's tokens, each against its equation."""
+    from prockd.features import resample_tokens
+    from prockd.methods.prockd import kl_div
+
+    raw = tiny("prockd")
+    raw["method"]["params"].update(assign_temperature=0.25, lambda_feat=2.0, fa_on_student=True, proto_scale=0.5)
+    b = build(build_config(raw))
+    with torch.no_grad():
+        d = b.distiller.eval()
+        # the initial prototypes are the uniform draw times proto_scale
+        assert float(d.prototypes.max()) <= 0.5 and torch.equal(d.prototypes.detach(), d.prototypes_init)
+        x, y = b.task.train.images[:6].float() / 255, b.task.train.labels[:6]
+        taps = b.teacher.extract(x)["taps"]
+        # PL's soft assignment with a temperature: softmax(L / tau) over the prototypes
+        fused = d.fusion(taps)
+        fh = F.normalize(fused, dim=-1)
+        _, a = d.pl.aggregate(fused, d.prototypes)
+        assert torch.allclose(a, torch.softmax(d.pl.assign(fh) / 0.25, dim=-1), atol=1e-6)
+        torch.manual_seed(0)
+        _, losses = d(x, y)
+        tok, lay, _ = d.student.features(x)
+        z_pro, _, _, o_pro = d.teacher_path(taps)
+        t_lay = b.teacher.tap_layout
+        target, _ = resample_tokens(o_pro, t_lay, (lay.h, lay.w))
+        feat = ((d.feat_connector(tok[:, lay.prefix:]) - target[:, t_lay.prefix:]) ** 2).mean()
+        assert float(losses["feat"]) == pytest.approx(2.0 * float(feat), rel=1e-5)
+        z_fa = d.student.head(d.fa(tok, d.prototypes), lay)
+        assert float(losses["ce_fa"]) == pytest.approx(float(F.cross_entropy(z_fa, y)), rel=1e-5)
+        assert float(losses["kl_fa"]) == pytest.approx(float(kl_div(z_pro, z_fa, 1.0)), rel=1e-5)
