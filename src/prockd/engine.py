@@ -459,9 +459,8 @@ def _step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, ca
     mixing = b.distiller.function_matching()
     if mixing != "none":
         xm = mix_batch(x, mixing, gu)
-        if tf is not None:
-            with torch.no_grad():
-                live = b.teacher.extract(xm.to(device))
+        if tf is not None:  # Teacher.extract runs without autograd
+            live = b.teacher.extract(xm.to(device))
             tf = {k: torch.cat([v, live[k].float()]) for k, v in tf.items()}
         x, y = torch.cat([x, xm]), torch.cat([y, torch.full((len(xm),), IGNORE, dtype=torch.int64)])
     share = 1.0

@@ -247,7 +247,7 @@ class ProCKD(Distiller):
         o_aug, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
         z_aug = self.student.head(o_aug, lay)
         out = self._batch_stats(z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s)
-        deployed = {"plain": z_s, "aug": z_aug, "avg": mean_prob_logits(z_s, z_aug)}[self.params.resolved_output()]
+        deployed = self._outputs(z_s, z_aug)["deployed"]
         # the conduit: how far the deployed student is below what the teacher path knows
         out["conduit_gap"] = out["acc_pro"] - (deployed.argmax(-1) == targets).float().mean() * 100
         return {k: float(v) for k, v in out.items()}
@@ -256,8 +256,10 @@ class ProCKD(Distiller):
     def predict(self, images):
         """Logits of the plain head (z_s), of FA on the student's tokens (z_aug), their average, deployed."""
         tok, lay, _ = self.student.features(images)
-        plain = self.student.head(tok, lay)
-        aug = self.student.head(self.fa(tok, self.prototypes), lay)
+        return self._outputs(self.student.head(tok, lay), self.student.head(self.fa(tok, self.prototypes), lay))
+
+    def _outputs(self, plain: torch.Tensor, aug: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The plain head's, FA's and the averaged logits, and the one the deployed student predicts."""
         out = {"plain": plain, "aug": aug, "avg": mean_prob_logits(plain, aug)}
         out["deployed"] = out[self.params.resolved_output()]
         return out
