@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prockd.config import build_config
-from prockd.engine import autocast, build, train
-from prockd.methods import METHODS
+from prockd.classification.config import build_config
+from prockd.classification.engine import build, train
+from prockd.classification.methods import METHODS
+from prockd.core.loop import autocast
 
 ALL = sorted(METHODS.names())
 

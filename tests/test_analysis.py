@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from prockd.analysis.attention import grad_rollout, relevance_maps, vit_blocks
+from prockd.classification.attention import grad_rollout, relevance_maps, vit_blocks
 from prockd.cli import main
 
 
@@ -115,7 +115,7 @@ def test_analyze_writes_every_figure(tiny, tmp_path, capsys):
 
 
 def test_lrp_rules_hand_computed():
-    from prockd.analysis.attention import lrp_add, lrp_linear, lrp_matmul
+    from prockd.classification.attention import lrp_add, lrp_linear, lrp_matmul
 
     # z+ through W = [[1, -1], [2, 3]] at x = [1, -2]: positive contributions z = [1 + 2, 2] = [3, 2];
     # relevance [1, .5] -> s = [1/3, 1/4]; input 0 gets 1 * (1/3 * 1 + 1/4 * 2), input 1 gets -2 * (1/3 * -1)
@@ -134,9 +134,9 @@ def test_lrp_rules_hand_computed():
 
 
 def test_lrp_maps_on_a_deployed_2_block_vit(tiny, tmp_path):
-    from prockd.analysis.attention import _block_relprop, _trace_blocks, lrp_maps
-    from prockd.engine import build
-    from prockd.config import build_config
+    from prockd.classification.attention import _block_relprop, _trace_blocks, lrp_maps
+    from prockd.classification.config import build_config
+    from prockd.classification.engine import build
 
     b = build(build_config(tiny(), "test"))
     for output in ("aug", "plain"):

@@ -9,20 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prockd.methods.ab import ab_loss
-from prockd.methods.attention_probe import probe_attention
-from prockd.methods.cwd import cwd_loss
-from prockd.methods.dkd import dkd_terms
-from prockd.methods.fbkd import fbkd_losses
-from prockd.methods.mgd import mgd_mask
-from prockd.methods.ofd import ofd_loss, ofd_margin
-from prockd.methods.pkd_pearson import pearson_loss
-from prockd.methods.pkd_projector import batch_whiten, projector_loss
-from prockd.methods.prockd import kl_div
-from prockd.methods.refilled import centre_soft_labels, relation_kl
-from prockd.methods.ssim_kd import ssim
-from prockd.methods.vid import vid_nll
+from prockd.classification.methods.ab import ab_loss
+from prockd.classification.methods.attention_probe import probe_attention
+from prockd.classification.methods.dkd import dkd_terms
+from prockd.classification.methods.fbkd import fbkd_losses
+from prockd.classification.methods.ofd import ofd_loss, ofd_margin
+from prockd.classification.methods.pkd_projector import batch_whiten, projector_loss
+from prockd.classification.methods.refilled import centre_soft_labels, relation_kl
+from prockd.classification.methods.vid import vid_nll
 from prockd.features import Layout
+from prockd.losses import cwd_loss, kl_div, mgd_mask, pearson_loss, ssim
 
 D = torch.float64
 

@@ -6,11 +6,11 @@ import itertools
 import pytest
 import torch
 
-from prockd.config import build_config
-from prockd.engine import build, train
+from prockd.classification.config import build_config
+from prockd.classification.engine import build, train
+from prockd.classification.methods.rkd import rkd_angle, rkd_distance
 from prockd.errors import ProckdError
-from prockd.methods.prockd import kl_div
-from prockd.methods.rkd import rkd_angle, rkd_distance
+from prockd.losses import kl_div
 
 
 def _huber(x: float) -> float:
@@ -130,8 +130,8 @@ def test_dkd_refuses_cross_task_and_ofd_estimates_negative_margins(tiny, tmp_pat
 
 
 def test_the_old_skd_name_says_where_the_method_went():
+    from prockd.classification.methods import METHODS
     from prockd.errors import ProckdError
-    from prockd.methods import METHODS
 
     with pytest.raises(ProckdError, match="ssim_kd.*Zhang & Ma"):
         METHODS.get("skd")

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import torch
 
-from prockd.cache import TeacherCache
-from prockd.config import build_config
-from prockd.engine import build, train
+from prockd.classification.cache import TeacherCache
+from prockd.classification.config import build_config
+from prockd.classification.engine import build, train
 
 
 def _cache(b, tmp_path, dtype="float32"):

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from prockd.config import CorruptionConfig, DataConfig
-from prockd.data import build_task, corrupt, find_fashion_mnist, long_tail_counts
+from prockd.classification.config import DataConfig
+from prockd.classification.data import build_task, find_fashion_mnist, long_tail_counts
+from prockd.shifts import CorruptionConfig, corrupt
 
 
 def test_long_tail_profile():

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from prockd.config import build_config
-from prockd.data import build_task
+from prockd.classification.config import build_config
+from prockd.classification.data import build_task
 from prockd.errors import ProckdError
 
 CLASSES = ("cat", "dog", "owl")
@@ -68,7 +68,7 @@ def test_streamed_task_equals_in_memory(folders):
 
 
 def test_streamed_run_trains_like_in_memory(folders):
-    from prockd.engine import train
+    from prockd.classification.engine import train
 
     res = {}
     for stream in (False, True):

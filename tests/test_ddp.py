@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from prockd.distributed import DistInfo, shard
+from prockd.core.distributed import DistInfo, shard
 
 TOL = 1e-4  # float32 sums in another order (all-reduce of two half-batch gradients vs one batch), 21 AdamW steps
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from prockd.demo import demo_spec, run_demo
+from prockd.bench.demo import demo_spec, run_demo
 from prockd.glyphs import find_fonts
 
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_CNN, tiny_config
 from PIL import Image
 
-from conftest import TINY_CNN, tiny_config
+from prockd.classification.config import load_config
+from prockd.classification.data import build_task
+from prockd.classification.deploy import load_deployed
+from prockd.classification.export import export_onnx, ort_session
 from prockd.cli import main
-from prockd.config import load_config
-from prockd.data import build_task
-from prockd.deploy import DeployedStudent, Predictor, export_onnx, load_deployed, ort_session
 
 
 def _train(root, name, method, **over):

@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from prockd.bench.det_speed import METHODS, run_det_speed
+from prockd.bench.speed_detection import METHODS, run_det_speed
 from prockd.cli import main
 
 TINY = dict(backbone="mobilenet_v2", backbone_weights="none", min_size=[64], max_size=64, fpn_channels=16,
@@ -41,7 +41,7 @@ def test_det_speed_unknown_scenario_exits_2(capsys):
 
 def test_weight_scaling_choice_and_run_folders():
     from prockd.bench.common import scaled
-    from prockd.bench.detection import _run_dir, choose_factors
+    from prockd.bench.compare_detection import _run_dir, choose_factors
     from prockd.detection.methods import DET_METHODS
 
     assert scaled(DET_METHODS, "cwd", {}, 0.1) == {"weight": 1.0}  # the public weight 10, x0.1
@@ -62,7 +62,7 @@ def test_collect_and_table_on_written_results(tmp_path):
     Student-t interval computed here directly."""
     from scipy import stats
 
-    from prockd.bench.detection import collect, format_table
+    from prockd.bench.compare_detection import collect, format_table
 
     vals = {"student_only": [80.0, 82.0, 84.0], "cwd": [81.0, 84.0, 85.5]}
     dirs = {}

@@ -6,11 +6,22 @@ import math
 import torch
 import torch.nn.functional as F
 
-from prockd.detection.methods.fbkd import DetFBKDParams, NonLocal2d, fbkd_level_losses, pooled_attention
-from prockd.detection.methods.fgd import DetFGDParams, GcBlock, fgd_attention, fgd_level_loss, fgd_masks
+from prockd.detection.methods.fbkd import (
+    DetFBKDParams,
+    NonLocal2d,
+    fbkd_level_losses,
+    pooled_attention,
+)
+from prockd.detection.methods.fgd import (
+    DetFGDParams,
+    GcBlock,
+    fgd_attention,
+    fgd_level_loss,
+    fgd_masks,
+)
 from prockd.detection.methods.mgd import mgd_sum_loss
 from prockd.detection.methods.ssim_kd import minmax
-from prockd.methods.cwd import cwd_loss
+from prockd.losses import cwd_loss
 
 
 def test_cwd_level_loss_is_tau2_kl_over_n_c():
@@ -137,7 +148,7 @@ def test_non_local_block_direct():
 
 
 def test_ssim_kd_minmax_and_identity():
-    from prockd.methods.ssim_kd import ssim
+    from prockd.losses import ssim
 
     f = torch.randn(2, 3, 8, 8)
     m = minmax(f)

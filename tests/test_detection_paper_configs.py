@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from prockd.config import load_any_config
 from test_cityscapes_convert import write_cityscapes
 from test_detection_pipeline import write_coco, write_voc
+
+from prockd.tasks import load_any_config
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "detection" / "paper"
 SMALL = ["student.min_size=[64]", "student.max_size=64", "teacher.min_size=[64]", "teacher.max_size=64",

@@ -166,7 +166,8 @@ def det_setup(tmp_path_factory):
 
 @pytest.mark.parametrize("method", sorted(DET_METHODS.names()))
 def test_one_step_every_method_and_deployed_detector(det_setup, method, tmp_path):
-    from prockd.detection.engine import load_deployed_detector, train
+    from prockd.detection.deploy import load_deployed_detector
+    from prockd.detection.engine import train
 
     _, base = det_setup
     raw = dict(base, method={"name": method})
@@ -233,7 +234,8 @@ def test_resume_after_kill_equals_uninterrupted(det_setup, tmp_path):
 
 
 def test_analyze_detection_runs_figures_6_to_9_and_11(det_setup, tmp_path, capsys):
-    from prockd.detection.engine import load_deployed_detector, train
+    from prockd.detection.deploy import load_deployed_detector
+    from prockd.detection.engine import train
 
     _, base = det_setup
     runs = {}
@@ -305,7 +307,7 @@ def test_ddp_two_processes_detection(det_setup, tmp_path):
     assert s["world_size"] == 2 and s["replicas_identical"] and "test/mAP50" in s["final"]
     hist = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [h["steps"] for h in hist] == [2, 4]  # 8 images, 2 ranks, batch 2: 2 steps per epoch and rank
-    from prockd.detection.engine import load_deployed_detector
+    from prockd.detection.deploy import load_deployed_detector
 
     load_deployed_detector(tmp_path / "ddp" / "detector.pt")
     env_kill = dict(env, PROCKD_KILL_AFTER_STEPS="3")

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prockd.config import build_config
-from prockd.engine import KILL_ENV, train, warmup_cosine
+from prockd.classification.config import build_config
+from prockd.classification.engine import train
+from prockd.core.loop import KILL_ENV, warmup_cosine
 
 
 def _cli(cfg_path: Path, out: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -104,7 +105,7 @@ def test_a_run_directory_belongs_to_one_process(tiny, tmp_path):
     cfg_path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from prockd.io import run_lock; cm = run_lock(sys.argv[1]); "
+        [sys.executable, "-c", "import sys; from prockd.core.io import run_lock; cm = run_lock(sys.argv[1]); "
          "cm.__enter__(); print('locked', flush=True); sys.stdin.read()", str(out)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

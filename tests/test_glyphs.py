@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prockd.config import DataConfig
-from prockd.data import build_task
+from prockd.classification.config import DataConfig
+from prockd.classification.data import build_task
 from prockd.errors import ProckdError
 from prockd.glyphs import Jitter, find_fonts, font_roles, render_set
 

@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from prockd.config import build_config
-from prockd.deploy import load_deployed
-from prockd.engine import build
-from prockd.methods import METHODS
+from prockd.classification.config import build_config
+from prockd.classification.deploy import load_deployed
+from prockd.classification.engine import build
+from prockd.classification.methods import METHODS
 from tests.conftest import TINY_CNN, TINY_VIT
 
 VIT_TEACHER = {**TINY_VIT, "input_size": 16, "kwargs": {**TINY_VIT["kwargs"], "img_size": 16, "patch_size": 4,

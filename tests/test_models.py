@@ -5,10 +5,16 @@ import pytest
 import timm
 import torch
 
-from prockd.config import ModelConfig
+from prockd.classification.config import ModelConfig
+from prockd.classification.models import (
+    Student,
+    Teacher,
+    count_params,
+    create_model,
+    init_student_from_teacher,
+)
 from prockd.errors import ProckdError
 from prockd.features import FeatureRecorder, default_taps, to_tokens
-from prockd.models import Student, Teacher, count_params, create_model, init_student_from_teacher
 
 
 @pytest.mark.parametrize("depth,expected", [(6, 43.35), (4, 29.17), (2, 15.00)])

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from prockd.features import Layout
-from prockd.methods.prockd import kl_div
-from prockd.modules import EmbeddingDistill, FeatureAugmentation, PrototypeLearning, TapFusion
+from prockd.losses import kl_div
+from prockd.prototypes import (
+    EmbeddingDistill,
+    FeatureAugmentation,
+    PrototypeLearning,
+    TapFusion,
+)
 
 torch.manual_seed(0)
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from prockd.classification.config import load_config
+from prockd.classification.engine import build
+from prockd.classification.models import count_params
+from prockd.classification.wrn import WRN_BUILTINS
 from prockd.cli import main
-from prockd.config import load_config
-from prockd.engine import build, make_optimizer
-from prockd.models import count_params
-from prockd.wrn import WRN_BUILTINS
+from prockd.core.loop import make_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -173,7 +174,7 @@ def test_switching_method_on_the_command_line_starts_from_its_defaults(table4_en
     assert cfg.method.params == {"weight": 2}
 
 
-@pytest.mark.skipif(__import__("prockd.data", fromlist=["x"]).find_fashion_mnist(None) is None,
+@pytest.mark.skipif(__import__("prockd.classification.data", fromlist=["x"]).find_fashion_mnist(None) is None,
                     reason="Fashion-MNIST is not installed (make data)")
 def test_table4_protocol_at_small_scale_on_the_embedded_data(tmp_path, capsys):
     import yaml

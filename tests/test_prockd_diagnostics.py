@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prockd.config import build_config, load_config
-from prockd.engine import build, train
-from prockd.methods.prockd import PRESETS, ProCKDParams
-from prockd.modules import entropy, prototype_usage
+from prockd.classification.config import build_config, load_config
+from prockd.classification.engine import build, train
+from prockd.classification.methods.prockd import PRESETS, ProCKDParams
+from prockd.prototypes import entropy, prototype_usage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -67,7 +67,7 @@ def test_glyph_configs_validate(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.data.name == "glyphs"
     if name == "glyphs_lower_transfer.yaml":
-        from prockd.methods import method_params
+        from prockd.classification.methods import method_params
 
         _, params = method_params(cfg)
         assert params.model_dump() == ProCKDParams(preset="transfer").model_dump()

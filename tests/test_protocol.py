@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from prockd.analysis.probe import fit_probe
 from prockd.bench.common import paired_ci, scaled, verdict
-from prockd.config import TrainConfig, build_config
-from prockd.data import ArrayDataset
-from prockd.engine import affine_batch, build, make_views
-from prockd.methods import METHODS
-from prockd.probe import fit_probe
+from prockd.classification.config import TrainConfig, build_config
+from prockd.classification.data import ArrayDataset
+from prockd.classification.engine import affine_batch, build, make_views
+from prockd.classification.methods import METHODS
 
 
 def test_paired_ci_matches_direct_student_t():
@@ -69,8 +69,8 @@ def test_views_are_deterministic_and_independent_of_the_run_seed():
 
 @pytest.mark.parametrize("method", ["prockd", "fitnets"])
 def test_cached_and_live_teacher_see_the_same_augmented_view(tiny, tmp_path, method):
-    from prockd.cache import TeacherCache
-    from prockd.engine import cached_dataset
+    from prockd.classification.cache import TeacherCache
+    from prockd.classification.engine import cached_dataset
 
     raw = tiny(method)
     raw["train"].update(augment="affine", aug_views=4)

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prockd.config import build_config
-from prockd.engine import build
-from prockd.methods.ab import ab_loss
-from prockd.methods.fitnets import hint_loss
-from prockd.methods.pkd_projector import batch_whiten, projector_loss
-from prockd.methods.rkd import rkd_angle, rkd_distance
-from prockd.methods.vid import vid_nll
+from prockd.classification.config import build_config
+from prockd.classification.engine import build
+from prockd.classification.methods.ab import ab_loss
+from prockd.classification.methods.fitnets import hint_loss
+from prockd.classification.methods.pkd_projector import batch_whiten, projector_loss
+from prockd.classification.methods.rkd import rkd_angle, rkd_distance
+from prockd.classification.methods.vid import vid_nll
 
 td = pytest.importorskip("torchdistill.losses.mid_level",
                          reason="torchdistill is not installed (pip install torchdistill): no cross-check")

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prockd.config import build_config
-from prockd.data import IGNORE, build_task
-from prockd.engine import build, mix_batch, step_pools, train
-from prockd.methods.aft import aft_loss, normalised_kernel
-from prockd.methods.probe_distil import fit_linear_probe
+from prockd.classification.config import build_config
+from prockd.classification.data import IGNORE, build_task
+from prockd.classification.engine import build, mix_batch, step_pools, train
+from prockd.classification.methods.aft import aft_loss, normalised_kernel
+from prockd.classification.methods.probe_distil import fit_linear_probe
 
 D = torch.float64
 
@@ -50,8 +50,8 @@ def test_aft_feature_weights_learn_and_stay_out_of_weight_decay(tiny):
 
 
 def test_inverted_projector_projects_the_teacher_onto_the_student():
-    from prockd.methods.inverted_projector import inverted_projector_loss
-    from prockd.methods.pkd_projector import batch_whiten
+    from prockd.classification.methods.inverted_projector import inverted_projector_loss
+    from prockd.classification.methods.pkd_projector import batch_whiten
 
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(6, 3, generator=g, dtype=D), torch.randn(6, 5, generator=g, dtype=D)
@@ -92,7 +92,6 @@ def test_probe_distil_fits_its_probe_before_training_and_distils_its_soft_labels
     summary = train(cfg, tmp_path / "run", built=b, log=lambda *_: None)
     assert float(b.distiller.probe.weight.abs().sum()) > 0 and not b.distiller.probe.weight.requires_grad
     # the probe is fitted on the teacher's pooled features of the labelled training set: it classifies it
-    from prockd.connectors import pooled
     feats = b.teacher.extract(b.task.train.images.float() / 255)
     acc = (b.distiller.probe_logits(feats["taps"]).argmax(-1) == b.task.train.labels).float().mean()
     assert acc > 0.9
@@ -202,8 +201,8 @@ def test_a_run_with_unlabeled_images_and_function_matching_trains_and_resumes_th
 def test_unlabeled_draws_leave_the_labelled_batches_unchanged(tiny, tmp_path):
     """The unlabelled draws come from their own generator: the first step's labelled images are those of the
     run without a transfer set."""
-    from prockd.engine import _step_batch
-    from prockd import distributed as ddp
+    from prockd.classification.engine import step_batch
+    from prockd.core import distributed as ddp
 
     raw = tiny("rkd")
     raw["train"].update(augment="affine", aug_views=2)
@@ -217,16 +216,16 @@ def test_unlabeled_draws_leave_the_labelled_batches_unchanged(tiny, tmp_path):
         pools = step_pools(b.task, cfg.train)
         g = torch.Generator().manual_seed(5)
         x, y, idx = next(b.task.train.batches(8, torch.Generator().manual_seed(1)))
-        outs.append(_step_batch(b, cfg, x, y, idx, pools, None, g, torch.Generator().manual_seed(9),
+        outs.append(step_batch(b, cfg, x, y, idx, pools, None, g, torch.Generator().manual_seed(9),
                                 ddp.DistInfo()))
     (xp, yp, _, _), (xu, yu, _, _) = outs
     assert torch.equal(xu[:8], xp) and torch.equal(yu[:8], yp) and torch.all(yu[8:] == IGNORE) and len(yu) == 11
 
 
 def test_function_matching_feeds_mixtures_with_the_teachers_features_of_those_pixels(tiny, tmp_path):
-    from prockd import distributed as ddp
-    from prockd.cache import TeacherCache
-    from prockd.engine import _step_batch
+    from prockd.classification.cache import TeacherCache
+    from prockd.classification.engine import step_batch
+    from prockd.core import distributed as ddp
 
     raw = tiny("probe_distil")
     raw["method"]["params"]["function_matching"] = "mixup"
@@ -236,7 +235,7 @@ def test_function_matching_feeds_mixtures_with_the_teachers_features_of_those_pi
     pools = step_pools(b.task, cfg.train)
     cache = TeacherCache(b.teacher, pools.cached, tmp_path / "c", "float32").prepare()
     x, y, idx = next(b.task.train.batches(6, torch.Generator().manual_seed(1)))
-    xs, ys, tf, _ = _step_batch(b, cfg, x, y, idx, pools, cache, torch.Generator().manual_seed(2),
+    xs, ys, tf, _ = step_batch(b, cfg, x, y, idx, pools, cache, torch.Generator().manual_seed(2),
                                 torch.Generator().manual_seed(3), ddp.DistInfo())
     assert len(xs) == 12 and torch.all(ys[6:] == IGNORE) and torch.equal(ys[:6], y)
     live = b.teacher.extract(xs)
@@ -252,7 +251,7 @@ def test_function_matching_feeds_mixtures_with_the_teachers_features_of_those_pi
 def test_prockd_options_against_direct_computations(tiny):
     """assign_temperature, the feature channel and FA on the student's tokens, each against its equation."""
     from prockd.features import resample_tokens
-    from prockd.methods.prockd import kl_div
+    from prockd.losses import kl_div
 
     raw = tiny("prockd")
     raw["method"]["params"].update(assign_temperature=0.25, lambda_feat=2.0, fa_on_student=True, proto_scale=0.5)

@@ -11,97 +11,41 @@ import json
 import sys
 from pathlib import Path
 
+from prockd.bench.deploy import SCENARIOS, run_deploy_bench
+from prockd.classification.data import build_task
+from prockd.classification.export import export_onnx
+from prockd.classification.predict import Predictor, image_files, predict_files
+from prockd.classification.runs import load_run_student
+from prockd.detection.cityscapes import convert_cityscapes
 from prockd.errors import ProckdError
+from prockd.tasks import commands, load_any_config, run_task, task_name
 
 
 def _cmd_train(args) -> int:
-    from prockd.config import load_any_config
-    from prockd.engine import build, train
-
     cfg = load_any_config(args.config, args.overrides)
-    if getattr(cfg, "task", None) == "detection":
-        from prockd.detection.engine import train as det_train
-
-        out = args.out or cfg.out
-        summary = det_train(cfg, out)
-        print(json.dumps({"run": out, "final": summary.get("final")}, indent=2))
-        return 0
-    if args.out:
-        cfg = cfg.model_copy(update={"out": args.out})
-    built = build(cfg)
-    summary = train(cfg, cfg.out, built=built)
-    print(json.dumps({"run": cfg.out, "final": summary["final"]}, indent=2))
+    print(json.dumps(commands(task_name(cfg)).train(cfg, args.out), indent=2))
     return 0
 
 
 def _cmd_pretrain_teacher(args) -> int:
-    from prockd.config import load_any_config
-    from prockd.engine import build, train
-
     cfg = load_any_config(args.config, list(args.overrides) + ["method.name=student_only", "method.params={}"])
-    if getattr(cfg, "task", None) == "detection":
-        from prockd.detection.engine import pretrain_teacher
-
-        print(json.dumps(pretrain_teacher(cfg, args.out), indent=2))
-        return 0
-    out = Path(args.out or cfg.out)
-    built = build(cfg)
-    summary = train(cfg, out, built=built)
-    ckpt = out / "teacher.pt"
-    from prockd.io import atomic_torch_save
-
-    atomic_torch_save({"model": built.distiller.student.model.state_dict()}, ckpt)
-    print(json.dumps({"teacher_checkpoint": str(ckpt), "final": summary["final"]}, indent=2))
+    print(json.dumps(commands(task_name(cfg)).pretrain_teacher(cfg, args.out), indent=2))
     return 0
 
 
 def _cmd_eval(args) -> int:
-    import torch
-
-    from prockd.config import load_any_config
-    from prockd.data import build_task
-    from prockd.deploy import load_deployed
-
     run = Path(args.run) if args.run else None
-    model_path = Path(args.model) if args.model else (run / "student.pt" if run else None)
     cfg_path = args.config or (run / "config.yaml" if run else None)
-    if model_path is None or cfg_path is None:
+    if cfg_path is None or (args.model is None and run is None):
         raise ProckdError("eval needs --run DIR, or --model FILE with --config FILE")
-
-    any_cfg = load_any_config(cfg_path, args.overrides)
-    if getattr(any_cfg, "task", None) == "detection":
-        from prockd.detection.engine import load_deployed_detector, open_data
-        from prockd.detection.evaluate import coco_metrics, detect
-
-        det_path = Path(args.model) if args.model else run / "detector.pt"
-        model, classes = load_deployed_detector(det_path)
-        data = open_data(any_cfg, log=lambda m: print(m, file=sys.stderr))
-        if classes != data.classes:
-            raise ProckdError(f"{det_path} detects {classes}, the config's data has {data.classes}")
-        res = {name: coco_metrics(ds.coco_gt(), detect(model, ds, torch.device("cpu")))
-               for name, ds in data.tests.items()}
-        print(json.dumps({"model": str(det_path), "metrics": res}, indent=2))
-        return 0
-    if not model_path.is_file():
-        raise ProckdError(f"deployed student not found: {model_path}")
-    cfg = any_cfg
-    task = build_task(cfg.data)
-    model = load_deployed(model_path)
-    res = {}
-    for name, ds in task.tests.items():
-        correct = 0
-        with torch.no_grad():
-            for x, y, _ in ds.batches(256):
-                correct += int((model(x).argmax(-1) == y).sum())
-        res[name] = 100.0 * correct / len(ds)
-    print(json.dumps({"model": str(model_path), "top1": res}, indent=2))
+    cfg = load_any_config(cfg_path, args.overrides)
+    task = commands(task_name(cfg))
+    model_path = Path(args.model) if args.model else run / task.DEPLOYED_FILE
+    print(json.dumps(task.evaluate(cfg, model_path), indent=2))
     return 0
 
 
 def _cmd_export(args) -> int:
-    from prockd.data import build_task
-    from prockd.deploy import export_onnx, load_run_student
-
     if not args.out and not args.onnx:
         raise ProckdError("export needs --out FILE.pt and/or --onnx FILE.onnx")
     dep, cfg, task = load_run_student(Path(args.run), args.checkpoint)
@@ -126,8 +70,6 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from prockd.deploy import Predictor, image_files, predict_files
-
     pred = Predictor(args.model, threads=args.threads)
     files = image_files(args.inputs)
     results = predict_files(pred, files, args.topk)
@@ -141,27 +83,12 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
-    import yaml
-
-    cfg_file = Path(args.run) / "config.yaml"
-    if cfg_file.is_file() and (yaml.safe_load(cfg_file.read_text()) or {}).get("task") == "detection":
-        from prockd.detection.analysis import run_det_analyze
-
-        out = run_det_analyze(Path(args.run), [Path(c) for c in args.compare], Path(args.out) if args.out else None,
-                              images=args.images, seed=args.seed, score_thr=args.score_thr, tests=args.tests)
-        print(json.dumps({"index": str(out)}))
-        return 0
-    from prockd.analysis import run_analyze
-
-    out = run_analyze(Path(args.run), [Path(c) for c in args.compare], Path(args.out) if args.out else None,
-                      images=args.images, classes=args.classes, attention=args.attention, seed=args.seed)
+    out = commands(run_task(Path(args.run))).analyze(args)
     print(json.dumps({"index": str(out)}))
     return 0
 
 
 def _cmd_bench_deploy(args) -> int:
-    from prockd.bench.deploy import SCENARIOS, run_deploy_bench
-
     if args.scenario not in SCENARIOS:
         raise ProckdError(f"unknown scenario '{args.scenario}' (known: {', '.join(SCENARIOS)})")
     run_deploy_bench(args.scenario, run=Path(args.run) if args.run else None, threads=args.threads,
@@ -172,52 +99,16 @@ def _cmd_bench_deploy(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    if args.task == "detection":
-        from prockd.bench.detection import run_detection_compare
-
-        run_detection_compare(Path(args.out or "runs/demo_detection"), seeds=args.seeds or (2 if args.quick else 3),
-                              workers=args.workers, quick=args.quick)
-        return 0
-    from prockd.demo import run_demo
-
-    run_demo(out=Path(args.out or "runs/demo"), suite=args.suite, seeds=args.seeds, quick=args.quick,
-             workers=args.workers)
+    commands(args.task).demo(args)
     return 0
 
 
 def _cmd_bench_compare(args) -> int:
-    if args.task == "detection":
-        from prockd.bench.detection import ALL_METHODS, run_detection_compare
-
-        methods = tuple(args.methods or ALL_METHODS)
-        unknown = [m for m in methods if m not in ALL_METHODS]
-        if unknown:
-            raise ProckdError(f"--methods {unknown} not in the detection comparison (known: {', '.join(ALL_METHODS)})")
-        run_detection_compare(Path(args.out), seeds=args.seeds or 5, methods=methods, workers=args.workers,
-                              do_tune=args.tune, tune_seeds=args.tune_seeds or 1)
-        return 0
-    from prockd.bench.compare import load_spec, run_compare
-
-    spec = load_spec(args.config, {"seeds": args.seeds, "workers": args.workers, "tune_seeds": args.tune_seeds},
-                     suite=args.suite)
-    if args.methods:
-        unknown = [m for m in args.methods if m not in spec["methods"]]
-        if unknown:
-            raise ProckdError(f"--methods {unknown} not in the comparison (known: {', '.join(spec['methods'])})")
-        spec["methods"] = {m: spec["methods"][m] for m in args.methods}
-    for key, names in (("students", args.students), ("settings", args.settings)):
-        if names:
-            unknown = [n for n in names if n not in spec[key]]
-            if unknown:
-                raise ProckdError(f"--{key} {unknown} not in the comparison (known: {', '.join(spec[key])})")
-            spec[key] = {n: spec[key][n] for n in names}
-    run_compare(Path(args.out), spec, do_tune=args.tune, tune_only=args.tune_only)
+    commands(args.task).compare(args)
     return 0
 
 
 def _cmd_convert(args) -> int:
-    from prockd.detection.cityscapes import convert_cityscapes
-
     written = [str(convert_cityscapes(args.root, split, args.out, args.foggy_beta, args.workers))
                for split in args.splits]
     print(json.dumps({"written": written}, indent=2))
@@ -225,20 +116,7 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_bench_speed(args) -> int:
-    if args.task == "detection":
-        from prockd.bench.det_speed import DET_SCENARIOS, run_det_speed
-
-        if args.scenario not in DET_SCENARIOS:
-            raise ProckdError(f"unknown detection scenario '{args.scenario}' (known: {', '.join(DET_SCENARIOS)})")
-        run_det_speed(args.scenario, args.device, args.steps, args.rounds, args.warmup, args.batch_size, args.amp,
-                      args.threads, Path(args.out or "runs/bench_speed_detection.json"))
-        return 0
-    from prockd.bench.speed import SCENARIOS, run_speed
-
-    if args.scenario not in SCENARIOS:
-        raise ProckdError(f"unknown scenario '{args.scenario}' (known: {', '.join(SCENARIOS)})")
-    run_speed(args.scenario, args.device, args.steps, args.rounds, args.warmup, args.batch_size, args.amp,
-              args.threads, Path(args.out or "runs/bench_speed.json"))
+    commands(args.task).speed(args)
     return 0
 
 

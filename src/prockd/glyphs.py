@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from fontTools.ttLib import TTFont, TTLibError
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from prockd.errors import ProckdError
 
@@ -45,8 +48,6 @@ def charset(name: str) -> str:
 
 def _cmap(path: Path) -> set[int]:
     """The code points a font file maps (empty for an unreadable file)."""
-    from fontTools.ttLib import TTFont, TTLibError
-
     try:
         with TTFont(str(path), lazy=True, fontNumber=0) as f:
             return set((f.getBestCmap() or {}).keys())
@@ -115,8 +116,6 @@ def _seed(*parts) -> int:
 def render_glyph(font, ch: str, size: int = 28, glyph_px: int = 22, jitter: Jitter | None = None,
                  rng: np.random.Generator | None = None, oversample: int = 4) -> np.ndarray:
     """One character as a ``size x size`` uint8 image (white on black), ink-cropped, scaled, centred, jittered."""
-    from PIL import Image, ImageDraw
-
     big = size * oversample
     canvas = Image.new("L", (big * 6, big * 6), 0)  # ample room: no ink is clipped before the crop
     ImageDraw.Draw(canvas).text((big * 2, big * 2), ch, fill=255, font=font)
@@ -145,8 +144,6 @@ def render_set(fonts: list[Path], chars: str, copies: int, size: int = 28, glyph
                log=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images ``N x 1 x size x size`` uint8, labels ``N`` (index into ``chars``), font index ``N``) for every
     font x character x copy, cached on disk (keyed by font files, characters, copies and rendering)."""
-    from PIL import ImageFont
-
     key_src = {"v": 1, "fonts": [str(f) for f in fonts], "sizes": [f.stat().st_size for f in fonts],
                "chars": chars, "copies": copies, "size": size, "glyph_px": glyph_px,
                "jitter": None if jitter is None else jitter.__dict__, "tag": tag}
@@ -165,7 +162,6 @@ def render_set(fonts: list[Path], chars: str, copies: int, size: int = 28, glyph
     labels = np.zeros(n, np.int64)
     font_idx = np.zeros(n, np.int64)
     i = 0
-    from tqdm.auto import tqdm
 
     bar = tqdm(fonts, desc=f"rendering {len(chars)} characters x {copies} in {len(fonts)} fonts", unit="font",
                disable=n < 2000, leave=False)  # a first run renders ~20,000 glyphs: show it

@@ -5,16 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing as mp
 import os
 import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from prockd.config import build_config
-from prockd.engine import train
-from prockd.io import atomic_torch_save, atomic_write_json
+from prockd.classification.cache import TeacherCache
+from prockd.classification.config import build_config
+from prockd.classification.data import build_task
+from prockd.classification.engine import build, cached_dataset, train
+from prockd.classification.models import Teacher, create_model
+from prockd.core.io import atomic_torch_save, atomic_write_json
+from prockd.detection.config import build_det_config
+from prockd.detection.engine import train as det_train
 
 
 def output_dirs(out: Path, cache_root: Path | None, log_name: str):
@@ -42,9 +49,6 @@ def _run_job(raw: dict, run_dir: str, log_path: str, threads: int | None = 1) ->
             f.write(f"[{run_dir}] {msg}\n")
 
     if raw.get("task") == "detection":
-        from prockd.detection.config import build_det_config
-        from prockd.detection.engine import train as det_train
-
         det_train(build_det_config(raw, f"run {run_dir}"), run_dir, log=log)
     else:
         train(build_config(raw, f"run {run_dir}"), run_dir, log=log)
@@ -57,9 +61,6 @@ def run_jobs(todo: list[tuple], workers: int, desc: str) -> None:
         return
     bar = tqdm(total=len(todo), desc=f"{desc} ({min(workers, len(todo))} in parallel)", unit="run")
     if workers > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
             for fut in as_completed([ex.submit(_run_job, *j) for j in todo]):
                 fut.result()
@@ -74,11 +75,6 @@ def run_jobs(todo: list[tuple], workers: int, desc: str) -> None:
 def prepare_cache(raw: dict, log) -> None:
     """Build the teacher-feature cache of a run's config (the teacher's view of its training data, augmented
     views included), whatever its method, so that parallel workers only open it."""
-    from prockd.cache import TeacherCache
-    from prockd.data import build_task
-    from prockd.engine import cached_dataset
-    from prockd.models import Teacher, create_model
-
     cfg = build_config(raw, "cache preparation")
     teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
     TeacherCache(teacher, cached_dataset(build_task(cfg.data), cfg.train), cfg.cache.dir, cfg.cache.dtype,
@@ -94,7 +90,6 @@ def pretrained_teacher(teacher_run: dict, cache_root: Path, log=print, say=print
         return ckpt, json.loads((run_dir / "final.json").read_text())
     cfg = build_config(dict(teacher_run, train=dict(teacher_run["train"], progress=True)), "benchmark teacher")
     say(f"pretraining the benchmark teacher ({cfg.train.epochs} epochs) in {run_dir}")
-    from prockd.engine import build
 
     built = build(cfg)
     summary = train(cfg, run_dir, built=built, log=lambda m: (log(m), say(m)))

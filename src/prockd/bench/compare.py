@@ -11,7 +11,7 @@ with an honest protocol (``../shared/spec/benchmark.md``):
   ``tune_seeds`` seeds of their own (1000, 1001, ...) on the first student and the first setting, scored by
   the mean validation accuracy over the last fifth of the epochs (validation only); the final table then runs each method's chosen configuration on fresh seeds 0..n-1;
 - **knowledge gap**: per setting, linear probes on the frozen teacher's pooled taps and on pixels
-  (:mod:`prockd.probe`), and the student-only convergence evidence (validation gain over the last fifth of the
+  (:mod:`prockd.classification.probe`), and the student-only convergence evidence (validation gain over the last fifth of the
   epochs, student-only test accuracy against the pixel probe).
 
 The spec is a benchmark suite (:mod:`prockd.bench.suites`, ``--suite``; default ``glyphs``) whose keys a YAML file
@@ -33,14 +33,28 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
-from prockd.bench.common import (default_workers, mean_std, output_dirs, paired_ci, prepare_cache, pretrained_teacher,
-                                 run_jobs, scaled)
+from prockd.bench.common import (
+    default_workers,
+    mean_std,
+    output_dirs,
+    paired_ci,
+    prepare_cache,
+    pretrained_teacher,
+    run_jobs,
+    scaled,
+)
 from prockd.bench.suites import get_suite
-from prockd.config import build_config, deep_merge
+from prockd.classification.config import build_config
+from prockd.classification.data import build_task
+from prockd.classification.methods import METHODS, method_params
+from prockd.classification.models import Teacher, create_model
+from prockd.classification.probe import probe_task
+from prockd.core.config import deep_merge
+from prockd.core.io import atomic_write_json, atomic_write_text
 from prockd.errors import ProckdError
-from prockd.io import atomic_write_json, atomic_write_text
 
 SPEC_KEYS = {"suite", "seeds", "workers", "methods", "students", "settings", "data", "base", "tune_seeds",
              "tune_factors"}
@@ -115,8 +129,6 @@ def _tag(params: dict) -> str:
 
 
 def _queue(raw: dict, run_dir: Path, log_path: Path, todo: list) -> None:
-    from prockd.methods import method_params
-
     method_params(build_config(raw, f"comparison run {run_dir}"))  # every config is validated before anything starts
     if (run_dir / "final.json").is_file():
         return
@@ -157,7 +169,6 @@ def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print) -> d
     factors = [float(f) for f in spec["tune_factors"]]
     seeds = [1000 + k for k in range(spec["tune_seeds"])]
     todo, grid = [], {}
-    from prockd.methods import METHODS
 
     for method, params in spec["methods"].items():
         fs = factors if METHODS.get(method_of(method)).main_weights else [1.0]
@@ -346,9 +357,6 @@ def probe_settings(spec: dict, base: dict, out: Path, log, say=print) -> dict:
             return cached["columns"]
     if not base.get("teacher"):
         return {}
-    from prockd.data import build_task
-    from prockd.models import Teacher, create_model
-    from prockd.probe import probe_task
 
     say("linear probes: teacher features vs pixels on each setting's training set")
     cols = {}
@@ -375,7 +383,6 @@ def plot(table: dict, out: Path, methods: dict) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
     files = []
     student = next(iter(table))

@@ -26,7 +26,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from prockd.io import atomic_write_json
+from prockd.classification.config import build_config
+from prockd.classification.data import ArrayDataset, Task
+from prockd.classification.deploy import default_input_shape
+from prockd.classification.engine import build
+from prockd.classification.export import (
+    check_parity,
+    onnx_export_raw,
+    ort_session,
+)
+from prockd.classification.models import Teacher, create_model
+from prockd.classification.runs import load_run_student
+from prockd.core.io import atomic_write_json
 
 _GLYPH_TEACHER = {"name": "resnet18", "in_chans": 1, "input_size": 56, "mean": [0.15], "std": [0.33],
                   "pretrained": False, "kwargs": {"channels": [32, 64, 128, 256], "stem_width": 32, "num_classes": 36},
@@ -73,10 +84,6 @@ def flops_per_image(model: nn.Module, image: torch.Tensor) -> int:
 
 
 def _models_from_scenario(sc: dict):
-    from prockd.config import build_config
-    from prockd.data import ArrayDataset, Task
-    from prockd.engine import build
-
     c, h, w = sc["image"]
     ds = ArrayDataset(torch.zeros(2, c, h, w, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), "bench")
     task = Task(ds, {"test": ds}, [str(i) for i in range(sc["classes"])])
@@ -90,9 +97,6 @@ def _models_from_scenario(sc: dict):
 
 
 def _models_from_run(run: Path):
-    from prockd.deploy import default_input_shape, load_run_student
-    from prockd.models import Teacher, create_model
-
     dep, cfg, _ = load_run_student(run)
     teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher, need_embed=False)
     return TeacherNet(teacher).eval(), dep, default_input_shape(dep)
@@ -135,16 +139,15 @@ def run_deploy_bench(scenario: str = "embedded", run: Path | None = None, thread
         calls[(name, "pytorch", batch)] = lambda m=m: m(xb)
     tmpdir = None
     if onnx:
-        from prockd.deploy import _onnx_export_raw, check_parity, ort_session
-
         import onnxruntime
+
 
         res["onnxruntime"] = onnxruntime.__version__
         tmpdir = tempfile.TemporaryDirectory(prefix="prockd-bench-deploy-")
         for name, m in models.items():
             say(f"bench deploy: exporting {name} to ONNX")
             path = os.path.join(tmpdir.name, f"{len(calls)}.onnx")
-            res["models"][name]["onnx_exporter"] = _onnx_export_raw(m, xb[:2], path, 18)
+            res["models"][name]["onnx_exporter"] = onnx_export_raw(m, xb[:2], path, 18)
             sess = ort_session(path, threads, spin=False)
             par = check_parity(m, sess, xb[:8])
             res["models"][name]["onnx_parity"] = {k: par[k] for k in ("max_abs_diff", "top1_agreement")}

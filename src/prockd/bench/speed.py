@@ -5,7 +5,7 @@ Variants, each a full optimiser step (forward, backward, AdamW step) on the same
 - ``student_only``: the student alone (cross-entropy);
 - ``teacher_forward``: the frozen teacher's feature extraction alone (no step);
 - ``prockd_live``: ProC-KD with the live teacher; ``prockd_cached``: ProC-KD from the teacher cache
-  (a real :class:`~prockd.cache.TeacherCache` on disk, memory-mapped);
+  (a real :class:`~prockd.classification.cache.TeacherCache` on disk, memory-mapped);
 - ``kd_prockd`` / ``kd_torchdistill`` and ``fitnets_prockd`` / ``fitnets_torchdistill``: the same
   models, batch and optimiser, the loss computed by prockd's distiller or by torchdistill's building
   blocks (``ForwardHookManager`` to capture features, ``KDLoss`` / ``SimpleLossWrapper(MSELoss)``).
@@ -31,10 +31,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prockd.config import build_config, deep_merge
-from prockd.data import ArrayDataset, Task
-from prockd.engine import autocast, build, make_optimizer, resolve_device
-from prockd.io import atomic_write_json
+from prockd.classification.cache import TeacherCache
+from prockd.classification.config import build_config
+from prockd.classification.data import ArrayDataset, Task
+from prockd.classification.engine import build
+from prockd.connectors import student_map, teacher_map
+from prockd.core.config import deep_merge
+from prockd.core.io import atomic_write_json
+from prockd.core.loop import autocast, make_optimizer, resolve_device
+from prockd.features import resample_tokens, to_tokens
 
 SCENARIOS = {
     # the embedded benchmark's networks (teacher ResNet 2.8 M at 56 px, ViT student 0.31 M at 28 px)
@@ -123,9 +128,6 @@ class _TorchdistillStep:
         self.teacher, self.student = teacher, student
 
     def __call__(self):
-        from prockd.connectors import student_map, teacher_map
-        from prockd.features import resample_tokens, to_tokens
-
         t, s, dev = self.teacher, self.student, self.b.device
         with autocast(dev, self.b.cfg.train.amp):
             with torch.no_grad():
@@ -296,7 +298,6 @@ def run_speed(scenario: str = "embedded", device: str = "auto", steps: int = 5, 
     b_student = built("student_only", {})
     b_prockd = built("prockd", sc["prockd"])
     teacher = b_prockd.teacher
-    from prockd.cache import TeacherCache
 
     cache = TeacherCache(teacher, task.train, tmp.name, "float16", device=dev, log=lambda *_: None).prepare()
     b_cached = build(build_config(_raw(sc, "prockd", sc["prockd"], dev_name, tmp.name), "bench"), task=task,

@@ -19,9 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.ops import roi_align
 
+from prockd.analysis.probe import fit_probe
+from prockd.analysis.report import write_index
+from prockd.core.config import read_config_file
+from prockd.core.io import atomic_write_json
+from prockd.detection.config import build_det_config
+from prockd.detection.deploy import load_deployed_detector
+from prockd.detection.engine import open_data
+from prockd.detection.evaluate import detect, error_analysis, plot_error_analysis
 from prockd.errors import ProckdError
-from prockd.io import atomic_write_json
 
 
 @dataclass
@@ -37,13 +45,10 @@ class DetRunView:
 
 def load_det_run(path: Path) -> DetRunView:
     """A finished detection run (``config.yaml`` + ``detector.pt``); errors name what is missing."""
-    from prockd.config import load_any_config
-    from prockd.detection.engine import load_deployed_detector
-
     path = Path(path)
     if not (path / "config.yaml").is_file() or not (path / "detector.pt").is_file():
         raise ProckdError(f"{path} is not a finished detection run (config.yaml and detector.pt expected)")
-    cfg = load_any_config(path / "config.yaml")
+    cfg = build_det_config(read_config_file(path / "config.yaml"), str(path / "config.yaml"))
     model, classes = load_deployed_detector(path / "detector.pt")
     return DetRunView(path, cfg, model, classes, cfg.method.name)
 
@@ -104,10 +109,6 @@ def figure_qualitative(runs: list[DetRunView], ds, idx: list[int], names: list[s
 def run_det_analyze(run: Path, compare: list[Path], out: Path | None = None, images: int = 4, seed: int = 0,
                     score_thr: float = 0.5, tests: list[str] | None = None, log=print) -> Path:
     """Figs. 6-9 and 11 for ``run`` and ``compare`` runs (same classes) on the first run's test sets."""
-    from prockd.analysis import write_index
-    from prockd.detection.engine import open_data
-    from prockd.detection.evaluate import detect, error_analysis, plot_error_analysis
-
     runs = [load_det_run(run)] + [load_det_run(p) for p in compare]
     seen: set = set()
     for r in runs:
@@ -157,8 +158,6 @@ def box_features(ds, teacher=None, transform=None, levels=("0", "1"), out_px: in
     """Per ground-truth box: (features, labels). With ``teacher`` (a :class:`DetTeacher`) and the student's
     ``transform``: the teacher's FPN ``levels`` RoI-aligned to ``out_px x out_px`` on the box and
     concatenated; without: the box's own pixels RoI-aligned to ``pixel_px x pixel_px`` (grey)."""
-    from torchvision.ops import roi_align
-
     feats, labels = [], []
     for i in range(len(ds)):
         img, tgt = ds[i]
@@ -184,8 +183,6 @@ def detection_probe(teacher, transform, train, tests: dict) -> dict:
     """The detection benchmark's knowledge-gap check (``benchmark.md``, requirement 1, carried to boxes):
     box classification accuracy (%) of a linear probe on the frozen teacher's RoI features vs one on the
     boxes' pixels, both fitted on the student's training boxes and scored on each test set's boxes."""
-    from prockd.probe import fit_probe
-
     teacher.eval()
     xt, yt = box_features(train, teacher, transform)
     xp, yp = box_features(train)

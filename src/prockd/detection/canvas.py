@@ -4,7 +4,7 @@ Each canvas is ``size x size`` (grayscale stored as PNG): a low-frequency backgr
 (one class per character of ``charset``) at random positions and sizes, drawn from the split's fonts, and a
 few unlabelled distractor glyphs (clutter). The box of a glyph is the bounding box of its ink, so the
 ground truth is exact. Fonts get roles as in :mod:`prockd.glyphs`: held-out test fonts are never trained
-on. Shifted domains: ``fog`` (the Foggy Cityscapes analogue: low-frequency haze, :func:`prockd.data.corrupt`)
+on. Shifted domains: ``fog`` (the Foggy Cityscapes analogue: low-frequency haze, :func:`prockd.classification.data.corrupt`)
 and ``dusk`` (the Diverse-Weather analogue: darker, lower contrast, sensor noise).
 
 A split is written as ``images/*.png`` + ``annotations.json`` (COCO) into a cache folder keyed by the
@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageFont
 
 from prockd.detection.config import CanvasConfig
 from prockd.errors import ProckdError
 from prockd.glyphs import Jitter, charset, find_fonts, font_roles, render_glyph
+from prockd.shifts import CorruptionConfig, corrupt
 
 
 def _rng(*parts) -> np.random.Generator:
@@ -43,9 +45,6 @@ def shift_domain(img: np.ndarray, kind: str, severity: int, seed: int) -> np.nda
     """A shifted copy of a uint8 ``H x W`` canvas: ``fog`` (haze) or ``dusk`` (dark, low contrast, noisy)."""
     if kind == "none":
         return img
-    from prockd.config import CorruptionConfig
-    from prockd.data import corrupt
-
     x = torch.from_numpy(img)[None, None]
     if kind == "fog":
         return corrupt(x, CorruptionConfig(kind="fog", severity=severity), seed)[0, 0].numpy()
@@ -118,8 +117,6 @@ def split_names(cfg: CanvasConfig) -> tuple[list[str], list[str]]:
 
 def build_canvases(cfg: CanvasConfig, log=print) -> dict[str, tuple[Path, Path]]:
     """Write (once, cached) every split; returns split name -> (images folder, annotations file)."""
-    from PIL import Image, ImageFont
-
     chars = charset(cfg.charset)
     roles = font_splits(cfg, chars)
     key_src = {"v": 1, "cfg": cfg.model_dump(mode="json", exclude={"cache_dir"}),

@@ -22,9 +22,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from prockd.core.io import atomic_write_json
 from prockd.errors import ProckdError
-from prockd.io import atomic_write_json
 
 # label id -> name (official Cityscapes label ids), in mmdet's category order (category ids 1..8)
 CITYSCAPES_LABEL_IDS = {24: "person", 25: "rider", 26: "car", 27: "truck", 28: "bus", 31: "train",
@@ -61,8 +62,6 @@ def instances_of(ids: np.ndarray) -> list[dict]:
 
 def _read_instance_image(path: str) -> tuple[tuple[int, int], list[dict]]:
     """((width, height), annotations) of one ``*_gtFine_instanceIds.png``."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             ids = np.asarray(im, dtype=np.int64)

@@ -11,14 +11,14 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from prockd.config import MethodConfig, _format_errors, _Strict
+from prockd.core.config import MethodConfig, Strict, format_errors
 from prockd.errors import ProckdError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DetectorConfig(_Strict):
+class DetectorConfig(Strict):
     """A Faster R-CNN + FPN detector (torchvision), its backbone by name.
 
     ``backbone``: ``resnet18`` / ``resnet50`` / ``resnet101`` / ``resnext101_32x8d`` (any torchvision
@@ -59,7 +59,7 @@ class DetectorConfig(_Strict):
         return self
 
 
-class DetSplitConfig(_Strict):
+class DetSplitConfig(Strict):
     """One split on disk: COCO json (``images`` folder + ``annotations`` file) or a VOC folder
     (``root`` = ``.../VOC2007`` with ``Annotations``, ``JPEGImages``, ``ImageSets/Main/<split>.txt``)."""
 
@@ -78,7 +78,7 @@ class DetSplitConfig(_Strict):
         return self
 
 
-class CanvasConfig(_Strict):
+class CanvasConfig(Strict):
     """The embedded detection benchmark's canvases (see :mod:`prockd.detection.canvas`)."""
 
     charset: str = "ACEHKMRX"  # the classes, one character each
@@ -99,7 +99,7 @@ class CanvasConfig(_Strict):
     cache_dir: str = "~/.cache/prockd/data/canvas"
 
 
-class DetDataConfig(_Strict):
+class DetDataConfig(Strict):
     """Detection data: files on disk (COCO json / VOC XML) or the embedded canvases."""
 
     name: Literal["files", "canvas"] = "files"
@@ -121,7 +121,7 @@ class DetDataConfig(_Strict):
         return self
 
 
-class DetTrainConfig(_Strict):
+class DetTrainConfig(Strict):
     """mmdet-style schedule: SGD, linear warm-up over iterations, steps at epoch milestones."""
 
     epochs: int = Field(12, ge=1)
@@ -143,7 +143,7 @@ class DetTrainConfig(_Strict):
     device: str = "auto"
 
 
-class DetExperimentConfig(_Strict):
+class DetExperimentConfig(Strict):
     """Everything one detection run needs."""
 
     task: Literal["detection"] = "detection"
@@ -156,14 +156,9 @@ class DetExperimentConfig(_Strict):
     train: DetTrainConfig = Field(default_factory=DetTrainConfig)
 
 
-def is_detection(data: dict) -> bool:
-    """Whether a raw config dict is a detection config."""
-    return isinstance(data, dict) and data.get("task") == "detection"
-
-
 def build_det_config(data: dict, source: str = "<dict>") -> DetExperimentConfig:
     """Validate a raw dict; errors name the source and the offending keys."""
     try:
         return DetExperimentConfig(**data)
     except ValidationError as e:
-        raise ProckdError(f"config error in {source}: {_format_errors(e)}") from None
+        raise ProckdError(f"config error in {source}: {format_errors(e)}") from None

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from prockd.core.distributed import loader_context
 from prockd.errors import ProckdError
 
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in converters); clipped
@@ -69,8 +71,6 @@ class DetectionSet(Dataset):
 
     def load_image(self, i: int) -> torch.Tensor:
         """Image ``i`` as a float tensor ``3 x H x W`` in [0, 1]."""
-        from PIL import Image, UnidentifiedImageError
-
         r = self.records[i]
         try:
             with Image.open(r.file) as im:
@@ -277,7 +277,6 @@ def make_loader(ds: DetectionSet, batch_size: int, *, shuffle: bool, seed: int =
     if world > 1:
         per = -(-n // world)
         order = (order + order[: per * world - n])[rank::world]
-    from prockd.data import loader_context
 
     return DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers, collate_fn=collate,
                       persistent_workers=False, drop_last=False, multiprocessing_context=loader_context(workers))

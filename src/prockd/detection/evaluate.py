@@ -12,6 +12,8 @@ import copy
 import numpy as np
 import torch
 
+from prockd.core.loop import autocast
+
 AREAS = ("all", "small", "medium", "large")
 ERROR_CURVES = ("C75", "C50", "Loc", "Sim", "Oth", "BG", "FN")
 
@@ -80,8 +82,6 @@ def coco_metrics(gt: dict, dets: list[dict]) -> dict[str, float]:
 @torch.no_grad()
 def detect(model, ds, device, batch_size: int = 8, amp: str = "none", indices=None) -> list[dict]:
     """COCO-format detections (``bbox`` xywh, ``score``, ``category_id`` = label) of ``model`` on ``ds``."""
-    from prockd.engine import autocast
-
     model.eval()
     idx = list(range(len(ds))) if indices is None else list(indices)
     out = []

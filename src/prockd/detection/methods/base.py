@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from prockd.core.distiller import DistillerBase
+from prockd.core.registry import Registry
 from prockd.detection.models import LEVELS, DetTeacher
 from prockd.errors import ProckdError
-from prockd.registry import Registry
 
 DET_METHODS: Registry = Registry("detection method")
 
@@ -43,8 +44,8 @@ def connector(s_ch: int, t_ch: int) -> nn.Module:
     return nn.Identity() if s_ch == t_ch else nn.Conv2d(s_ch, t_ch, 1)
 
 
-class DetDistiller(nn.Module):
-    """One detection method. ``forward(images, targets) -> {loss name: loss}`` in training.
+class DetDistiller(DistillerBase):
+    """One detection method (:class:`prockd.core.distiller.DistillerBase`). ``forward(images, targets) -> {loss name: loss}`` in training.
 
     ``images`` are a list of ``3 x H x W`` tensors in [0, 1], ``targets`` torchvision target dicts. The
     student's transform runs once; its normalised, padded ``images.tensors`` go to the student's backbone
@@ -52,25 +53,15 @@ class DetDistiller(nn.Module):
     the module tree.
     """
 
-    name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = LevelParams
-    needs_teacher: ClassVar[bool] = True
     default_levels: ClassVar[tuple[str, ...]] = ("0", "1", "2", "3")
-    main_weights: ClassVar[tuple[str, ...]] = ("weight",)
 
     def __init__(self, student, teacher: DetTeacher | None, params: BaseModel, num_classes: int):
-        super().__init__()
-        self.student = student
-        object.__setattr__(self, "teacher", teacher)
-        self.params = params
-        self.num_classes = num_classes
+        super().__init__(student, teacher, params, num_classes)
         self.levels = tuple(getattr(params, "levels", None) or self.default_levels)
         self.s_width = student.backbone.out_channels
         self.t_width = teacher.width if teacher is not None else self.s_width
         self._stats: dict[str, float] = {}
-
-    def set_epoch(self, epoch: int, total_epochs: int | None = None) -> None:
-        """Called before every epoch (default: nothing)."""
 
     def features(self, tensors: torch.Tensor) -> OrderedDict:
         """The student's pyramid (ProC-KD adds FA here: what the deployed detector computes)."""
@@ -100,10 +91,6 @@ class DetDistiller(nn.Module):
     def step_stats(self) -> dict[str, float]:
         """Diagnostics of the last training forward (default: none)."""
         return self._stats
-
-    def learnable_parameters(self) -> list[nn.Parameter]:
-        """The student's trainable parameters and the method's own modules."""
-        return [p for p in self.parameters() if p.requires_grad]
 
     def export(self) -> nn.Module:
         """The deployable detector (no teacher, no training-only modules)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from prockd.detection.methods.base import DET_METHODS, LevelDistiller, LevelParams
-from prockd.methods.cwd import cwd_loss
+from prockd.losses import cwd_loss
 
 
 class DetCWDParams(LevelParams):

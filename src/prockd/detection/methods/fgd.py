@@ -20,7 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from prockd.detection.methods.base import DET_METHODS, LevelDistiller, LevelParams, connector
+from prockd.detection.methods.base import (
+    DET_METHODS,
+    LevelDistiller,
+    LevelParams,
+    connector,
+)
 
 
 class DetFGDParams(LevelParams):

@@ -8,8 +8,13 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from prockd.detection.methods.base import DET_METHODS, LevelDistiller, LevelParams, connector
-from prockd.methods.mgd import mgd_mask
+from prockd.detection.methods.base import (
+    DET_METHODS,
+    LevelDistiller,
+    LevelParams,
+    connector,
+)
+from prockd.losses import mgd_mask
 
 
 class DetMGDParams(LevelParams):

@@ -26,8 +26,8 @@ from pydantic import Field
 
 from prockd.detection.methods.base import DET_METHODS, DetDistiller, LevelParams
 from prockd.detection.models import LEVELS, StemRecorder
-from prockd.modules import FeatureAugmentation, PrototypeLearning, TapFusion, entropy
 from prockd.errors import ProckdError
+from prockd.prototypes import FeatureAugmentation, PrototypeLearning, TapFusion, entropy
 
 
 class DetProCKDParams(LevelParams):

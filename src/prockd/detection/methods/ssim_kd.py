@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from prockd.detection.methods.base import DET_METHODS, LevelDistiller, LevelParams
-from prockd.methods.ssim_kd import ssim
+from prockd.losses import ssim
 
 
 class DetSSIMKDParams(LevelParams):

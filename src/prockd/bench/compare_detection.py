@@ -1,0 +1,262 @@
+"""The embedded detection benchmark (``prockd demo --task detection``, ``prockd bench compare --task detection``).
+
+A teacher detector trained by prockd on one label space (the 10 digits over 100 fonts: the "COCO" of the
+analogue; trained once, cached by its config's hash) teaches students a disjoint label space (8 capital
+letters) from 3 training fonts and 64 canvases; students are tested on 40 held-out fonts, clean and foggy
+(Table 2's two blocks). Every method runs on the same paired seeds; the table shows per-class AP50 and
+mAP50 (mean ± std over seeds) of the validation-selected checkpoint, and each method's paired difference
+to student-only with its 95 % interval. Before the table: the knowledge-gap check (linear probes on the
+ground-truth boxes of the held-out fonts, the teacher's RoI features vs the boxes' pixels).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from prockd.bench.common import (
+    default_workers,
+    mean_std,
+    output_dirs,
+    paired_ci,
+    run_jobs,
+    scaled,
+    verdict,
+)
+from prockd.core.config import packaged_configs, read_config_file
+from prockd.core.io import atomic_write_json, atomic_write_text
+from prockd.detection.analysis import detection_probe
+from prockd.detection.config import build_det_config
+from prockd.detection.engine import build, open_data, pretrain_teacher
+from prockd.detection.methods import DET_METHODS
+
+DEMO_METHODS = ("student_only", "cwd", "mgd", "fgd", "skd_zhang_ma", "prockd")
+ALL_METHODS = DEMO_METHODS + ("fbkd", "pkd_pearson", "ssim_kd")
+
+
+def config_root() -> Path:
+    """The embedded benchmark's config folder, shipped inside the package (``prockd/configs/detection/embedded``)."""
+    return packaged_configs() / "detection" / "embedded"
+
+
+def embedded_configs() -> tuple[dict, dict]:
+    """(teacher raw config, student raw config) of the embedded benchmark."""
+    root = config_root()
+    return read_config_file(root / "teacher.yaml"), read_config_file(root / "student.yaml")
+
+
+def quick_sizes(teacher: dict, student: dict) -> None:
+    """Smoke sizes (tests): tiny splits, one epoch, a few steps."""
+    teacher["data"]["canvas"].update(train_images=16, val_images=8, test_images=8, train_fonts=8)
+    teacher["train"].update(epochs=1, max_steps=2)
+    student["data"]["canvas"].update(train_images=16, val_images=8, test_images=8)
+    student["train"].update(epochs=2, max_steps=None)
+    for raw in (teacher, student):
+        raw["data"]["num_workers"] = 0
+
+
+def det_teacher(teacher_raw: dict, cache_root: Path, log, say) -> tuple[Path, dict]:
+    """Train (once, cached by the config's hash) the benchmark's teacher detector; (checkpoint, summary)."""
+    key = hashlib.sha1(json.dumps(teacher_raw, sort_keys=True).encode()).hexdigest()[:16]
+    run_dir = cache_root / "det_teachers" / key
+    ckpt = run_dir / "teacher.pt"
+    if ckpt.is_file() and (run_dir / "final.json").is_file():
+        return ckpt, json.loads((run_dir / "final.json").read_text())
+    cfg = build_det_config(teacher_raw, "benchmark teacher")
+    say(f"pretraining the benchmark's teacher detector ({cfg.train.epochs} epochs, "
+        f"{cfg.data.canvas.train_images} canvases of '{cfg.data.canvas.charset}') in {run_dir}")
+    pretrain_teacher(cfg, run_dir, log=lambda m: (log(m), say(m)))
+    return ckpt, json.loads((run_dir / "final.json").read_text())
+
+
+TUNE_FACTORS = (0.01, 0.1, 1.0)  # x the public configs' main loss weights: the same budget for every method
+TUNED_FILE = "tuned.yaml"  # the weights the demo uses, chosen by `prockd bench compare --task detection --tune`
+
+
+def _run_dir(out: Path, raw: dict, method: str, seed: int) -> Path:
+    """``out/<method>/<hash of the run's config without seed and out>/seed<k>``: a changed recipe or weight
+    never reuses another configuration's finished run."""
+    key = {k: v for k, v in raw.items() if k not in ("seed", "out")}
+    tag = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return out / method / tag / f"seed{seed}"
+
+
+def _queue_runs(out: Path, student_raw: dict, teacher_section: dict, method: str, params: dict, seeds, log_path,
+                todo: list) -> list[Path]:
+    """Queue (unless finished) one run per seed of ``method`` with ``params``; returns their folders."""
+    dirs = []
+    for s in seeds:
+        raw = copy.deepcopy(student_raw)
+        raw.update(method={"name": method, "params": copy.deepcopy(params)})
+        raw["train"] = dict(raw["train"], progress=False)
+        if method != "student_only":
+            raw["teacher"] = teacher_section
+        run_dir = _run_dir(out, raw, method, s)
+        raw.update(seed=s, out=str(run_dir))
+        dirs.append(run_dir)
+        if not (run_dir / "final.json").is_file():
+            todo.append((raw, str(run_dir), str(log_path)))
+    return dirs
+
+
+def tuned_params() -> dict:
+    """The shipped weights of the demo (``configs/detection/embedded/tuned.yaml``; empty if absent)."""
+    p = config_root() / TUNED_FILE
+    return (yaml.safe_load(p.read_text()) or {}).get("params", {}) if p.is_file() else {}
+
+
+def tune(out: Path, student_raw: dict, teacher_section: dict, methods, tune_seeds: int, workers: int, log_path,
+         say=print) -> dict:
+    """Equal-budget weight choice on the validation split: every distilling method runs its main loss weights
+    x each of :data:`TUNE_FACTORS` on seeds 1000.. (not the table's seeds); the factor with the highest mean
+    validation mAP50 of the selected checkpoint wins (a tie keeps the larger factor). Writes ``tune.json``."""
+    todo: list = []
+    grid = {}
+    for m in methods:
+        if m == "student_only":
+            continue
+        for f in TUNE_FACTORS:
+            p = scaled(DET_METHODS, m, {}, f)
+            grid[(m, f)] = (p, _queue_runs(out / "tune", student_raw, teacher_section, m, p,
+                                           range(1000, 1000 + tune_seeds), log_path, todo))
+    say(f"tuning: {len(todo)} runs to go ({len(grid)} method x weight configurations x {tune_seeds} seed(s))")
+    run_jobs(todo, workers, "detection tuning runs")
+    scores: dict = {}
+    for (m, f), (_, dirs) in grid.items():
+        vals = [json.loads((d / "final.json").read_text())["best"] for d in dirs]
+        scores.setdefault(m, {})[f] = sum(vals) / len(vals)
+    best = choose_factors(scores)
+    res = {"factors": list(TUNE_FACTORS), "tune_seeds": tune_seeds,
+           "val_mAP50": {m: {str(f): v for f, v in sc.items()} for m, sc in scores.items()},
+           "chosen": {m: {"factor": f, "params": grid[(m, f)][0]} for m, f in best.items()}}
+    atomic_write_json(out / "tune.json", res)
+    say("tuning (validation mAP50 by weight factor): " + "; ".join(
+        f"{m}: " + ", ".join(f"x{f} {v:.1f}" for f, v in sc.items()) + f" -> x{best[m]}" for m, sc in scores.items()))
+    return res
+
+
+def choose_factors(scores: dict[str, dict[float, float]]) -> dict[str, float]:
+    """Per method, the weight factor of the highest validation score (a tie keeps the larger factor)."""
+    return {m: max(sc, key=lambda f: (sc[f], f)) for m, sc in scores.items()}
+
+
+def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = DEMO_METHODS,
+                          workers: int | None = None, quick: bool = False, cache_root: Path | None = None,
+                          params: dict | None = None, do_tune: bool = False, tune_seeds: int = 1,
+                          say=print) -> dict:
+    """Teacher (cached), optionally the equal-budget weight choice (:func:`tune`), every method x seed
+    (parallel, resumable), the knowledge-gap probe and the table; writes ``results.{json,md}``. Without
+    ``do_tune`` the weights are ``params`` (default: the shipped :func:`tuned_params`)."""
+    out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
+    workers = workers or default_workers()
+    teacher_raw, student_raw = embedded_configs()
+    if quick:
+        quick_sizes(teacher_raw, student_raw)
+    for raw in (teacher_raw, student_raw):
+        raw["data"]["canvas"]["cache_dir"] = str(cache_root / "data" / "canvas")
+    ckpt, t_summary = det_teacher(teacher_raw, cache_root, log, say)
+    t_sel = t_summary.get("selected") or {}
+    say(f"teacher detector: {ckpt} (its own held-out-font test mAP50 {t_sel.get('test/mAP50', float('nan')):.1f})")
+    teacher_section = copy.deepcopy(teacher_raw["student"])
+    teacher_section.update(checkpoint=str(ckpt), backbone_weights="none")
+
+    open_data(build_det_config(dict(student_raw, teacher=None)), log=say)  # render the canvases once, not per worker
+    tuning = None
+    if do_tune:
+        tuning = tune(out, student_raw, teacher_section, methods, tune_seeds, workers, log_path, say)
+        params = {m: c["params"] for m, c in tuning["chosen"].items()}
+    elif params is None:
+        params = tuned_params()
+    todo: list = []
+    runs = {m: _queue_runs(out, student_raw, teacher_section, m, (params or {}).get(m, {}), range(seeds), log_path,
+                           todo) for m in methods}
+    say(f"{len(todo)} runs to go ({len(methods)} methods x {seeds} seeds); log: {log_path}")
+    run_jobs(todo, workers, "detection runs")
+    table = collect(runs)
+    table["params"] = {m: (params or {}).get(m, {}) for m in methods}
+    table["tuning"] = tuning
+    table["teacher"] = {"checkpoint": str(ckpt), "selected": t_sel}
+    table["probe"] = knowledge_probe(out, student_raw, teacher_section, say)
+    md = format_table(table)
+    atomic_write_json(out / "results.json", table)
+    atomic_write_text(out / "results.md", md)
+    say(md)
+    return table
+
+
+def knowledge_probe(out: Path, student_raw: dict, teacher_section: dict, say=print) -> dict:
+    """The knowledge-gap check of the benchmark (cached in ``probe.json``): linear probes on ground-truth boxes,
+    the frozen teacher's RoI features vs the boxes' pixels (:func:`prockd.detection.analysis.detection_probe`)."""
+    path = out / "probe.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    say("knowledge-gap probe: linear box classifiers on the teacher's RoI features vs on the boxes' pixels")
+    raw = dict(copy.deepcopy(student_raw), teacher=teacher_section, method={"name": "cwd", "params": {}})
+    b = build(build_det_config(raw, "probe"), log=lambda _m: None)
+    res = detection_probe(b.teacher, b.distiller.student.transform, b.data.train, b.data.tests)
+    atomic_write_json(path, res)
+    return res
+
+
+def collect(run_dirs: dict[str, list[Path]]) -> dict:
+    """Per method: per-seed selected metrics of each test set; mean ± std; paired difference to student-only."""
+    res: dict = {"methods": {}, "seeds": max((len(d) for d in run_dirs.values()), default=0)}
+    for m, dirs in run_dirs.items():
+        res["methods"][m] = []
+        for d in dirs:
+            p = d / "final.json"
+            if p.is_file():
+                summary = json.loads(p.read_text())
+                res["methods"][m].append(summary.get("selected") or summary["final"])
+    tests = sorted({k.split("/")[0] for runs in res["methods"].values() for r in runs for k in r
+                    if k.startswith("test")})
+    res["tests"] = tests
+    stats: dict = {}
+    base = res["methods"].get("student_only", [])
+    for m, runs in res["methods"].items():
+        st = {}
+        for key in sorted({k for r in runs for k in r if "/AP50/" in k or k.endswith("/mAP50") or k.endswith("/AP")}):
+            vals = [r[key] for r in runs if key in r]
+            mu, sd = mean_std(vals) if vals else (float("nan"), 0.0)
+            st[key] = {"mean": round(mu, 2), "std": round(sd, 2), "n": len(vals)}
+            if m != "student_only" and key.endswith("mAP50") and len(base) == len(runs) and len(runs) > 1:
+                ci = paired_ci([r[key] for r in runs], [r[key] for r in base])
+                st[key]["vs_student"] = dict(ci, verdict=verdict(ci))
+        stats[m] = st
+    res["stats"] = stats
+    return res
+
+
+def format_table(table: dict) -> str:
+    """Table-2-shaped markdown: one block per test set, per-class AP50 and mAP50, Δ mAP50 vs student-only."""
+    lines = []
+    tuning = table.get("tuning")
+    if tuning:
+        lines.append("\nWeights chosen on validation (equal budget: x" + ", x".join(map(str, tuning["factors"]))
+                     + " of each method's public weights): " + ", ".join(
+                         f"{m} x{c['factor']}" for m, c in tuning["chosen"].items()))
+    elif any(table.get("params", {}).values()):
+        lines.append("\nWeights: " + "; ".join(f"{m} " + ", ".join(f"{k}={v:.3g}" for k, v in p.items())
+                                               for m, p in table["params"].items() if p))
+    probe = table.get("probe")
+    if probe:
+        lines.append("\nKnowledge gap (linear probes on ground-truth boxes, accuracy %): " + "; ".join(
+            f"{n}: teacher RoI features {probe['teacher'][n]:.1f} vs pixels {probe['pixels'][n]:.1f} "
+            f"({probe['gap'][n]:+.1f})" for n in probe["gap"]))
+    stats = table["stats"]
+    for test in table["tests"]:
+        classes = sorted({k.split("/")[2] for st in stats.values() for k in st if k.startswith(f"{test}/AP50/")})
+        lines += [f"\n### {test} (AP50 %, mean ± std over {table['seeds']} seeds, validation-selected checkpoints)\n",
+                  "| method | " + " | ".join(classes) + " | mAP50 | Δ mAP50 vs student (95 % CI) |",
+                  "|---" * (len(classes) + 3) + "|"]
+        for m, st in stats.items():
+            cells = [f"{st[f'{test}/AP50/{c}']['mean']:.1f}" if f"{test}/AP50/{c}" in st else "–" for c in classes]
+            e = st.get(f"{test}/mAP50")
+            cell = f"{e['mean']:.1f} ± {e['std']:.1f}" if e else "–"
+            d = (e or {}).get("vs_student")
+            dc = f"{d['mean']:+.1f} ± {d['ci95']:.1f} ({d['verdict']})" if d and d.get("ci95") is not None else ""
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {cell} | {dc} |")
+    return "\n".join(lines) + "\n"

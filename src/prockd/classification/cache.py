@@ -1,0 +1,136 @@
+"""Frozen-teacher feature cache: computed once per deterministic teacher view, memory-mapped on disk.
+
+The key hashes the teacher (name, kwargs, weights, taps, fusion grid, transform), the data (images and
+labels) and the storage dtype: any change gives a new key. A cache directory is built under a temporary
+name and renamed into place only when complete; ``meta.json`` records each array's shape and a digest,
+so a partial or corrupted cache is detected and rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prockd.core.io import atomic_write_json
+
+VERSION = 2
+_FULL_HASH_LIMIT = 256 << 20
+
+
+def tensor_digest(sd: dict[str, torch.Tensor]) -> str:
+    """SHA-1 over a state dict's names and values."""
+    h = hashlib.sha1()
+    for k, v in sd.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-1 of a file (sampled 1 MiB blocks beyond 256 MiB, plus the size)."""
+    h = hashlib.sha1()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            for i in range(64):
+                f.seek(int((size - (1 << 20)) * i / 63))
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+class TeacherCache:
+    """Teacher features for every item of a dataset, keyed as described in the module docstring."""
+
+    def __init__(self, teacher, dataset, root: str | Path, dtype: str = "float16", batch_size: int = 128,
+                 device: torch.device | str = "cpu", log=print):
+        self.teacher = teacher
+        self.dataset = dataset
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.device = device
+        self.log = log
+        ident = {"version": VERSION, "teacher": teacher.describe(),
+                 "weights": tensor_digest(teacher.model.state_dict()),
+                 "data": dataset.fingerprint(), "n": len(dataset), "dtype": dtype}
+        self.key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        self.dir = Path(root).expanduser() / self.key
+        self.arrays: dict[str, np.ndarray] = {}
+        self.built = False
+
+    def _valid(self) -> bool:
+        meta_p = self.dir / "meta.json"
+        if not meta_p.is_file():
+            return False
+        try:
+            meta = json.loads(meta_p.read_text())
+            for name, info in meta["arrays"].items():
+                p = self.dir / f"{name}.npy"
+                if not p.is_file() or file_digest(p) != info["digest"]:
+                    return False
+                arr = np.load(p, mmap_mode="r")
+                if list(arr.shape) != info["shape"]:
+                    return False
+        except (OSError, ValueError, KeyError):
+            return False
+        return True
+
+    def prepare(self) -> "TeacherCache":
+        """Open the cache, building (or rebuilding a partial / corrupted one) when needed."""
+        if self.dir.exists() and not self._valid():
+            self.log(f"teacher cache {self.dir} is incomplete or corrupted: rebuilding")
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if not self.dir.exists():
+            self._build()
+            self.built = True
+        meta = json.loads((self.dir / "meta.json").read_text())
+        self.arrays = {name: np.load(self.dir / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+        return self
+
+    @torch.no_grad()
+    def _build(self) -> None:
+        tmp = self.dir.with_name(f"{self.dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # nodes may share the dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np_dtype = np.float16 if self.dtype == "float16" else np.float32
+        arrays: dict[str, np.ndarray] = {}
+        n = len(self.dataset)
+        try:
+            for images, _, idx in self.dataset.batches(self.batch_size):
+                feats = self.teacher.extract(images.to(self.device))
+                for name, t in feats.items():
+                    if name not in arrays:
+                        arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np_dtype,
+                                                                 shape=(n, *t.shape[1:]))
+                    arrays[name][idx.numpy()] = t.cpu().numpy().astype(np_dtype)
+            meta = {"key": self.key, "n": n, "arrays": {}}
+            for name, arr in arrays.items():
+                arr.flush()
+                meta["arrays"][name] = {"shape": list(arr.shape)}
+            del arrays
+            for name in meta["arrays"]:
+                meta["arrays"][name]["digest"] = file_digest(tmp / f"{name}.npy")
+            atomic_write_json(tmp / "meta.json", meta)
+            try:
+                os.rename(tmp, self.dir)
+            except OSError:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.log(f"teacher cache built: {self.dir} ({n} items)")
+
+    def get(self, indices: torch.Tensor, device=None) -> dict[str, torch.Tensor]:
+        """Features of the given dataset indices as float32 tensors."""
+        idx = np.asarray(indices)
+        return {name: torch.from_numpy(np.asarray(arr[idx], dtype=np.float32)).to(device or "cpu")
+                for name, arr in self.arrays.items()}

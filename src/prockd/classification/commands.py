@@ -1,0 +1,88 @@
+"""Classification's side of every ``prockd`` command that exists for both tasks (the CLI finds it through
+:mod:`prockd.tasks`): train, pretrain a teacher, evaluate a deployed student, analyse runs, the demo, the
+comparison and the speed benchmark."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from prockd.bench.compare import load_spec, run_compare
+from prockd.bench.demo import run_demo
+from prockd.bench.speed import SCENARIOS, run_speed
+from prockd.classification.analysis import run_analyze
+from prockd.classification.config import ExperimentConfig
+from prockd.classification.data import build_task
+from prockd.classification.deploy import load_deployed
+from prockd.classification.engine import build
+from prockd.classification.engine import train as train_run
+from prockd.core.checkpoint import save_teacher
+from prockd.errors import ProckdError
+
+DEPLOYED_FILE = "student.pt"
+
+
+def train(cfg: ExperimentConfig, out: str | None) -> dict:
+    """One run (``out`` replaces the config's); the summary's final metrics."""
+    if out:
+        cfg = cfg.model_copy(update={"out": out})
+    summary = train_run(cfg, cfg.out, built=build(cfg))
+    return {"run": cfg.out, "final": summary["final"]}
+
+
+def pretrain_teacher(cfg: ExperimentConfig, out: str | None) -> dict:
+    """A student-only run on the teacher's own task, then its ``teacher.pt``."""
+    out = Path(out or cfg.out)
+    built = build(cfg)
+    summary = train_run(cfg, out, built=built)
+    ckpt = save_teacher(out / "teacher.pt", built.distiller.student.model)
+    return {"teacher_checkpoint": str(ckpt), "final": summary["final"]}
+
+
+def evaluate(cfg: ExperimentConfig, model_path: Path) -> dict:
+    """Top-1 accuracy (%) of a deployed student file on the config's test sets."""
+    if not model_path.is_file():
+        raise ProckdError(f"deployed student not found: {model_path}")
+    task = build_task(cfg.data)
+    model = load_deployed(model_path)
+    res = {}
+    for name, ds in task.tests.items():
+        correct = 0
+        with torch.no_grad():
+            for x, y, _ in ds.batches(256):
+                correct += int((model(x).argmax(-1) == y).sum())
+        res[name] = 100.0 * correct / len(ds)
+    return {"model": str(model_path), "top1": res}
+
+
+def analyze(args) -> Path:
+    """Figs. 4, 5 and 10 of finished runs (:func:`prockd.classification.analysis.run_analyze`)."""
+    return run_analyze(Path(args.run), [Path(c) for c in args.compare], Path(args.out) if args.out else None,
+                       images=args.images, classes=args.classes, attention=args.attention, seed=args.seed)
+
+
+def demo(args) -> None:
+    """The embedded benchmark's core table (:func:`prockd.bench.demo.run_demo`)."""
+    run_demo(out=Path(args.out or "runs/demo"), suite=args.suite, seeds=args.seeds, quick=args.quick,
+             workers=args.workers)
+
+
+def compare(args) -> None:
+    """A spec- or suite-driven comparison (:func:`prockd.bench.compare.run_compare`)."""
+    spec = load_spec(args.config, {"seeds": args.seeds, "workers": args.workers, "tune_seeds": args.tune_seeds},
+                     suite=args.suite)
+    for key, names in (("methods", args.methods), ("students", args.students), ("settings", args.settings)):
+        if names:
+            unknown = [n for n in names if n not in spec[key]]
+            if unknown:
+                raise ProckdError(f"--{key} {unknown} not in the comparison (known: {', '.join(spec[key])})")
+            spec[key] = {n: spec[key][n] for n in names}
+    run_compare(Path(args.out), spec, do_tune=args.tune, tune_only=args.tune_only)
+
+
+def speed(args) -> None:
+    """Training-step throughput and memory ratios (:func:`prockd.bench.speed.run_speed`)."""
+    if args.scenario not in SCENARIOS:
+        raise ProckdError(f"unknown scenario '{args.scenario}' (known: {', '.join(SCENARIOS)})")
+    run_speed(args.scenario, args.device, args.steps, args.rounds, args.warmup, args.batch_size, args.amp,
+              args.threads, Path(args.out or "runs/bench_speed.json"))

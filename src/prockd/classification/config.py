@@ -1,0 +1,209 @@
+"""The classification experiment config (pydantic): one YAML file = one experiment.
+
+Unknown keys and ill-typed values are errors that name the key and the file.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from prockd.core.config import (
+    MethodConfig,
+    Strict,
+    apply_overrides,
+    deep_merge,
+    format_errors,
+    read_config_file,
+)
+from prockd.errors import ProckdError
+from prockd.shifts import CorruptionConfig
+
+
+class ModelConfig(Strict):
+    """A network created by name (timm, ``torchvision:NAME``, ``builtin:NAME``) or from a checkpoint."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint: str | None = None
+    input_size: int | None = None  # square resolution the model sees (its own transform)
+    in_chans: int | None = None  # channels the model expects (grayscale data is repeated)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    taps: list[str] | None = None  # module paths whose outputs are distilled
+    num_taps: int = 3
+    embed_tap: str | None = None  # the embedding layer (ViT: after position embedding; CNN: stem)
+    fusion_size: tuple[int, int] | None = None  # common grid the taps are resampled to
+    init_from_teacher: bool = False  # students only: copy embedding + first blocks from the teacher
+    channels_last: bool = False
+
+
+class GlyphConfig(Strict):
+    """Rendered glyphs over real typefaces (see :mod:`prockd.glyphs`): which characters, which fonts."""
+
+    charset: str = "digits"  # digits | letters | upper | lower | an explicit string of characters
+    font_dirs: list[str] | None = None  # default: Debian's /usr/share/fonts/{truetype,opentype}
+    font_seed: int = 0  # the deterministic shuffle that gives fonts their roles
+    heldout_fonts: float = Field(0.4, ge=0)  # test fonts, never trained on: a fraction (< 1) or a count
+    train_fonts: int | None = Field(None, ge=1)  # labelled fonts drawn from the pool (None: the whole pool)
+    val_fonts: int = Field(0, ge=0)  # carved from the labelled fonts: a validation split by font
+    copies: int = Field(2, ge=1)  # jittered renders per font x character in the training set
+    test_copies: int = Field(1, ge=1)
+    size: int = Field(28, ge=8)
+    glyph_px: int = Field(22, ge=4)
+    rotation: float = Field(11.0, ge=0)  # jitter: degrees
+    scale: float = Field(0.15, ge=0, lt=1)  # jitter: relative scale
+    shift: float = Field(0.10, ge=0, lt=0.5)  # jitter: fraction of the image
+    handwriting_test: bool = False  # digits only: also test on scikit-learn's handwritten digits
+
+
+class UnlabeledConfig(Strict):
+    """An unlabelled transfer set: images of the student's domain without labels (``data.unlabeled``).
+
+    Every step draws ``batch_size`` of them beside the labelled batch; their targets are ignored by every
+    cross-entropy term, while the distillation terms (features, relations, KL to a teacher-side prediction)
+    see them. Give exactly one source.
+    """
+
+    glyph_fonts: int = Field(0, ge=0)  # data.name=glyphs: the charset rendered in this many further pool fonts
+    copies: int = Field(2, ge=1)  # glyphs: jittered renders per font x character
+    dir: str | None = None  # any data: every image file under this folder (recursively), labels unused
+    limit: int | None = Field(None, ge=1)  # at most this many images (the first ones in sorted order)
+    batch_size: int | None = Field(None, ge=1)  # unlabelled images per step (None: train.batch_size)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.glyph_fonts > 0) == (self.dir is not None):
+            raise ValueError("data.unlabeled needs exactly one source: glyph_fonts > 0 (glyphs) or dir (a folder "
+                             "of images)")
+        return self
+
+
+class DataConfig(Strict):
+    """A labelled image-classification task."""
+
+    name: Literal["fashion_mnist", "digits", "cifar100", "imagefolder", "tensors", "glyphs"] = "fashion_mnist"
+    glyphs: GlyphConfig = Field(default_factory=GlyphConfig)  # data.name=glyphs
+    val_fraction: float | None = Field(None, gt=0, lt=1)  # stratified validation split carved from the training set
+    root: str | None = None
+    download: bool = False
+    classes: list[int] | None = None  # subset of the source classes, relabelled 0..k-1 in this order
+    labels_per_class: int | None = None  # limited labels: at most this many training images per class
+    imbalance: float | None = None  # long-tailed training set: exponential profile, n_max / n_min
+    corruptions: list[CorruptionConfig] = Field(default_factory=list)
+    subset_seed: int = 0  # which images are kept (fixed across training seeds)
+    test_limit: int | None = None  # evaluate on at most this many test images (per class-balanced order)
+    train_dir: str | None = None  # imagefolder
+    test_dirs: dict[str, str] = Field(default_factory=dict)  # imagefolder: name -> dir
+    image_size: int | None = None  # imagefolder: images are resized to this at load time
+    stream: bool = False  # imagefolder: leave the images on disk, decode them batch by batch (large sets)
+    num_workers: int = Field(2, ge=0)  # loader processes decoding a streamed set's batches
+    unlabeled: UnlabeledConfig | None = None  # an unlabelled transfer set of the student's domain
+
+    @model_validator(mode="after")
+    def _check_stream(self):
+        if self.stream and self.name != "imagefolder":
+            raise ValueError(f"data.stream is for data.name=imagefolder (files on disk); '{self.name}' is "
+                             "loaded into memory")
+        if self.unlabeled is not None and self.unlabeled.glyph_fonts and self.name != "glyphs":
+            raise ValueError(f"data.unlabeled.glyph_fonts is for data.name=glyphs; '{self.name}' takes "
+                             "data.unlabeled.dir (a folder of images)")
+        return self
+
+
+class TrainConfig(Strict):
+    """Optimiser, schedule and loop settings."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = 0.9
+    warmup_epochs: float = Field(2, ge=0)
+    schedule: Literal["cosine", "step"] = "cosine"  # after warm-up: cosine to min_lr, or steps at milestones
+    milestones: list[int] = Field(default_factory=list)  # step schedule: epochs where lr is multiplied by gamma
+    gamma: float = Field(0.2, gt=0)
+    clip_grad: float | None = 5.0
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    augment: Literal["none", "flip_crop", "affine"] = "none"
+    # affine augmentation: uniform rotation (degrees), relative scale and shift (fraction of the image)
+    aug_rotation: float = Field(11.0, ge=0)
+    aug_scale: float = Field(0.15, ge=0, lt=1)
+    aug_shift: float = Field(0.10, ge=0, lt=0.5)
+    # > 0: augmentation draws from this many deterministic augmented views per training image, made once
+    # (the teacher cache holds the teacher's features of every view, so teacher and student see one view);
+    # 0: fresh augmentation every step (the teacher then runs live on the augmented batch)
+    aug_views: int = Field(0, ge=0)
+    eval_every: int = Field(1, ge=1)
+    progress: bool = True
+    num_threads: int | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, auto is cuda:LOCAL_RANK)
+    compile: bool = False  # torch.compile the student and the method's modules (in place)
+    compile_backend: str = "inductor"
+
+
+class CacheConfig(Strict):
+    """The frozen-teacher feature cache (per deterministic teacher view)."""
+
+    enabled: bool = True
+    dir: str = "~/.cache/prockd/features"
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class TeacherEvalConfig(Strict):
+    """The teacher's own labelled task, to check and log its accuracy before distillation."""
+
+    data: DataConfig | None = None
+    imagenet_samples: bool = False  # ImageNet teachers: predictions on scikit-learn's sample images
+
+
+class ExperimentConfig(Strict):
+    """Everything one run needs."""
+
+    seed: int = 0
+    out: str = "runs/exp"
+    teacher: ModelConfig | None = None
+    teacher_eval: TeacherEvalConfig = Field(default_factory=TeacherEvalConfig)
+    student: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+
+
+def build_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
+    """Validate a raw dict; errors name the source and the offending keys."""
+    try:
+        return ExperimentConfig(**data)
+    except ValidationError as e:
+        raise ProckdError(f"config error in {source}: {format_errors(e)}") from None
+    except ProckdError as e:
+        raise ProckdError(f"config error in {source}: {e}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> ExperimentConfig:
+    """Load a YAML config file (with its ``base:`` files) or ``base``, apply overrides and validate.
+
+    An override that switches ``method.name`` without setting ``method.params`` starts the new
+    method from its default parameters (the file's parameters belong to the file's method).
+    """
+    data: dict = copy.deepcopy(base) if base else {}
+    source = "<overrides>"
+    if path is not None:
+        source = str(path)
+        data = deep_merge(data, read_config_file(path))
+    overrides = list(overrides)
+    old_method = (data.get("method") or {}).get("name")
+    merged = apply_overrides(data, overrides)
+    if (merged.get("method") or {}).get("name") != old_method and isinstance(data.get("method"), dict):
+        data = copy.deepcopy(data)
+        data["method"]["params"] = {}
+        merged = apply_overrides(data, overrides)
+    return build_config(merged, source)
+
+

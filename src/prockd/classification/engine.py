@@ -1,0 +1,445 @@
+"""Classification's engine: augmentation (stored views or live), the unlabelled transfer set and function
+matching's mixtures, the teacher-feature cache, building a run, top-1 evaluation, and
+:class:`ClassificationHooks`, its part of the one training loop (:func:`prockd.core.loop.run_training`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prockd.classification.cache import TeacherCache
+from prockd.classification.config import ExperimentConfig, TrainConfig
+from prockd.classification.data import IGNORE, ArrayDataset, Task, build_task
+from prockd.classification.methods import Distiller, method_params
+from prockd.classification.models import (
+    Student,
+    Teacher,
+    count_params,
+    create_model,
+    init_student_from_teacher,
+)
+from prockd.core import distributed as ddp
+from prockd.core.checkpoint import select_best
+from prockd.core.config import dump_config
+from prockd.core.io import atomic_torch_save
+from prockd.core.loop import (
+    TaskHooks,
+    autocast,
+    make_scheduler,
+    resolve_device,
+    run_training,
+    set_seed,
+)
+from prockd.errors import ProckdError
+
+
+def affine_batch(x: torch.Tensor, g: torch.Generator, rotation: float, scale: float, shift: float) -> torch.Tensor:
+    """Random affine map per image (uniform rotation in degrees, relative scale, shift as a fraction of the
+    image), bilinear, zero padding."""
+    b = x.shape[0]
+    u = torch.rand(b, 4, generator=g, dtype=torch.float64) * 2 - 1
+    ang = u[:, 0] * math.radians(rotation)
+    s = 1.0 + u[:, 1] * scale
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s  # the grid maps output to input: inverse scale
+    theta = torch.stack([torch.stack([cos, -sin, -2 * shift * u[:, 2]], -1),
+                         torch.stack([sin, cos, -2 * shift * u[:, 3]], -1)], 1).to(x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator, t: TrainConfig | None = None) -> torch.Tensor:
+    """Augmentation on a batch: ``flip_crop`` (random horizontal flip + random crop with 1/8 padding) or
+    ``affine`` (random rotation / scale / shift with ``t``'s ranges)."""
+    if kind == "none":
+        return x
+    if kind == "affine":
+        t = t or TrainConfig()
+        return affine_batch(x, g, t.aug_rotation, t.aug_scale, t.aug_shift)
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=g) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    pad = max(1, h // 8)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    return torch.stack([xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+VIEW_SEED = 20240  # augmented views depend on the data and the recipe only, not on the run's seed
+
+
+def make_views(ds: ArrayDataset, t: TrainConfig) -> ArrayDataset:
+    """``t.aug_views`` deterministic augmented copies of every training image, as one dataset: view ``v`` of
+    image ``i`` is item ``v * len(ds) + i`` (uint8, so the teacher cache can key and store them)."""
+    g = torch.Generator().manual_seed(VIEW_SEED)
+    out = []
+    for _ in range(t.aug_views):
+        for x, _, _ in ds.batches(512):
+            out.append(augment_batch(x, t.augment, g, t).mul(255).round().clamp(0, 255).to(torch.uint8))
+    return ArrayDataset(torch.cat(out), ds.labels.repeat(t.aug_views), f"{ds.name}_views{t.aug_views}")
+
+
+def uses_views(t: TrainConfig) -> bool:
+    """Whether the recipe draws from stored augmented views (see :func:`make_views`)."""
+    return t.augment != "none" and t.aug_views > 0
+
+
+@dataclass
+class StepPools:
+    """What training steps draw images from: the labelled set's stored views (None: the set itself), the
+    unlabelled transfer set's stored views (or the set itself; None without one), and what the teacher cache
+    holds: the labelled items first, the unlabelled ones from ``offset`` on."""
+
+    views: ArrayDataset | None
+    unlabeled: ArrayDataset | None
+    cached: ArrayDataset
+    offset: int
+
+
+def step_pools(task: Task, t: TrainConfig) -> StepPools:
+    """The :class:`StepPools` of a task under a recipe (views made once, deterministically)."""
+    views = make_views(task.train, t) if uses_views(t) else None
+    labelled = views if views is not None else task.train
+    if task.unlabeled is None:
+        return StepPools(views, None, labelled, len(labelled))
+    if labelled.streaming:
+        raise ProckdError("data.unlabeled with data.stream needs stored views (train.augment and train.aug_views > 0)"
+                          ": the labelled images must be in memory beside the unlabelled ones")
+    unl = make_views(task.unlabeled, t) if views is not None else task.unlabeled
+    cached = ArrayDataset(torch.cat([labelled.images, unl.images]), torch.cat([labelled.labels, unl.labels]),
+                          f"{labelled.name}+{unl.name}")
+    return StepPools(views, unl, cached, len(labelled))
+
+
+def cached_dataset(task: Task, t: TrainConfig) -> ArrayDataset:
+    """What the teacher cache holds for a recipe: the stored augmented views (or the training set itself),
+    followed by the unlabelled transfer set's."""
+    return step_pools(task, t).cached
+
+
+def mix_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
+    """Function matching's inputs (Beyer et al., CVPR 2022): each image mixed with another image of the batch
+    (a random pairing), ``mixup``: ``λ x_i + (1 − λ) x_j``; ``cutmix``: a box of area ``1 − λ`` of ``x_j``
+    pasted into ``x_i``; ``λ ~ U(0, 1)`` per image."""
+    b, _, h, w = x.shape
+    perm = torch.randperm(b, generator=g)
+    lam = torch.rand(b, generator=g, dtype=torch.float64)
+    if kind == "mixup":
+        lv = lam.to(x.dtype).view(-1, 1, 1, 1)
+        return lv * x + (1 - lv) * x[perm]
+    side = (1 - lam).sqrt()
+    ch, cw = (side * h).round().long(), (side * w).round().long()
+    cy = (torch.rand(b, generator=g) * (h - ch + 1).float()).long()
+    cx = (torch.rand(b, generator=g) * (w - cw + 1).float()).long()
+    ys, xs = torch.arange(h).view(1, -1, 1), torch.arange(w).view(1, 1, -1)
+    box = ((ys >= cy.view(-1, 1, 1)) & (ys < (cy + ch).view(-1, 1, 1))
+           & (xs >= cx.view(-1, 1, 1)) & (xs < (cx + cw).view(-1, 1, 1)))
+    return torch.where(box.unsqueeze(1), x[perm], x)
+
+
+def unlabeled_batch(pools: StepPools, task: Task, t: TrainConfig, n: int, g: torch.Generator):
+    """``n`` unlabelled images drawn with replacement (one stored view each, or augmented live): (images in
+    [0, 1], targets :data:`~prockd.classification.data.IGNORE`, teacher-cache indices)."""
+    m = len(task.unlabeled)
+    i = torch.randint(m, (n,), generator=g)
+    if pools.views is not None:
+        i = torch.randint(t.aug_views, (n,), generator=g) * m + i
+        x = pools.unlabeled.images[i].float().div_(255.0)
+    else:
+        x = augment_batch(pools.unlabeled.images[i].float().div_(255.0), t.augment, g, t)
+    return x, torch.full((n,), IGNORE, dtype=torch.int64), pools.offset + i
+
+
+@torch.no_grad()
+def validation_diagnostics(distiller: Distiller, ds: ArrayDataset, device, amp: str = "none",
+                           batch_size: int = 256) -> dict[str, float]:
+    """The method's own diagnostics (e.g. ProC-KD's teacher-path accuracy) on the validation split, averaged
+    over images, with a live teacher; empty for methods without any."""
+    distiller.eval()
+    sums: dict[str, float] = {}
+    for x, y, _ in ds.batches(batch_size):
+        with autocast(device, amp):
+            stats = distiller.diagnostics(x.to(device), y.to(device))
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(y)
+    return {f"val/{k}": v / max(1, len(ds)) for k, v in sums.items()}
+
+
+@dataclass
+class Built:
+    """Everything a run needs, built and validated before anything is written."""
+
+    cfg: ExperimentConfig
+    task: Task
+    teacher: Teacher | None
+    distiller: Distiller
+    device: torch.device
+
+
+def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | None = None) -> Built:
+    """Build task, teacher, student and distiller (raises ProckdError on any bad input)."""
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    task = task or build_task(cfg.data)
+    cls, params = method_params(cfg)
+    if cls.needs_teacher and teacher is None:
+        teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
+    set_seed(cfg.seed)
+    s_model = create_model(cfg.student, task.num_classes, "student")
+    if cfg.student.init_from_teacher:
+        if teacher is None:
+            raise ProckdError("student.init_from_teacher needs a teacher")
+        init_student_from_teacher(s_model, teacher.model)
+    if cfg.student.channels_last:
+        s_model = s_model.to(memory_format=torch.channels_last)
+    student = Student(s_model, cfg.student, need_embed=cls.uses_student_embed)
+    distiller = cls(student, teacher if cls.needs_teacher else None, params, task.num_classes)
+    distiller.to(device)
+    if teacher is not None:
+        teacher.to(device)
+        if cfg.teacher.channels_last:
+            teacher.model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        compile_modules(distiller, cfg.train.compile_backend)
+    return Built(cfg, task, teacher, distiller, device)
+
+
+def compile_modules(distiller: Distiller, backend: str = "inductor") -> None:
+    """``torch.compile`` the student network and the method's own modules in place (state-dict keys kept)."""
+    distiller.student.model.compile(backend=backend)
+    for name, m in distiller.named_children():
+        if name != "student" and any(True for _ in m.parameters()):
+            m.compile(backend=backend)
+
+
+@torch.no_grad()
+def evaluate(distiller: Distiller, datasets: dict[str, ArrayDataset], device, amp: str = "none",
+             batch_size: int = 256, info: ddp.DistInfo = ddp.DistInfo()) -> dict[str, float]:
+    """Top-1 accuracy (%) of every output of ``distiller.predict`` on every test set (under DDP each
+    rank evaluates its shard and the counts are summed over ranks)."""
+    distiller.eval()
+    out = {}
+    for name, ds in datasets.items():
+        correct: dict[str, int] = {}
+        indices = torch.arange(len(ds))[info.rank::info.world] if info.enabled else None
+        for x, y, _ in ds.batches(batch_size, indices=indices):
+            with autocast(device, amp):
+                preds = distiller.predict(x.to(device))
+            for k, logits in preds.items():
+                correct[k] = correct.get(k, 0) + int((logits.argmax(-1).cpu() == y).sum())
+        keys = sorted(correct)
+        counts = ddp.all_reduce_sum(torch.tensor([correct[k] for k in keys], dtype=torch.float64, device=device), info)
+        for k, c in zip(keys, counts.tolist()):
+            out[f"{name}/{k}"] = 100.0 * c / max(1, len(ds))
+    return out
+
+
+@torch.no_grad()
+def teacher_accuracy(teacher: Teacher, task: Task, device, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy (%) of the teacher on its own labelled task (first test set)."""
+    name, ds = next(iter(task.tests.items()))
+    correct = 0
+    for x, y, _ in ds.batches(batch_size):
+        correct += int((teacher.predict(x.to(device)).argmax(-1).cpu() == y).sum())
+    return {f"teacher/{name}": 100.0 * correct / max(1, len(ds))}
+
+
+def open_teacher_cache(b: Built, cfg: ExperimentConfig, pools: StepPools, info, log):
+    """The run's teacher-feature cache (built once per node, opened by the other ranks), or None when the
+    teacher runs live (no teacher, cache disabled, or fresh augmentation every step)."""
+    t = cfg.train
+    if b.teacher is None or not cfg.cache.enabled:
+        return None
+    if t.augment != "none" and pools.views is None:
+        log("train.augment draws a fresh view every step (train.aug_views=0): the teacher runs live on the "
+            "augmented batch instead of from the cache")
+        return None
+
+    def open_cache():
+        return TeacherCache(b.teacher, pools.cached, cfg.cache.dir, cfg.cache.dtype, device=b.device,
+                            log=log).prepare()
+
+    cache = open_cache() if info.local_rank == 0 else None
+    ddp.barrier(info)
+    return cache if cache is not None else open_cache()
+
+
+def step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, cache, g, gu, info):
+    """The global batch of one step, each rank's shard of it, on the device: the labelled images (one stored
+    view each, or augmented live), the unlabelled draws, function matching's mixtures; with their teacher
+    features when a cache holds them (mixtures: a live teacher on exactly those pixels). Returns (images,
+    targets, teacher features or None, this rank's share of the global batch)."""
+    t, device = cfg.train, b.device
+    if pools.views is not None:  # one of the stored views of each image: teacher and student see the same one
+        idx = torch.randint(t.aug_views, (len(idx),), generator=g) * len(b.task.train) + idx
+        x = pools.views.images[idx].float().div_(255.0)
+    else:
+        x = augment_batch(x, t.augment, g, t)
+    if pools.unlabeled is not None:
+        xu, yu, iu = unlabeled_batch(pools, b.task, t, cfg.data.unlabeled.batch_size or t.batch_size, gu)
+        x, y, idx = torch.cat([x, xu]), torch.cat([y, yu]), torch.cat([idx, iu])
+    tf = cache.get(idx, device) if cache is not None else None
+    mixing = b.distiller.function_matching()
+    if mixing != "none":
+        xm = mix_batch(x, mixing, gu)
+        if tf is not None:  # Teacher.extract runs without autograd
+            live = b.teacher.extract(xm.to(device))
+            tf = {k: torch.cat([v, live[k].float()]) for k, v in tf.items()}
+        x, y = torch.cat([x, xm]), torch.cat([y, torch.full((len(xm),), IGNORE, dtype=torch.int64)])
+    share = 1.0
+    if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
+        part = ddp.shard(torch.arange(len(y)), info)
+        share = len(part) * info.world / max(len(y), info.world)
+        x, y = x[part], y[part]
+        tf = {k: v[part.to(v.device)] for k, v in tf.items()} if tf is not None else None
+    return x.to(device), y.to(device), tf, share
+
+
+class ClassificationHooks(TaskHooks):
+    """Classification's part of the training loop (:func:`prockd.core.loop.run_training`): stored augmented
+    views or live augmentation, unlabelled draws and function matching's mixtures, the teacher-feature cache,
+    top-1 accuracy of every output, selection on ``val/deployed``, ``student.pt``."""
+
+    def __init__(self, cfg: ExperimentConfig, b: Built, teacher_task: Task | None = None):
+        super().__init__(cfg, b.distiller, b.device)
+        self.b, self.teacher_task = b, teacher_task
+        self.teacher_metrics: dict = {}
+        self.pools: StepPools | None = None
+        self.cache = None
+        # best.pt is chosen on the validation split when the task has one (never on a test set)
+        self.primary = "val/deployed" if b.task.val is not None else f"{next(iter(b.task.tests))}/deployed"
+
+    def config_text(self) -> str:
+        """The resolved config as YAML."""
+        return dump_config(self.cfg)
+
+    def setup(self, info, log) -> None:
+        """The teacher's own task (to check its accuracy), built before anything is written."""
+        if self.teacher_task is None and self.cfg.teacher_eval.data is not None and self.b.teacher is not None:
+            self.teacher_task = build_task(self.cfg.teacher_eval.data)
+
+    def before_training(self, run_dir, info, log) -> None:
+        """The teacher's accuracy on its own task, the step pools, the teacher cache, the method's
+        data-dependent initialisation."""
+        b, cfg, device, t = self.b, self.cfg, self.device, self.cfg.train
+        if b.teacher is not None and self.teacher_task is not None:
+            self.teacher_metrics = teacher_accuracy(b.teacher, self.teacher_task, device)
+            log(f"teacher accuracy on its own task: {self.teacher_metrics}")
+        pools = self.pools = step_pools(b.task, t)
+        cache = self.cache = open_teacher_cache(b, cfg, pools, info, log)
+        if b.teacher is None:
+            return
+        # deterministic, before a resume overwrites it: fresh and resumed runs agree
+        first = torch.arange(min(len(b.task.train), 256))
+
+        def first_feats() -> dict:
+            if cache is not None:
+                return cache.get(first, device)
+            return b.teacher.extract(b.task.train.take(first).float().div(255).to(device))
+
+        def labelled_feats() -> tuple[dict, torch.Tensor]:
+            labelled = pools.views if pools.views is not None else b.task.train
+            if cache is not None:
+                return cache.get(torch.arange(len(labelled)), device), labelled.labels.to(device)
+            parts = [b.teacher.extract(x.to(device)) for x, _, _ in labelled.batches(256)]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, labelled.labels.to(device)
+
+        self.distiller.prepare(first_feats, cfg.seed, labelled_feats)
+
+    def steps_per_epoch(self, info) -> int:
+        """Global batches per epoch (every rank draws the same global batch and keeps its shard)."""
+        return math.ceil(len(self.b.task.train) / self.cfg.train.batch_size)
+
+    def scheduler(self, opt, steps_per_epoch: int):
+        """Warm-up, then cosine or steps (:func:`prockd.core.loop.make_scheduler`)."""
+        return make_scheduler(opt, self.cfg.train, steps_per_epoch)
+
+    def after_resume(self, run_dir, start_epoch: int, info) -> None:
+        """ProC-KD's initial prototypes, kept for the analysis figures (fresh runs only)."""
+        initial = getattr(self.distiller, "prototypes", None)
+        if initial is not None and start_epoch == 0 and info.main:
+            atomic_torch_save(initial.detach().cpu().clone(), run_dir / "prototypes_init.pt")
+
+    def epoch_batches(self, epoch: int, info):
+        """The epoch's shuffled labelled batches; unlabelled draws and mixtures come from a generator of their
+        own, so the labelled batches stay those of the run without them."""
+        seed = self.cfg.seed * 1_000_003 + epoch
+        self.g = torch.Generator().manual_seed(seed)
+        self.gu = torch.Generator().manual_seed(seed + 500_009)
+        return self.b.task.train.batches(self.cfg.train.batch_size, self.g)
+
+    def step_inputs(self, batch, info):
+        """(images, targets, teacher features) of this rank (:func:`step_batch`) and its share."""
+        x, y, idx = batch
+        x, y, tf, share = step_batch(self.b, self.cfg, x, y, idx, self.pools, self.cache, self.g, self.gu, info)
+        return (x, y, tf), share
+
+    def forward(self, model, inputs) -> dict:
+        """The distiller's losses (its logits are not needed here)."""
+        x, y, tf = inputs
+        return model(x, y, teacher_feats=tf)[1]
+
+    def evaluate_epoch(self, epoch: int, last_epoch: bool, info) -> dict:
+        """Validation (the selection data) every ``eval_every`` epochs with the method's diagnostics, every test
+        set after the last epoch; without a validation split, the first test set every ``eval_every`` epochs."""
+        b, t = self.b, self.cfg.train
+        dist, device, out = b.distiller, b.device, {}
+        if b.task.val is not None and ((epoch + 1) % t.eval_every == 0 or last_epoch):
+            out.update(evaluate(dist, {"val": b.task.val}, device, t.amp, info=info))
+            out.update(validation_diagnostics(dist, b.task.val, device, t.amp))
+        if last_epoch:  # every test set (shifted domains too) at the end
+            out.update(evaluate(dist, b.task.tests, device, t.amp, info=info))
+        elif b.task.val is None and (epoch + 1) % t.eval_every == 0:
+            first = next(iter(b.task.tests))
+            out.update(evaluate(dist, {first: b.task.tests[first]}, device, t.amp, info=info))
+        return out
+
+    def improved(self, record: dict, best: float) -> bool:
+        """Higher is better; on a validation split a tie goes to the later epoch (small splits saturate
+        early)."""
+        return record.get(self.primary, -1.0) > best or (self.b.task.val is not None and self.primary in record
+                                                         and record[self.primary] == best)
+
+    def progress_keys(self, key: str) -> bool:
+        """Losses and accuracies."""
+        return key.startswith(("loss/", "test", "val/")) and "/" in key
+
+    def finish(self, run_dir, history: list, best: float, info, log) -> dict:
+        """The last epoch's results and those of the checkpoint chosen on validation."""
+        b, cfg = self.b, self.cfg
+        dist, device, t = b.distiller, b.device, cfg.train
+        final = history[-1] if history else {}
+        selected = None
+        if b.task.val is not None:  # the checkpoint chosen on validation
+            selected = select_best(run_dir / "checkpoints", dist, "val/deployed", final, b.task.tests,
+                                   lambda: evaluate(dist, b.task.tests, device, t.amp, info=info))
+        return {"method": cfg.method.name, "seed": cfg.seed, "final": final, "selected": selected, "best": best,
+                "student_params": count_params(dist.student),
+                "deployed_params": count_params(dist.export()),
+                "teacher": self.teacher_metrics, "train_counts": b.task.info.get("train_counts"),
+                "world_size": info.world}
+
+    def save_deployed(self, run_dir) -> None:
+        """``student.pt``: the deployable student (:mod:`prockd.classification.deploy`)."""
+        b = self.b
+        b.distiller.export().save(run_dir / "student.pt", b.task.num_classes, b.task.class_names,
+                                  b.task.image_shape)
+
+
+def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print, built: Built | None = None,
+          teacher_task: Task | None = None) -> dict:
+    """Train (or resume) one classification run with :func:`prockd.core.loop.run_training`; returns the
+    summary also written to ``final.json``.
+
+    A run directory holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``final.json`` and the
+    deployable ``student.pt``. With a validation split, ``best.pt`` is chosen on it (never on a test set), the
+    test sets are evaluated only after the last epoch, for the last and for the selected checkpoint
+    (``final.json``: ``final`` and ``selected``), and ``student.pt`` is the selected checkpoint.
+    """
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    b = built or build(cfg)  # bad input fails here, before anything is written
+    return run_training(ClassificationHooks(cfg, b, teacher_task), run_dir or cfg.out, log=log)

@@ -1,0 +1,41 @@
+"""Logit distillation (KD).
+
+Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", NIPS DL workshop 2015:
+``L = α_ce CE(z_s, y) + α_kd T² KL(softmax(z_t/T) ‖ softmax(z_s/T))``. Needs a shared label space:
+a cross-task config is refused.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from prockd.classification.methods.base import METHODS, Distiller
+from prockd.losses import kl_div
+
+
+class KDParams(BaseModel):
+    """KD weights; ``shared_label_space`` must be set: teacher class i is student class i."""
+
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(4.0, gt=0)
+    alpha_ce: float = Field(1.0, ge=0)
+    alpha_kd: float = Field(1.0, ge=0)
+    shared_label_space: bool = False
+
+
+@METHODS.register("kd")
+class KD(Distiller):
+    """Hinton KD on logits (same label space only)."""
+    main_weights = ("alpha_kd",)
+
+    Params = KDParams
+    needs_shared_label_space = True
+    teacher_keys = ("logits",)
+
+    def forward(self, images, targets, teacher_feats=None):
+        """(z_s, {"ce", "kd"})."""
+        z_s = self.student(images)
+        z_t = self.teacher_features(images, teacher_feats)["logits"]
+        p = self.params
+        return z_s, {"ce": p.alpha_ce * F.cross_entropy(z_s, targets),
+                     "kd": p.alpha_kd * kl_div(z_t.to(z_s.dtype), z_s, p.temperature)}

@@ -1,0 +1,117 @@
+"""Checkpoints of every task: reading weights with errors that name the file, the epoch's ``last.pt`` (all an
+exact resume needs: weights, optimiser, scheduler, scaler, RNG states) and ``best.pt`` (chosen on validation),
+resuming, and the selected checkpoint's test results. Every file is written atomically."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from prockd.core.io import atomic_torch_save
+from prockd.errors import ProckdError
+
+
+def read_state_dict(path: str | Path, what: str) -> dict:
+    """The state dict saved in ``path`` (bare, or under ``model`` / ``state_dict`` / ``student``; DDP's
+    ``module.`` prefixes removed); errors name ``what`` and the file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ProckdError(f"{what} checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the same user error
+        raise ProckdError(f"{what} checkpoint {p} is unreadable: {type(e).__name__}: {str(e)[:200]}") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "student"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise ProckdError(f"{what} checkpoint {p} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint_into(model: nn.Module, path: str | Path, what: str, state: dict | None = None) -> None:
+    """Load the checkpoint ``path`` (or its already read ``state``, see :func:`read_state_dict`) into ``model``;
+    a missing, unexpected or wrongly shaped tensor is an error naming ``what`` and the file."""
+    p = Path(path).expanduser()
+    state = read_state_dict(p, what) if state is None else state
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ProckdError(f"{what} checkpoint {p} does not fit the model: {str(e)[:300]}") from None
+    if missing or unexpected:
+        raise ProckdError(f"{what} checkpoint {p} does not fit the model: missing {missing[:3]}"
+                          f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                          f"{'...' if len(unexpected) > 3 else ''}")
+
+
+def rng_state() -> dict:
+    """The Python, NumPy, torch (and CUDA) RNG states."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    """Restore :func:`rng_state`'s states."""
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def resume_state(last: Path, dist, opt, sched, scaler, log=print) -> tuple[int, float, list]:
+    """Load ``last.pt`` (distiller, optimiser, scheduler, scaler, RNG states) when it exists; returns
+    (first epoch to run, best selection score, history). Shared by the classification and detection loops."""
+    if not last.is_file():
+        return 0, -1.0, []
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        dist.load_state_dict(state["distiller"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+    except Exception as e:  # noqa: BLE001
+        raise ProckdError(f"checkpoint {last} is unreadable or does not fit this config: {e}") from None
+    log(f"resumed from {last} at epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1, state["best"], state["history"]
+
+
+def save_epoch(ckpt_dir: Path, epoch: int, best: float, history: list, record: dict, improved: bool, dist,
+               opt, sched, scaler) -> None:
+    """An epoch's ``last.pt`` (everything an exact resume needs) and, when it improved, ``best.pt`` (both
+    atomic; both training loops)."""
+    atomic_torch_save({"epoch": epoch, "best": best, "history": history, "distiller": dist.state_dict(),
+                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "scaler": scaler.state_dict(), "rng": rng_state()}, ckpt_dir / "last.pt")
+    if improved:
+        atomic_torch_save({"epoch": epoch, "distiller": dist.state_dict(), "metrics": record}, ckpt_dir / "best.pt")
+
+
+def select_best(ckpt_dir: Path, dist, primary: str, final: dict, tests, evaluate_tests) -> dict | None:
+    """The test results of the checkpoint chosen on ``primary`` (``best.pt``): the last epoch's own when it is
+    the chosen one, else ``evaluate_tests()`` after loading it into ``dist``. None without a ``best.pt``."""
+    path = ckpt_dir / "best.pt"
+    if not path.is_file():
+        return None
+    chosen = torch.load(path, map_location="cpu", weights_only=False)
+    selected = {"epoch": chosen["epoch"], primary: chosen["metrics"].get(primary)}
+    if chosen["epoch"] == final.get("epoch"):  # the last epoch itself: its test results are already there
+        selected.update({k: v for k, v in final.items() if k.split("/")[0] in tests})
+    else:
+        dist.load_state_dict(chosen["distiller"])
+        selected.update(evaluate_tests())
+    return selected
+
+
+def save_teacher(path: Path, model: nn.Module, **extra) -> Path:
+    """A trained teacher's ``teacher.pt`` (its weights under ``model``, plus ``extra`` entries such as the class
+    names): the file a distillation config names as ``teacher.checkpoint``. Both tasks, the CLI and the
+    benchmarks write it here."""
+    atomic_torch_save({"model": model.state_dict(), **extra}, path)
+    return path

@@ -1,0 +1,47 @@
+"""The one place that maps a task name to its pieces: its config, and its side of every command
+(:mod:`prockd.classification.commands`, :mod:`prockd.detection.commands`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import yaml
+from pydantic import BaseModel
+
+from prockd.classification import commands as classification
+from prockd.classification.config import load_config
+from prockd.core.config import apply_overrides, read_config_file
+from prockd.detection import commands as detection
+from prockd.detection.config import build_det_config
+from prockd.errors import ProckdError
+
+TASKS: dict[str, ModuleType] = {"classification": classification, "detection": detection}
+
+
+def task_name(cfg: BaseModel | dict) -> str:
+    """``detection`` for a config (object or raw dict) with ``task: detection``, else ``classification``."""
+    value = cfg.get("task") if isinstance(cfg, dict) else getattr(cfg, "task", None)
+    return value or "classification"
+
+
+def commands(task: str) -> ModuleType:
+    """The task's side of the commands."""
+    if task not in TASKS:
+        raise ProckdError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
+    return TASKS[task]
+
+
+def load_any_config(path: str | Path, overrides: list[str] = ()):
+    """A classification :class:`~prockd.classification.config.ExperimentConfig` or, for files with ``task:
+    detection``, a :class:`~prockd.detection.config.DetExperimentConfig` (same ``base:`` files and overrides)."""
+    data = apply_overrides(read_config_file(path), list(overrides))
+    if task_name(data) == "detection":
+        return build_det_config(data, str(path))
+    return load_config(path, overrides)
+
+
+def run_task(run: Path) -> str:
+    """The task of a finished run directory (from its ``config.yaml``)."""
+    cfg_file = Path(run) / "config.yaml"
+    data = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
+    return task_name(data or {})
