@@ -6,8 +6,19 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
+
+from prockd.bench.compare import load_spec
+from prockd.bench.compare_detection import (
+    ALL_METHODS,
+    DEMO_METHODS,
+    TUNE_FACTORS,
+    config_root,
+)
 from prockd.bench.speed_detection import METHODS, run_det_speed
+from prockd.bench.suites import get_suite, suite_task
 from prockd.cli import main
+from prockd.errors import ProckdError
 
 TINY = dict(backbone="mobilenet_v2", backbone_weights="none", min_size=[64], max_size=64, fpn_channels=16,
             representation_size=32, anchor_sizes=[8, 16, 32, 64, 128], rpn_batch_per_image=32,
@@ -83,3 +94,18 @@ def test_collect_and_table_on_written_results(tmp_path):
     assert st["vs_student"]["verdict"] == ("better" if statistics.fmean(diffs) - half > 0 else "no difference")
     md = format_table(dict(t, params={"cwd": {"weight": 1.0}}))
     assert "| cwd | 84.5 | 82.5 | 83.5 ± 2.3 |" in md and "Weights: cwd weight=1" in md
+
+
+def test_detection_is_a_suite_and_picks_its_task(capsys):
+    s = get_suite("detection")
+    assert s.task == "detection" and tuple(s.methods) == ALL_METHODS and tuple(s.demo_methods) == DEMO_METHODS
+    assert tuple(s.tune_factors) == TUNE_FACTORS and (config_root() / "student.yaml").is_file()
+    assert suite_task("detection", None) == "detection" and suite_task(None, "detection") == "detection"
+    assert suite_task("glyphs", None) == suite_task(None, None) == "classification"
+    with pytest.raises(ProckdError, match="detection benchmark, not classification"):
+        suite_task("detection", "classification")
+    with pytest.raises(ProckdError, match="prockd bench compare --suite detection"):
+        load_spec(suite="detection")
+    # the CLI routes --suite detection to the detection comparison: its method check answers
+    assert main(["bench", "compare", "--suite", "detection", "--methods", "kd", "--out", "unused"]) == 2
+    assert "not in the detection comparison" in capsys.readouterr().err

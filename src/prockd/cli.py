@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from prockd.bench.deploy import SCENARIOS, run_deploy_bench
+from prockd.bench.suites import suite_task
 from prockd.classification.data import build_task
 from prockd.classification.export import export_onnx
 from prockd.classification.predict import Predictor, image_files, predict_files
@@ -99,12 +100,12 @@ def _cmd_bench_deploy(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    commands(args.task).demo(args)
+    commands(suite_task(args.suite, args.task)).demo(args)
     return 0
 
 
 def _cmd_bench_compare(args) -> int:
-    commands(args.task).compare(args)
+    commands(suite_task(args.suite, args.task)).compare(args)
     return 0
 
 
@@ -171,9 +172,10 @@ def make_parser() -> argparse.ArgumentParser:
     an.add_argument("--tests", nargs="*", default=None, help="detection: test sets to draw (default: all)")
     an.set_defaults(fn=_cmd_analyze)
     d = sub.add_parser("demo", help="the embedded cross-task benchmark's core table (default suite: glyphs)")
-    d.add_argument("--task", choices=["classification", "detection"], default="classification")
+    d.add_argument("--task", choices=["classification", "detection"], default=None,
+                   help="classification (default) or detection (= --suite detection)")
     d.add_argument("--out", default=None, help="default: runs/demo (runs/demo_detection for --task detection)")
-    d.add_argument("--suite", default="glyphs", help="glyphs (default) or fmnist (zero knowledge gap)")
+    d.add_argument("--suite", default=None, help="glyphs (default), fmnist (zero knowledge gap) or detection")
     d.add_argument("--seeds", type=int, default=None)
     d.add_argument("--workers", type=int, default=None)
     d.add_argument("--quick", action="store_true", help="a smoke-sized run")
@@ -189,8 +191,9 @@ def make_parser() -> argparse.ArgumentParser:
     cv.set_defaults(fn=_cmd_convert)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bc = b.add_parser("compare", help="methods x seeds x settings x students, the paper's Table-1 shape")
-    bc.add_argument("--task", choices=["classification", "detection"], default="classification")
-    bc.add_argument("--suite", default=None, help="embedded benchmark suite: glyphs (default) or fmnist")
+    bc.add_argument("--task", choices=["classification", "detection"], default=None,
+                    help="classification (default) or detection (= --suite detection)")
+    bc.add_argument("--suite", default=None, help="embedded benchmark suite: glyphs (default), fmnist or detection")
     bc.add_argument("--config", default=None, help="YAML comparison spec (keys replace the suite's)")
     bc.add_argument("--out", default="runs/compare")
     bc.add_argument("--seeds", type=int, default=None, help="final seeds per cell (default 5)")

@@ -90,6 +90,9 @@ def load_spec(path: str | Path | None = None, overrides: dict | None = None, sui
         if unknown:
             raise ProckdError(f"comparison config {p}: unknown key(s) {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
     s = get_suite(suite or loaded.get("suite") or "glyphs")
+    if s.task != "classification":
+        raise ProckdError(f"suite '{s.name}' is a {s.task} benchmark: run it with 'prockd bench compare --suite "
+                          f"{s.name}' (its methods, seeds and weights come from the suite, not from a spec file)")
     spec = {"suite": s.name, "seeds": s.seeds, "workers": None, "methods": s.methods, "students": s.students,
             "settings": s.settings, "data": s.data, "base": None, "tune_seeds": 2, "tune_factors": s.tune_factors}
     spec.update(loaded)

@@ -1,4 +1,5 @@
-"""The embedded detection benchmark (``prockd demo --task detection``, ``prockd bench compare --task detection``).
+"""The embedded detection benchmark's comparison (suite ``detection`` of :mod:`prockd.bench.suites`: ``prockd demo
+--task detection``, ``prockd bench compare --suite detection``).
 
 A teacher detector trained by prockd on one label space (the 10 digits over 100 fonts: the "COCO" of the
 analogue; trained once, cached by its config's hash) teaches students a disjoint label space (8 capital
@@ -26,6 +27,7 @@ from prockd.bench.common import (
     scaled,
     verdict,
 )
+from prockd.bench.suites import get_suite
 from prockd.core.config import packaged_configs, read_config_file
 from prockd.core.io import atomic_write_json, atomic_write_text
 from prockd.detection.analysis import detection_probe
@@ -33,13 +35,16 @@ from prockd.detection.config import build_det_config
 from prockd.detection.engine import build, open_data, pretrain_teacher
 from prockd.detection.methods import DET_METHODS
 
-DEMO_METHODS = ("student_only", "cwd", "mgd", "fgd", "skd_zhang_ma", "prockd")
-ALL_METHODS = DEMO_METHODS + ("fbkd", "pkd_pearson", "ssim_kd")
+SUITE = get_suite("detection")
+DEMO_METHODS = tuple(SUITE.demo_methods)
+ALL_METHODS = tuple(SUITE.methods)
+TUNE_FACTORS = tuple(SUITE.tune_factors)
+TUNED_FILE = SUITE.tuned_file
 
 
 def config_root() -> Path:
-    """The embedded benchmark's config folder, shipped inside the package (``prockd/configs/detection/embedded``)."""
-    return packaged_configs() / "detection" / "embedded"
+    """The suite's config folder, shipped inside the package (``prockd/configs/detection/embedded``)."""
+    return packaged_configs() / SUITE.config_dir
 
 
 def embedded_configs() -> tuple[dict, dict]:
@@ -72,8 +77,6 @@ def det_teacher(teacher_raw: dict, cache_root: Path, log, say) -> tuple[Path, di
     return ckpt, json.loads((run_dir / "final.json").read_text())
 
 
-TUNE_FACTORS = (0.01, 0.1, 1.0)  # x the public configs' main loss weights: the same budget for every method
-TUNED_FILE = "tuned.yaml"  # the weights the demo uses, chosen by `prockd bench compare --task detection --tune`
 
 
 def _run_dir(out: Path, raw: dict, method: str, seed: int) -> Path:

@@ -63,7 +63,7 @@ def analyze(args) -> Path:
 
 def demo(args) -> None:
     """The embedded benchmark's core table (:func:`prockd.bench.demo.run_demo`)."""
-    run_demo(out=Path(args.out or "runs/demo"), suite=args.suite, seeds=args.seeds, quick=args.quick,
+    run_demo(out=Path(args.out or "runs/demo"), suite=args.suite or "glyphs", seeds=args.seeds, quick=args.quick,
              workers=args.workers)
 
 

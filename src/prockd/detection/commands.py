@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from prockd.bench.compare_detection import ALL_METHODS, run_detection_compare
+from prockd.bench.compare_detection import ALL_METHODS, SUITE, run_detection_compare
 from prockd.bench.speed_detection import DET_SCENARIOS, run_det_speed
 from prockd.detection.analysis import run_det_analyze
 from prockd.detection.config import DetExperimentConfig
@@ -51,18 +51,21 @@ def analyze(args) -> Path:
 
 
 def demo(args) -> None:
-    """The embedded detection benchmark's table (:func:`prockd.bench.compare_detection.run_detection_compare`)."""
-    run_detection_compare(Path(args.out or "runs/demo_detection"), seeds=args.seeds or (2 if args.quick else 3),
+    """The embedded detection benchmark's table (:func:`prockd.bench.compare_detection.run_detection_compare`):
+    the suite's demo methods and demo seeds (2 with ``--quick``)."""
+    run_detection_compare(Path(args.out or "runs/demo_detection"),
+                          seeds=args.seeds or (2 if args.quick else SUITE.demo_seeds),
                           workers=args.workers, quick=args.quick)
 
 
 def compare(args) -> None:
-    """The detection comparison (:func:`prockd.bench.compare_detection.run_detection_compare`)."""
+    """The detection suite's comparison (:func:`prockd.bench.compare_detection.run_detection_compare`): its
+    methods (or ``--methods``), its seeds (or ``--seeds``)."""
     methods = tuple(args.methods or ALL_METHODS)
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ProckdError(f"--methods {unknown} not in the detection comparison (known: {', '.join(ALL_METHODS)})")
-    run_detection_compare(Path(args.out), seeds=args.seeds or 5, methods=methods, workers=args.workers,
+    run_detection_compare(Path(args.out), seeds=args.seeds or SUITE.seeds, methods=methods, workers=args.workers,
                           do_tune=args.tune, tune_seeds=args.tune_seeds or 1)
 
 
