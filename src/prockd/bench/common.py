@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 from prockd.classification.cache import TeacherCache
 from prockd.classification.config import build_config
 from prockd.classification.data import build_task
-from prockd.classification.engine import build, cached_dataset, train
+from prockd.classification.engine import cached_dataset, pretrain_teacher, train
 from prockd.classification.models import Teacher, create_model
-from prockd.core.io import atomic_torch_save, atomic_write_json
 from prockd.detection.config import build_det_config
 from prockd.detection.engine import train as det_train
 
@@ -81,21 +80,25 @@ def prepare_cache(raw: dict, log) -> None:
                  log=log).prepare()
 
 
-def pretrained_teacher(teacher_run: dict, cache_root: Path, log=print, say=print) -> tuple[Path, dict]:
-    """Train (once, then cached by the config's hash) a benchmark's teacher; returns (checkpoint, summary)."""
-    key = hashlib.sha1(json.dumps(teacher_run, sort_keys=True).encode()).hexdigest()[:16]
-    run_dir = cache_root / "teachers" / key
+def cached_teacher(raw: dict, cache_root: Path, kind: str, pretrain, what: str, log=print,
+                   say=print) -> tuple[Path, dict]:
+    """A benchmark's teacher, trained once by ``pretrain(run_dir, log)`` (a task's ``pretrain_teacher``) and then
+    cached under ``cache_root/kind/<hash of raw>``; returns (``teacher.pt``, its run's summary)."""
+    key = hashlib.sha1(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    run_dir = cache_root / kind / key
     ckpt = run_dir / "teacher.pt"
-    if ckpt.is_file() and (run_dir / "final.json").is_file():
-        return ckpt, json.loads((run_dir / "final.json").read_text())
-    cfg = build_config(dict(teacher_run, train=dict(teacher_run["train"], progress=True)), "benchmark teacher")
-    say(f"pretraining the benchmark teacher ({cfg.train.epochs} epochs) in {run_dir}")
+    if not (ckpt.is_file() and (run_dir / "final.json").is_file()):
+        say(f"pretraining {what} in {run_dir}")
+        pretrain(run_dir, lambda m: (log(m), say(m)))
+    return ckpt, json.loads((run_dir / "final.json").read_text())
 
-    built = build(cfg)
-    summary = train(cfg, run_dir, built=built, log=lambda m: (log(m), say(m)))
-    atomic_torch_save({"model": built.distiller.student.model.state_dict()}, ckpt)
-    atomic_write_json(run_dir / "final.json", summary)
-    return ckpt, summary
+
+def pretrained_teacher(teacher_run: dict, cache_root: Path, log=print, say=print) -> tuple[Path, dict]:
+    """Train (once, then cached by the config's hash) a classification benchmark's teacher; returns (checkpoint,
+    summary)."""
+    cfg = build_config(dict(teacher_run, train=dict(teacher_run["train"], progress=True)), "benchmark teacher")
+    return cached_teacher(teacher_run, cache_root, "teachers", lambda run_dir, lg: pretrain_teacher(cfg, run_dir, lg),
+                          f"the benchmark teacher ({cfg.train.epochs} epochs)", log, say)
 
 
 def scaled(registry, method: str, params: dict, factor: float) -> dict:

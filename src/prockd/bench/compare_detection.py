@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from prockd.bench.common import (
+    cached_teacher,
     default_workers,
     mean_std,
     output_dirs,
@@ -65,18 +66,11 @@ def quick_sizes(teacher: dict, student: dict) -> None:
 
 def det_teacher(teacher_raw: dict, cache_root: Path, log, say) -> tuple[Path, dict]:
     """Train (once, cached by the config's hash) the benchmark's teacher detector; (checkpoint, summary)."""
-    key = hashlib.sha1(json.dumps(teacher_raw, sort_keys=True).encode()).hexdigest()[:16]
-    run_dir = cache_root / "det_teachers" / key
-    ckpt = run_dir / "teacher.pt"
-    if ckpt.is_file() and (run_dir / "final.json").is_file():
-        return ckpt, json.loads((run_dir / "final.json").read_text())
     cfg = build_det_config(teacher_raw, "benchmark teacher")
-    say(f"pretraining the benchmark's teacher detector ({cfg.train.epochs} epochs, "
-        f"{cfg.data.canvas.train_images} canvases of '{cfg.data.canvas.charset}') in {run_dir}")
-    pretrain_teacher(cfg, run_dir, log=lambda m: (log(m), say(m)))
-    return ckpt, json.loads((run_dir / "final.json").read_text())
-
-
+    return cached_teacher(teacher_raw, cache_root, "det_teachers",
+                          lambda run_dir, lg: pretrain_teacher(cfg, run_dir, log=lg),
+                          f"the benchmark's teacher detector ({cfg.train.epochs} epochs, {cfg.data.canvas.train_images} "
+                          f"canvases of '{cfg.data.canvas.charset}')", log, say)
 
 
 def _run_dir(out: Path, raw: dict, method: str, seed: int) -> Path:

@@ -15,8 +15,8 @@ from prockd.classification.config import ExperimentConfig
 from prockd.classification.data import build_task
 from prockd.classification.deploy import load_deployed
 from prockd.classification.engine import build
+from prockd.classification.engine import pretrain_teacher as pretrain_run
 from prockd.classification.engine import train as train_run
-from prockd.core.checkpoint import save_teacher
 from prockd.errors import ProckdError
 
 DEPLOYED_FILE = "student.pt"
@@ -32,11 +32,7 @@ def train(cfg: ExperimentConfig, out: str | None) -> dict:
 
 def pretrain_teacher(cfg: ExperimentConfig, out: str | None) -> dict:
     """A student-only run on the teacher's own task, then its ``teacher.pt``."""
-    out = Path(out or cfg.out)
-    built = build(cfg)
-    summary = train_run(cfg, out, built=built)
-    ckpt = save_teacher(out / "teacher.pt", built.distiller.student.model)
-    return {"teacher_checkpoint": str(ckpt), "final": summary["final"]}
+    return pretrain_run(cfg, out)
 
 
 def evaluate(cfg: ExperimentConfig, model_path: Path) -> dict:

@@ -22,7 +22,7 @@ from prockd.classification.models import (
     init_student_from_teacher,
 )
 from prockd.core import distributed as ddp
-from prockd.core.checkpoint import select_best
+from prockd.core.checkpoint import save_teacher, select_best
 from prockd.core.config import dump_config
 from prockd.core.io import atomic_torch_save
 from prockd.core.loop import (
@@ -443,3 +443,13 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
         torch.set_num_threads(cfg.train.num_threads)
     b = built or build(cfg)  # bad input fails here, before anything is written
     return run_training(ClassificationHooks(cfg, b, teacher_task), run_dir or cfg.out, log=log)
+
+
+def pretrain_teacher(cfg: ExperimentConfig, out: str | Path | None = None, log=print) -> dict:
+    """Train a network on its own labelled task (student-only) and write ``teacher.pt``: the file a
+    distillation config names as ``teacher.checkpoint`` (with the same model section)."""
+    out = Path(out or cfg.out)
+    built = build(cfg)
+    summary = train(cfg, out, built=built, log=log)
+    ckpt = save_teacher(out / "teacher.pt", built.distiller.student.model)
+    return {"teacher_checkpoint": str(ckpt), "final": summary["final"]}
