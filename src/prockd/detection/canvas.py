@@ -4,7 +4,7 @@ Each canvas is ``size x size`` (grayscale stored as PNG): a low-frequency backgr
 (one class per character of ``charset``) at random positions and sizes, drawn from the split's fonts, and a
 few unlabelled distractor glyphs (clutter). The box of a glyph is the bounding box of its ink, so the
 ground truth is exact. Fonts get roles as in :mod:`prockd.glyphs`: held-out test fonts are never trained
-on. Shifted domains: ``fog`` (the Foggy Cityscapes analogue: low-frequency haze, :func:`prockd.classification.data.corrupt`)
+on. Shifted domains: ``fog`` (the Foggy Cityscapes analogue: low-frequency haze, :func:`prockd.shifts.corrupt`)
 and ``dusk`` (the Diverse-Weather analogue: darker, lower contrast, sensor noise).
 
 A split is written as ``images/*.png`` + ``annotations.json`` (COCO) into a cache folder keyed by the
