@@ -125,3 +125,16 @@ def test_labelled_variants_of_one_method_and_a_validation_screen(tmp_path, capsy
     assert "vs_best_baseline" not in st["b"]  # its only other rows are ProC-KD's: no baseline to compare with
     md = format_markdown(statistics_table(table), {"s": {m: 1e6 for m in table["s"]}})
     assert "Paired differences of prockd " in md and "Paired differences of prockd@x " in md
+
+
+def test_probe_only_stops_after_the_teacher_and_the_probes(tmp_path, capsys):
+    spec = _spec(tmp_path)
+    spec.update(students={"vit-d2": TINY_VIT}, settings={"standard": {}})
+    cfg = tmp_path / "probe.yaml"
+    cfg.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "probe"
+    assert main(["bench", "compare", "--config", str(cfg), "--out", str(out), "--probe-only"]) == 0
+    probes = json.loads((out / "probes.json").read_text())
+    assert "standard" in json.dumps(probes) and "teacher features" in capsys.readouterr().out
+    assert not (out / "runs" / "final").exists() and not (out / "runs" / "tune").exists()
+    assert not (out / "results.json").exists()

@@ -109,3 +109,42 @@ def test_detection_is_a_suite_and_picks_its_task(capsys):
     # the CLI routes --suite detection to the detection comparison: its method check answers
     assert main(["bench", "compare", "--suite", "detection", "--methods", "kd", "--out", "unused"]) == 2
     assert "not in the detection comparison" in capsys.readouterr().err
+
+
+def test_detection_settings_merge_into_the_packaged_configs_and_variants_queue_their_method(tmp_path, capsys):
+    from prockd.bench.compare_detection import _queue_runs, base_params, embedded_configs, method_of, setting_of
+
+    teacher, student = embedded_configs("digits_to_caps")
+    assert teacher["data"]["canvas"]["charset"] == "0123456789" and student["data"]["canvas"]["charset"] == "ACEHKMRX"
+    t2, s2 = embedded_configs("upper_to_lower26_2fonts")
+    assert t2["data"]["canvas"]["charset"].startswith("0123456789ABC") and t2["data"]["canvas"]["train_images"] == 800
+    assert s2["data"]["canvas"]["charset"] == "lower" and s2["data"]["canvas"]["train_fonts"] == 2
+    assert s2["train"] == student["train"] and s2["student"] == student["student"]  # only the data differ
+    with pytest.raises(ProckdError, match="unknown detection setting 'nope'.*digits_to_caps"):
+        setting_of("nope")
+    assert method_of("prockd@separate") == "prockd" and base_params("prockd@separate") == {"teacher_head": "separate"}
+    assert base_params("cwd") == {}
+    todo: list = []
+    dirs = _queue_runs(tmp_path, student, {"backbone": "x"}, "prockd@none", {"teacher_head": "none"}, [0, 1],
+                       tmp_path / "log", todo)
+    assert [r[0]["method"] for r in todo] == [{"name": "prockd", "params": {"teacher_head": "none"}}] * 2
+    assert all(d.parts[-3] == "prockd@none" for d in dirs) and todo[0][0]["teacher"] == {"backbone": "x"}
+    # several settings are for --probe-only; a comparison runs one
+    assert main(["bench", "compare", "--suite", "detection", "--settings", "digits_to_caps", "upper_to_lower10",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "one detection setting per comparison" in capsys.readouterr().err
+
+
+def test_student_only_convergence_from_metrics(tmp_path):
+    from prockd.bench.compare_detection import convergence
+
+    for seed, curve in enumerate([[50, 80, 90, 91, 92], [40, 70, 88, 90, 88]]):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": 2 * i + 1, "val/mAP50": v}) + "\n"
+                                                 for i, v in enumerate(curve)))
+    # epochs 1, 3, 5, 7, 9: the last fifth starts at the first epoch >= 0.8 * 9 = 7.2, i.e. epoch 9 itself
+    assert convergence([tmp_path / "seed0", tmp_path / "seed1"]) == {"val_gain_last_fifth": 0.0, "runs": 2}
+    (tmp_path / "seed0" / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "val/mAP50": v}) + "\n" for e, v in [(0, 10), (4, 60), (8, 70), (9, 75)]))
+    assert convergence([tmp_path / "seed0"]) == {"val_gain_last_fifth": 5.0, "runs": 1}

@@ -204,6 +204,8 @@ def make_parser() -> argparse.ArgumentParser:
     bc.add_argument("--tune", action="store_true",
                     help="first choose every method's main loss weights on validation, same budget for all")
     bc.add_argument("--tune-seeds", type=int, default=None, help="seeds per tuning configuration (default 2)")
+    bc.add_argument("--probe-only", action="store_true",
+                    help="stop after the teacher and the knowledge-gap probes of each setting (no student runs)")
     bc.add_argument("--tune-only", action="store_true",
                     help="stop after the tuning runs (a validation screen: tuning.json, no test set read)")
     bc.set_defaults(fn=_cmd_bench_compare)

@@ -430,9 +430,10 @@ def plot(table: dict, out: Path, methods: dict) -> list[str]:
 
 
 def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: bool = False, say=print,
-                tune_only: bool = False) -> dict:
+                tune_only: bool = False, probe_only: bool = False) -> dict:
     """Run (or continue) the comparison (tuning first with ``do_tune``) and write the results files; with
-    ``tune_only`` stop after the tuning runs (a validation screen) and write ``tuning.json``."""
+    ``tune_only`` stop after the tuning runs (a validation screen) and write ``tuning.json``; with ``probe_only``
+    stop after the teacher and the linear probes of every setting (``probes.json``)."""
     out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
     t0 = time.perf_counter()
     say(f"prockd bench compare: suite {spec['suite']}; logs in {log_path}")
@@ -441,6 +442,8 @@ def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: 
         say(f"teacher: top-1 {teacher_summary['final'].get('test/deployed', 0):.2f} % on its own held-out test set, "
             f"{teacher_summary['student_params'] / 1e6:.2f} M params")
     probes = probe_settings(spec, base, out, log, say)
+    if probe_only:
+        return {"suite": spec["suite"], "probes": probes}
     chosen = tune(spec, base, out, log_path, log, say) if do_tune or tune_only else {}
     if tune_only:
         payload = {"suite": spec["suite"], "student": next(iter(spec["students"])),

@@ -29,12 +29,13 @@ from prockd.bench.common import (
     verdict,
 )
 from prockd.bench.suites import get_suite
-from prockd.core.config import packaged_configs, read_config_file
+from prockd.core.config import deep_merge, packaged_configs, read_config_file
 from prockd.core.io import atomic_write_json, atomic_write_text
 from prockd.detection.analysis import detection_probe
 from prockd.detection.config import build_det_config
 from prockd.detection.engine import build, open_data, pretrain_teacher
 from prockd.detection.methods import DET_METHODS
+from prockd.errors import ProckdError
 
 SUITE = get_suite("detection")
 DEMO_METHODS = tuple(SUITE.demo_methods)
@@ -48,10 +49,21 @@ def config_root() -> Path:
     return packaged_configs() / SUITE.config_dir
 
 
-def embedded_configs() -> tuple[dict, dict]:
-    """(teacher raw config, student raw config) of the embedded benchmark."""
+def embedded_configs(setting: str | None = None) -> tuple[dict, dict]:
+    """(teacher raw config, student raw config) of the embedded benchmark: the config folder's files with a named
+    setting's overrides merged in (default: the suite's setting)."""
     root = config_root()
-    return read_config_file(root / "teacher.yaml"), read_config_file(root / "student.yaml")
+    teacher, student = read_config_file(root / "teacher.yaml"), read_config_file(root / "student.yaml")
+    s = setting_of(setting)
+    return deep_merge(teacher, s.get("teacher", {})), deep_merge(student, s.get("student", {}))
+
+
+def setting_of(setting: str | None) -> dict:
+    """The named setting of the suite (default: its own), an error naming the known ones otherwise."""
+    name = setting or SUITE.setting
+    if name not in SUITE.settings:
+        raise ProckdError(f"unknown detection setting '{name}' (known: {', '.join(SUITE.settings)})")
+    return SUITE.settings[name]
 
 
 def quick_sizes(teacher: dict, student: dict) -> None:
@@ -81,13 +93,25 @@ def _run_dir(out: Path, raw: dict, method: str, seed: int) -> Path:
     return out / method / tag / f"seed{seed}"
 
 
+def method_of(label: str) -> str:
+    """The registry name of a row label: ``prockd@paper`` -> ``prockd`` (a method with the suite's variant
+    parameters, :attr:`~prockd.bench.suites.DetectionSuite.variants`)."""
+    return label.split("@", 1)[0]
+
+
+def base_params(label: str) -> dict:
+    """A row's parameters before tuning: its variant's (none for a plain method name)."""
+    return copy.deepcopy(SUITE.variants.get(label, {}))
+
+
 def _queue_runs(out: Path, student_raw: dict, teacher_section: dict, method: str, params: dict, seeds, log_path,
                 todo: list) -> list[Path]:
-    """Queue (unless finished) one run per seed of ``method`` with ``params``; returns their folders."""
+    """Queue (unless finished) one run per seed of row ``method`` (a method name or ``NAME@VARIANT``) with
+    ``params``; returns their folders."""
     dirs = []
     for s in seeds:
         raw = copy.deepcopy(student_raw)
-        raw.update(method={"name": method, "params": copy.deepcopy(params)})
+        raw.update(method={"name": method_of(method), "params": copy.deepcopy(params)})
         raw["train"] = dict(raw["train"], progress=False)
         if method != "student_only":
             raw["teacher"] = teacher_section
@@ -99,9 +123,10 @@ def _queue_runs(out: Path, student_raw: dict, teacher_section: dict, method: str
     return dirs
 
 
-def tuned_params() -> dict:
-    """The shipped weights of the demo (``configs/detection/embedded/tuned.yaml``; empty if absent)."""
-    p = config_root() / TUNED_FILE
+def tuned_params(setting: str | None = None) -> dict:
+    """The shipped weights of a setting (its ``tuned`` file in the config folder, e.g. ``tuned.yaml``; empty
+    before it has been tuned)."""
+    p = config_root() / setting_of(setting).get("tuned", TUNED_FILE)
     return (yaml.safe_load(p.read_text()) or {}).get("params", {}) if p.is_file() else {}
 
 
@@ -116,7 +141,7 @@ def tune(out: Path, student_raw: dict, teacher_section: dict, methods, tune_seed
         if m == "student_only":
             continue
         for f in TUNE_FACTORS:
-            p = scaled(DET_METHODS, m, {}, f)
+            p = scaled(DET_METHODS, method_of(m), base_params(m), f)
             grid[(m, f)] = (p, _queue_runs(out / "tune", student_raw, teacher_section, m, p,
                                            range(1000, 1000 + tune_seeds), log_path, todo))
     say(f"tuning: {len(todo)} runs to go ({len(grid)} method x weight configurations x {tune_seeds} seed(s))")
@@ -140,16 +165,10 @@ def choose_factors(scores: dict[str, dict[float, float]]) -> dict[str, float]:
     return {m: max(sc, key=lambda f: (sc[f], f)) for m, sc in scores.items()}
 
 
-def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = DEMO_METHODS,
-                          workers: int | None = None, quick: bool = False, cache_root: Path | None = None,
-                          params: dict | None = None, do_tune: bool = False, tune_seeds: int = 1,
-                          say=print) -> dict:
-    """Teacher (cached), optionally the equal-budget weight choice (:func:`tune`), every method x seed
-    (parallel, resumable), the knowledge-gap probe and the table; writes ``results.{json,md}``. Without
-    ``do_tune`` the weights are ``params`` (default: the shipped :func:`tuned_params`)."""
-    out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
-    workers = workers or default_workers()
-    teacher_raw, student_raw = embedded_configs()
+def setting_teacher(setting: str | None, cache_root: Path, log, say, quick: bool = False):
+    """A setting's (teacher raw config, student raw config, teacher section with its trained checkpoint, teacher
+    summary): the teacher trained once per config and cached."""
+    teacher_raw, student_raw = embedded_configs(setting)
     if quick:
         quick_sizes(teacher_raw, student_raw)
     for raw in (teacher_raw, student_raw):
@@ -159,24 +178,70 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
     say(f"teacher detector: {ckpt} (its own held-out-font test mAP50 {t_sel.get('test/mAP50', float('nan')):.1f})")
     teacher_section = copy.deepcopy(teacher_raw["student"])
     teacher_section.update(checkpoint=str(ckpt), backbone_weights="none")
+    return teacher_raw, student_raw, teacher_section, t_summary
+
+
+def probe_settings(out: Path, settings: list[str], cache_root: Path | None = None, say=print) -> dict:
+    """The knowledge-gap check of several settings (teachers trained once and cached): box probes, teacher RoI
+    features vs pixels, on each setting's held-out test sets; writes ``probes.{json,md}``."""
+    out, cache_root, _, log = output_dirs(out, cache_root, "compare.log")
+    res = {}
+    for name in settings:
+        say(f"setting {name}")
+        teacher_raw, student_raw, teacher_section, t_summary = setting_teacher(name, cache_root, log, say)
+        open_data(build_det_config(dict(student_raw, teacher=None)), log=say)
+        res[name] = dict(knowledge_probe(out, student_raw, teacher_section, say, name),
+                         teacher_val_mAP50=(t_summary.get("selected") or {}).get("val/mAP50"),
+                         student=student_raw["data"]["canvas"], teacher_charset=teacher_raw["data"]["canvas"]["charset"])
+    lines = ["| setting | teacher classes | student classes | train fonts | train boxes | clean test: teacher / pixels "
+             "/ gap | shifted test: teacher / pixels / gap |", "|---" * 7 + "|"]
+    for name, r in res.items():
+        cells = [f"{n}: {r['teacher'][n]:.1f} / {r['pixels'][n]:.1f} / **{r['gap'][n]:+.1f}**" for n in r["gap"]]
+        lines.append(f"| {name} | {r['teacher_charset']} | {r['student']['charset']} | {r['student']['train_fonts']} | "
+                     f"{r['train_boxes']} | " + " | ".join((cells + ["–", "–"])[:2]) + " |")
+    md = "\n".join(lines) + "\n"
+    atomic_write_json(out / "probes.json", res)
+    atomic_write_text(out / "probes.md", md)
+    say(md)
+    return res
+
+
+def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = DEMO_METHODS,
+                          workers: int | None = None, quick: bool = False, cache_root: Path | None = None,
+                          params: dict | None = None, do_tune: bool = False, tune_seeds: int = 1,
+                          say=print, setting: str | None = None, tune_only: bool = False) -> dict:
+    """Teacher (cached), optionally the equal-budget weight choice (:func:`tune`), every method x seed
+    (parallel, resumable), the knowledge-gap probe and the table of one setting (default: the suite's); writes
+    ``results.{json,md}``. Without ``do_tune`` the weights are ``params`` (default: the setting's shipped
+    :func:`tuned_params`)."""
+    out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
+    workers = workers or default_workers()
+    setting = setting or SUITE.setting
+    teacher_raw, student_raw, teacher_section, t_summary = setting_teacher(setting, cache_root, log, say, quick)
+    t_sel = t_summary.get("selected") or {}
+    ckpt = teacher_section["checkpoint"]
 
     open_data(build_det_config(dict(student_raw, teacher=None)), log=say)  # render the canvases once, not per worker
     tuning = None
-    if do_tune:
+    if do_tune or tune_only:
         tuning = tune(out, student_raw, teacher_section, methods, tune_seeds, workers, log_path, say)
+        if tune_only:  # a validation screen: no table, no test set read
+            return {"setting": setting, "tuning": tuning}
         params = {m: c["params"] for m, c in tuning["chosen"].items()}
     elif params is None:
-        params = tuned_params()
+        params = tuned_params(setting)
     todo: list = []
-    runs = {m: _queue_runs(out, student_raw, teacher_section, m, (params or {}).get(m, {}), range(seeds), log_path,
-                           todo) for m in methods}
+    params = {m: (params or {}).get(m) or base_params(m) for m in methods}
+    runs = {m: _queue_runs(out, student_raw, teacher_section, m, params[m], range(seeds), log_path, todo)
+            for m in methods}
     say(f"{len(todo)} runs to go ({len(methods)} methods x {seeds} seeds); log: {log_path}")
     run_jobs(todo, workers, "detection runs")
     table = collect(runs)
-    table["params"] = {m: (params or {}).get(m, {}) for m in methods}
+    table["params"] = params
     table["tuning"] = tuning
     table["teacher"] = {"checkpoint": str(ckpt), "selected": t_sel}
-    table["probe"] = knowledge_probe(out, student_raw, teacher_section, say)
+    table["setting"] = setting
+    table["probe"] = knowledge_probe(out, student_raw, teacher_section, say, setting)
     md = format_table(table)
     atomic_write_json(out / "results.json", table)
     atomic_write_text(out / "results.md", md)
@@ -184,10 +249,12 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
     return table
 
 
-def knowledge_probe(out: Path, student_raw: dict, teacher_section: dict, say=print) -> dict:
-    """The knowledge-gap check of the benchmark (cached in ``probe.json``): linear probes on ground-truth boxes,
-    the frozen teacher's RoI features vs the boxes' pixels (:func:`prockd.detection.analysis.detection_probe`)."""
-    path = out / "probe.json"
+def knowledge_probe(out: Path, student_raw: dict, teacher_section: dict, say=print,
+                    setting: str | None = None) -> dict:
+    """The knowledge-gap check of a setting (cached in ``probe.json``, ``probe_<setting>.json`` for the others):
+    linear probes on ground-truth boxes, the frozen teacher's RoI features vs the boxes' pixels
+    (:func:`prockd.detection.analysis.detection_probe`)."""
+    path = out / ("probe.json" if setting in (None, "digits_to_caps") else f"probe_{setting}.json")
     if path.is_file():
         return json.loads(path.read_text())
     say("knowledge-gap probe: linear box classifiers on the teacher's RoI features vs on the boxes' pixels")
@@ -224,7 +291,24 @@ def collect(run_dirs: dict[str, list[Path]]) -> dict:
                 st[key]["vs_student"] = dict(ci, verdict=verdict(ci))
         stats[m] = st
     res["stats"] = stats
+    res["convergence"] = convergence(run_dirs.get("student_only", []))
     return res
+
+
+def convergence(dirs: list[Path]) -> dict | None:
+    """Student-only's validation mAP50 gain over the last fifth of the epochs (mean over seeds; the benchmark's
+    convergence check), from each run's ``metrics.jsonl``."""
+    gains = []
+    for d in dirs:
+        p = d / "metrics.jsonl"
+        if not p.is_file():
+            continue
+        curve = [(r["epoch"], r["val/mAP50"]) for r in map(json.loads, p.read_text().splitlines())
+                 if "val/mAP50" in r]
+        if len(curve) >= 2:
+            start = next(v for e, v in curve if e >= 0.8 * curve[-1][0])
+            gains.append(curve[-1][1] - start)
+    return {"val_gain_last_fifth": round(sum(gains) / len(gains), 2), "runs": len(gains)} if gains else None
 
 
 def format_table(table: dict) -> str:
@@ -243,6 +327,10 @@ def format_table(table: dict) -> str:
         lines.append("\nKnowledge gap (linear probes on ground-truth boxes, accuracy %): " + "; ".join(
             f"{n}: teacher RoI features {probe['teacher'][n]:.1f} vs pixels {probe['pixels'][n]:.1f} "
             f"({probe['gap'][n]:+.1f})" for n in probe["gap"]))
+    conv = table.get("convergence")
+    if conv:
+        lines.append(f"\nConvergence: student-only's validation mAP50 changes by {conv['val_gain_last_fifth']:+.2f} "
+                     f"points over the last fifth of the epochs (mean of {conv['runs']} seeds)")
     stats = table["stats"]
     for test in table["tests"]:
         classes = sorted({k.split("/")[2] for st in stats.values() for k in st if k.startswith(f"{test}/AP50/")})

@@ -73,7 +73,7 @@ def compare(args) -> None:
             if unknown:
                 raise ProckdError(f"--{key} {unknown} not in the comparison (known: {', '.join(spec[key])})")
             spec[key] = {n: spec[key][n] for n in names}
-    run_compare(Path(args.out), spec, do_tune=args.tune, tune_only=args.tune_only)
+    run_compare(Path(args.out), spec, do_tune=args.tune, tune_only=args.tune_only, probe_only=args.probe_only)
 
 
 def speed(args) -> None:

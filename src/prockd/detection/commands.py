@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 
-from prockd.bench.compare_detection import ALL_METHODS, SUITE, run_detection_compare
+from prockd.bench.compare_detection import (
+    ALL_METHODS,
+    SUITE,
+    probe_settings,
+    run_detection_compare,
+    setting_of,
+)
 from prockd.bench.speed_detection import DET_SCENARIOS, run_det_speed
 from prockd.detection.analysis import run_det_analyze
 from prockd.detection.config import DetExperimentConfig
@@ -60,13 +66,25 @@ def demo(args) -> None:
 
 def compare(args) -> None:
     """The detection suite's comparison (:func:`prockd.bench.compare_detection.run_detection_compare`): its
-    methods (or ``--methods``), its seeds (or ``--seeds``)."""
+    methods (or ``--methods``), its seeds (or ``--seeds``), its setting (or the one ``--settings`` names); with
+    ``--probe-only`` the knowledge-gap probes of every setting named (:func:`probe_settings`)."""
+    settings = list(args.settings or [SUITE.setting])
+    for s in settings:
+        setting_of(s)  # unknown names are an error before anything runs
+    if args.probe_only:
+        probe_settings(Path(args.out), settings)
+        return
+    if len(settings) > 1:
+        raise ProckdError(f"--settings: one detection setting per comparison (got {settings}); --probe-only takes "
+                          "several")
     methods = tuple(args.methods or ALL_METHODS)
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    known = list(ALL_METHODS) + [v for v in SUITE.variants if v not in ALL_METHODS]
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ProckdError(f"--methods {unknown} not in the detection comparison (known: {', '.join(ALL_METHODS)})")
+        raise ProckdError(f"--methods {unknown} not in the detection comparison (known: {', '.join(known)})")
     run_detection_compare(Path(args.out), seeds=args.seeds or SUITE.seeds, methods=methods, workers=args.workers,
-                          do_tune=args.tune, tune_seeds=args.tune_seeds or 1)
+                          do_tune=args.tune, tune_seeds=args.tune_seeds or 1, setting=settings[0],
+                          tune_only=args.tune_only)
 
 
 def speed(args) -> None:
