@@ -208,6 +208,42 @@ def test_prockd_fa_backbone_is_fa_per_level(det_setup):
     assert len(bb.prototypes) == 5
 
 
+@pytest.mark.parametrize("head", ["shared", "detached", "separate", "none"])
+def test_prockd_teacher_head_options_train_what_they_say(det_setup, head):
+    """The teacher path's detection loss reaches the deployed heads only with ``shared``; ``detached`` and
+    ``separate`` train the teacher path (fusion, PL) through other weights; ``none`` has no such loss."""
+    from prockd.detection.engine import build
+
+    _, base = det_setup
+    b = build(build_det_config(dict(base, method={"name": "prockd", "params": {"teacher_head": head,
+                                                                                "lambda_emb": 0.0}})))
+    d = b.distiller.train()
+    images, targets = zip(*(b.data.train[i] for i in range(2)))
+    torch.manual_seed(0)
+    losses = d(list(images), list(targets))
+    if head == "none":
+        assert "det_aug" not in losses
+        return
+    losses["det_aug"].backward()
+
+    def grad(params):
+        return sum(float(p.grad.abs().sum()) for p in params if p.grad is not None)
+
+    heads = list(d.student.rpn.parameters()) + list(d.student.roi_heads.parameters())
+    assert grad(d.fusion.parameters()) > 0 and grad(d.pl.parameters()) > 0
+    assert (grad(heads) > 0) == (head == "shared")
+    if head == "separate":
+        assert grad(list(d.aux_rpn.parameters()) + list(d.aux_roi.parameters())) > 0
+        assert not any("aux_" in k for k in d.export().state_dict())  # never deployed
+    if head == "detached":  # the detached call computes what the heads compute
+        from prockd.detection.methods.prockd import detached
+
+        x = torch.rand(1, d.s_width, 8, 8)
+        cls_logits, _ = d.student.rpn.head([x])
+        ref, _ = detached(d.student.rpn.head)([x])
+        assert torch.allclose(cls_logits[0], ref[0])
+
+
 def test_resume_after_kill_equals_uninterrupted(det_setup, tmp_path):
     import subprocess
     import sys

@@ -7,8 +7,10 @@ Variants, each a full optimiser step (transform, forward, backward, AdamW step) 
 - ``teacher_forward``: the frozen teacher's backbone + FPN on the student's transformed batch (no step);
 - ``cwd``, ``fgd``: a baseline with the live teacher;
 - ``prockd``: ProC-KD with the live teacher (PL / FA on the levels, the teacher path's detection loss
-  through the student's heads, mimic and embedding terms); ``prockd_no_aug``: the same without the teacher
-  path's detection loss (``lambda_aug: 0``), to show where ProC-KD's time goes.
+  through the student's heads, mimic and embedding terms: ``teacher_head: shared``, the paper's reading);
+  ``prockd_detached``, ``prockd_separate``, ``prockd_none``: the other ``teacher_head`` options (the teacher
+  path's detection loss through detached heads, through a separate copy of the heads, or none), to show where
+  ProC-KD's time goes.
 
 Ratio per method: ``(t_method - t_teacher_forward - t_student_only) / (t_teacher_forward + t_student_only)``,
 the time its distillation modules add (target <= 0.15), computed per round and reported as the median over
@@ -32,6 +34,7 @@ from prockd.core.loop import autocast, resolve_device
 from prockd.detection.config import DetectorConfig
 from prockd.detection.methods import DET_METHODS
 from prockd.detection.models import DetTeacher, build_detector
+from prockd.glyphs import charset
 
 DET_SCENARIOS = {
     # the embedded detection benchmark's detectors, as its config files define them (see _scenario), 128 px
@@ -42,7 +45,9 @@ DET_SCENARIOS = {
               "teacher": {"backbone": "resnext101_32x8d", "min_size": [1024], "max_size": 2048, "num_classes": 91}},
 }
 METHODS = {"student_only": ("student_only", {}), "cwd": ("cwd", {}), "fgd": ("fgd", {}), "prockd": ("prockd", {}),
-           "prockd_no_aug": ("prockd", {"lambda_aug": 0.0})}
+           "prockd_detached": ("prockd", {"teacher_head": "detached"}),
+           "prockd_separate": ("prockd", {"teacher_head": "separate"}),
+           "prockd_none": ("prockd", {"teacher_head": "none"})}
 TARGET = 0.15
 
 
@@ -50,10 +55,12 @@ def _scenario(name: str) -> dict:
     """A scenario with its detector sections; ``embedded`` reads them from ``configs/detection/embedded``
     (random weights: a step's speed does not depend on them)."""
     sc = copy.deepcopy(DET_SCENARIOS[name])
-    if name == "embedded":
+    if name == "embedded":  # the detection suite's setting: its detectors and class counts
         teacher_raw, student_raw = embedded_configs()
         sc["student"] = dict(student_raw["student"], backbone_weights="none")
-        sc["teacher"] = dict(teacher_raw["student"], backbone_weights="none", num_classes=10)
+        sc["teacher"] = dict(teacher_raw["student"], backbone_weights="none",
+                             num_classes=len(charset(teacher_raw["data"]["canvas"]["charset"])))
+        sc["classes"] = len(charset(student_raw["data"]["canvas"]["charset"]))
     return sc
 
 

@@ -67,11 +67,13 @@ class DetDistiller(DistillerBase):
         """The student's pyramid (ProC-KD adds FA here: what the deployed detector computes)."""
         return self.student.backbone(tensors)
 
-    def detection_losses(self, il, feats: OrderedDict, targets, suffix: str = "") -> dict[str, torch.Tensor]:
-        """The student's RPN and RoI-head losses on ``feats``."""
-        proposals, rpn = self.student.rpn(il, feats, targets)
-        _, roi = self.student.roi_heads(feats, proposals, il.image_sizes, targets)
-        return {k + suffix: v for k, v in {**rpn, **roi}.items()}
+    def detection_losses(self, il, feats: OrderedDict, targets, suffix: str = "", rpn=None,
+                         roi_heads=None) -> dict[str, torch.Tensor]:
+        """The RPN and RoI-head losses on ``feats``: the student's heads, or the ``rpn`` / ``roi_heads`` given
+        (callables with the same signatures)."""
+        proposals, rpn_losses = (rpn or self.student.rpn)(il, feats, targets)
+        _, roi = (roi_heads or self.student.roi_heads)(feats, proposals, il.image_sizes, targets)
+        return {k + suffix: v for k, v in {**rpn_losses, **roi}.items()}
 
     def forward(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
         """Training losses (detection + distillation)."""

@@ -13,11 +13,22 @@ variant A carried over level by level (``method.md``), with the choices below as
   augmented levels are pulled towards the teacher path (the detection analogue of the KL term between
   z_aug and z_s), and the first body stages are matched (embedding-layer distillation, 1x1 projection);
 - prototypes and FA shared by all levels (``per_level: false``, default; FPN heads are shared across levels
-  too) or one set per level (``per_level: true``).
+  too) or one set per level (``per_level: true``);
+- ``teacher_head``: how the teacher path's detection loss ``L_det(O)`` is computed. ``shared`` (the paper's reading,
+  the default): through the student's own RPN and RoI heads, which it trains too; ``detached``: through the same
+  heads with their weights detached, so that it trains the teacher path (fusion, PL, prototypes, FA) but not the
+  heads the deployed detector keeps; ``separate``: through a copy of the heads made at the start, trained on the
+  teacher path only and never deployed; ``none``: no ``L_det(O)`` (the teacher path is trained by the mimic term
+  alone, and the step has no second pass through any heads).
+
+FA is part of the deployed detector, so it is trained on the student's own levels in every option
+(``L_det(FA(S))`` and the mimic term both pass through it).
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -39,6 +50,18 @@ class DetProCKDParams(LevelParams):
     lambda_mimic: float = Field(1.0, ge=0)
     lambda_emb: float = Field(1.0, ge=0)
     fa_scale: bool = False
+    teacher_head: Literal["shared", "detached", "separate", "none"] = "shared"
+
+
+def detached(module: nn.Module):
+    """``module`` called with its parameters detached (its buffers as they are): gradients reach its inputs, not
+    its weights."""
+    state = {**{k: v.detach() for k, v in module.named_parameters()}, **dict(module.named_buffers())}
+
+    def call(*args):
+        return torch.func.functional_call(module, state, args)
+
+    return call
 
 
 def to_tokens(m: torch.Tensor) -> torch.Tensor:
@@ -110,6 +133,9 @@ class DetProCKD(DetDistiller):
         self.fusion = nn.ModuleDict({k: TapFusion(self.t_width, c) for k in keys})
         self.pl = nn.ModuleDict({k: PrototypeLearning(c, params.num_prototypes) for k in keys})
         self.s_stem = StemRecorder(bb.inner)
+        self.aux_rpn = self.aux_roi = None
+        if params.teacher_head == "separate":  # trained on the teacher path only; not part of export()
+            self.aux_rpn, self.aux_roi = copy.deepcopy(student.rpn), copy.deepcopy(student.roi_heads)
         self.emb = None
         if params.lambda_emb > 0:
             with torch.no_grad():
@@ -136,9 +162,15 @@ class DetProCKD(DetDistiller):
         p = self.params
         path, self._stats = self.teacher_path(OrderedDict((k, t_feats[k].to(feats[k].dtype)) for k in self.levels))
         losses = {}
-        if p.lambda_aug > 0:
+        if p.lambda_aug > 0 and p.teacher_head != "none":
             full = OrderedDict((k, path.get(k, v)) for k, v in feats.items())
-            aug = self.detection_losses(il, full, targets)
+            if p.teacher_head == "separate":
+                aug = self.detection_losses(il, full, targets, rpn=self.aux_rpn, roi_heads=self.aux_roi)
+            elif p.teacher_head == "detached":
+                aug = self.detection_losses(il, full, targets, rpn=detached(self.student.rpn),
+                                            roi_heads=detached(self.student.roi_heads))
+            else:
+                aug = self.detection_losses(il, full, targets)
             losses["det_aug"] = p.lambda_aug * sum(aug.values())
         if p.lambda_mimic > 0:
             losses["mimic"] = p.lambda_mimic * sum(F.mse_loss(feats[k].float(), path[k].detach().float())
