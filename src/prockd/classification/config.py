@@ -8,17 +8,16 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from prockd.core.config import (
     MethodConfig,
     Strict,
     apply_overrides,
     deep_merge,
-    format_errors,
     read_config_file,
+    validate,
 )
-from prockd.errors import ProckdError
 from prockd.shifts import CorruptionConfig
 
 
@@ -177,13 +176,8 @@ class ExperimentConfig(Strict):
 
 
 def build_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
-    """Validate a raw dict; errors name the source and the offending keys."""
-    try:
-        return ExperimentConfig(**data)
-    except ValidationError as e:
-        raise ProckdError(f"config error in {source}: {format_errors(e)}") from None
-    except ProckdError as e:
-        raise ProckdError(f"config error in {source}: {e}") from None
+    """Validate a raw dict; errors name the source and the offending keys (:func:`prockd.core.config.validate`)."""
+    return validate(ExperimentConfig, data, source)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> ExperimentConfig:

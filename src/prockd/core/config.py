@@ -123,3 +123,13 @@ def read_config_file(path: str | Path, _seen: tuple = ()) -> dict:
 def dump_config(cfg: BaseModel) -> str:
     """The fully resolved config as YAML."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def validate(model: type[BaseModel], data: dict, source: str = "<dict>"):
+    """``model(**data)`` (a task's experiment config); errors name ``source`` and the offending keys."""
+    try:
+        return model(**data)
+    except ValidationError as e:
+        raise ProckdError(f"config error in {source}: {format_errors(e)}") from None
+    except ProckdError as e:
+        raise ProckdError(f"config error in {source}: {e}") from None

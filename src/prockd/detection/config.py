@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from prockd.core.config import MethodConfig, Strict, format_errors
-from prockd.errors import ProckdError
+from prockd.core.config import MethodConfig, Strict, validate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,8 +156,5 @@ class DetExperimentConfig(Strict):
 
 
 def build_det_config(data: dict, source: str = "<dict>") -> DetExperimentConfig:
-    """Validate a raw dict; errors name the source and the offending keys."""
-    try:
-        return DetExperimentConfig(**data)
-    except ValidationError as e:
-        raise ProckdError(f"config error in {source}: {format_errors(e)}") from None
+    """Validate a raw dict; errors name the source and the offending keys (:func:`prockd.core.config.validate`)."""
+    return validate(DetExperimentConfig, data, source)
