@@ -72,7 +72,7 @@ class DetectionSuite:
 
 BASELINES = ["fitnets", "rkd", "ab", "ofd", "fbkd", "pkd_projector", "pkd_pearson", "attention_probe", "cwd", "mgd",
              "ssim_kd", "vid", "refilled", "probe_distil", "aft", "inverted_projector"]
-# ProC-KD's defaults on the embedded benchmark (chosen on validation, README "ProC-KD's mechanism")
+# ProC-KD's defaults on the embedded benchmark (chosen on validation, docs/method.md, "ProC-KD's mechanism, measured")
 PROCKD_DEFAULT = {"preset": "paper"}
 
 _GLYPH_NORM = {"mean": [0.15], "std": [0.33]}
@@ -110,7 +110,8 @@ GLYPHS = Suite(
     methods={"student_only": {}, **{m: {} for m in BASELINES}, "probe_distil": {"function_matching": "cutmix"},
              "prockd": PROCKD_DEFAULT, "prockd@transfer": {"preset": "transfer"}},
     demo_methods=["student_only", "rkd", "pkd_projector", "prockd", "prockd@transfer"],
-    # `prockd bench compare --tune` on validation (seeds 1000-1001, wrn16-1 / standard; README, docs/transfer.md):
+    # `prockd bench compare --tune` on validation (seeds 1000-1001, wrn16-1 / standard; docs/benchmarks.md,
+    # docs/transfer.md):
     # every method at the factor of its main weights that scored best (x0.3, x1, x3 for each)
     tuned={"student_only": {}, "rkd": {"lambda_dist": 7.5, "lambda_angle": 15.0}, "pkd_projector": {"weight": 3.0},
            "ofd": {"weight": 3.0}, "fbkd": {"weight": 0.3}, "aft": {"weight": 3.0},

@@ -63,7 +63,7 @@ class ProCKDParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     preset: Literal["none", "paper", "transfer"] = "none"
     # defaults = the authors' choices (PRESETS["paper"]): on the glyph benchmark's validation split variant A
-    # scored 65.9 % against 54.4 % for variant B (K 24) and 53.5 % for B with unit-sphere prototypes (README)
+    # scored 65.9 % against 54.4 % for variant B (K 24) and 53.5 % for B with unit-sphere prototypes (docs/method.md)
     num_prototypes: int = Field(72, ge=1)
     variant: Literal["A", "B"] = "A"
     lambda_aug: float = Field(1.0, ge=0)
@@ -81,7 +81,7 @@ class ProCKDParams(BaseModel):
     # student) or their average; "auto" = "aug" (on the glyph benchmark's validation split z_aug and z_s of
     # variant A were level: 65.7 / 66.1 % against 65.0 / 66.6 % over two seeds)
     deploy_output: Literal["auto", "plain", "aug", "avg"] = "auto"
-    # --- options beyond the paper (issue "ProC-KD that transfers what its teacher path knows"; README) ---
+    # --- options beyond the paper (issue "ProC-KD that transfers what its teacher path knows"; docs/transfer.md) ---
     # temperature τ of PL's soft assignment softmax(L / τ) (the paper: 1; U[0, 1) prototypes give a uniform one)
     assign_temperature: float = Field(1.0, gt=0)
     # factor on the initial prototypes (uniform / sphere / normal draws): their scale against the unit-norm tokens
