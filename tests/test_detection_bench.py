@@ -112,7 +112,13 @@ def test_detection_is_a_suite_and_picks_its_task(capsys):
 
 
 def test_detection_settings_merge_into_the_packaged_configs_and_variants_queue_their_method(tmp_path, capsys):
-    from prockd.bench.compare_detection import _queue_runs, base_params, embedded_configs, method_of, setting_of
+    from prockd.bench.compare_detection import (
+        _queue_runs,
+        base_params,
+        embedded_configs,
+        method_of,
+        setting_of,
+    )
 
     teacher, student = embedded_configs("digits_to_caps")
     assert teacher["data"]["canvas"]["charset"] == "0123456789" and student["data"]["canvas"]["charset"] == "ACEHKMRX"

@@ -101,6 +101,12 @@ def pretrained_teacher(teacher_run: dict, cache_root: Path, log=print, say=print
                           f"the benchmark teacher ({cfg.train.epochs} epochs)", log, say)
 
 
+def method_of(label: str) -> str:
+    """The registry name behind a table label: ``NAME`` or ``NAME@VARIANT`` (one method in several rows, e.g.
+    ``prockd`` and ``prockd@transfer``); both tasks' comparisons."""
+    return label.split("@", 1)[0]
+
+
 def scaled(registry, method: str, params: dict, factor: float) -> dict:
     """``params`` with the method's main loss weights (their defaults where unset) multiplied by ``factor``
     (``registry``: the task's method registry); the weight grid of both tasks' equal-budget tuning."""

@@ -39,6 +39,7 @@ import yaml
 from prockd.bench.common import (
     default_workers,
     mean_std,
+    method_of,
     output_dirs,
     paired_ci,
     prepare_cache,
@@ -60,12 +61,6 @@ SPEC_KEYS = {"suite", "seeds", "workers", "methods", "students", "settings", "da
              "tune_factors"}
 REFERENCE = "student_only"
 PROPOSED = "prockd"
-
-
-def method_of(label: str) -> str:
-    """The registry name behind a table label: ``NAME`` or ``NAME@VARIANT`` (one method in several rows, e.g.
-    ``prockd`` and ``prockd@transfer``)."""
-    return label.split("@", 1)[0]
 
 
 def proposed(label: str) -> bool:

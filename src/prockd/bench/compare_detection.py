@@ -22,6 +22,7 @@ from prockd.bench.common import (
     cached_teacher,
     default_workers,
     mean_std,
+    method_of,
     output_dirs,
     paired_ci,
     run_jobs,
@@ -91,12 +92,6 @@ def _run_dir(out: Path, raw: dict, method: str, seed: int) -> Path:
     key = {k: v for k, v in raw.items() if k not in ("seed", "out")}
     tag = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return out / method / tag / f"seed{seed}"
-
-
-def method_of(label: str) -> str:
-    """The registry name of a row label: ``prockd@paper`` -> ``prockd`` (a method with the suite's variant
-    parameters, :attr:`~prockd.bench.suites.DetectionSuite.variants`)."""
-    return label.split("@", 1)[0]
 
 
 def base_params(label: str) -> dict:

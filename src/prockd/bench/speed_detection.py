@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from prockd.bench.compare_detection import embedded_configs
+from prockd.bench.common import method_of
+from prockd.bench.compare_detection import SUITE, embedded_configs
 from prockd.bench.speed import print_speed_tables, time_interleaved
 from prockd.core.config import deep_merge
 from prockd.core.io import atomic_write_json
@@ -44,10 +45,10 @@ DET_SCENARIOS = {
               "student": {"backbone": "resnet50", "min_size": [1024], "max_size": 2048},
               "teacher": {"backbone": "resnext101_32x8d", "min_size": [1024], "max_size": 2048, "num_classes": 91}},
 }
+# the baselines, ProC-KD as the paper reads it, and its other teacher-path options (the suite's variants)
 METHODS = {"student_only": ("student_only", {}), "cwd": ("cwd", {}), "fgd": ("fgd", {}), "prockd": ("prockd", {}),
-           "prockd_detached": ("prockd", {"teacher_head": "detached"}),
-           "prockd_separate": ("prockd", {"teacher_head": "separate"}),
-           "prockd_none": ("prockd", {"teacher_head": "none"})}
+           **{label.replace("@", "_"): (method_of(label), params) for label, params in SUITE.variants.items()
+              if label != "prockd@paper"}}
 TARGET = 0.15
 
 

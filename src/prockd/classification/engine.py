@@ -414,7 +414,7 @@ class ClassificationHooks(TaskHooks):
         final = history[-1] if history else {}
         selected = None
         if b.task.val is not None:  # the checkpoint chosen on validation
-            selected = select_best(run_dir / "checkpoints", dist, "val/deployed", final, b.task.tests,
+            selected = select_best(run_dir / "checkpoints", dist, self.primary, final, b.task.tests,
                                    lambda: evaluate(dist, b.task.tests, device, t.amp, info=info))
         return {"method": cfg.method.name, "seed": cfg.seed, "final": final, "selected": selected, "best": best,
                 "student_params": count_params(dist.student),

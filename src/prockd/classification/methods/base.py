@@ -24,7 +24,8 @@ class NoParams(BaseModel):
 
 
 class Distiller(DistillerBase):
-    """One classification distillation method (:class:`prockd.core.distiller.DistillerBase`). ``forward(images, targets) -> (student logits, {loss name: loss})``.
+    """One classification distillation method (:class:`prockd.core.distiller.DistillerBase`).
+    ``forward(images, targets) -> (student logits, {loss name: loss})``.
 
     ``images`` are raw batches in [0, 1]; each network applies its own transform. The frozen teacher
     is held outside the module tree (never in ``state_dict`` nor ``learnable_parameters``).
