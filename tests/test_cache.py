@@ -76,3 +76,36 @@ def test_reused_and_corruption_rebuilt(tiny, tmp_path):
     meta = json.loads((fixed.dir / "meta.json").read_text())
     assert meta["n"] == len(b.task.train)
     assert not list(fixed.dir.parent.glob("*.tmp-*"))
+
+
+def test_full_disk_is_an_error_naming_the_cache_not_a_bus_error(tiny, tmp_path, monkeypatch):
+    """A cache that does not fit raises a ProckdError naming its folder, and leaves no partial folder.
+
+    The disk cannot be filled in a unit test, so the OS call that reserves the blocks reports ENOSPC
+    (what it returns on a full disk); without the reservation the first write into the sparse mapping
+    would have killed the process with SIGBUS."""
+    import errno
+    import os
+
+    import pytest
+
+    from prockd.errors import ProckdError
+
+    b = build(build_config(tiny()))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ProckdError, match=r"no room for .* MiB in .*c.*cache\.dir"):
+        _cache(b, tmp_path).prepare()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # the half-built folder is gone
+
+
+def test_cache_files_are_fully_allocated(tiny, tmp_path):
+    """Every array of a built cache has its blocks on disk (not sparse)."""
+    b = build(build_config(tiny()))
+    c = _cache(b, tmp_path).prepare()
+    for f in c.dir.glob("*.npy"):
+        st = f.stat()
+        assert st.st_blocks * 512 >= st.st_size, f

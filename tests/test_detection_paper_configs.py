@@ -4,6 +4,7 @@ that dataset's layout (image sizes overridden to 64 px; the teacher's weights fi
 teacher, which a unit test cannot download)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ def test_paper_table2_on_the_official_cityscapes_layout(tmp_path, monkeypatch, n
         test = "cityscapes" if beta is None else "foggy_cityscapes"
         assert f"{test}/AP50/car" in s["final"] and f"{test}/mAP50" in s["final"]
         assert s["selected"] is None  # no validation split: no checkpoint is chosen (never on the test set)
+        shutil.rmtree(tmp_path / m)  # ~700 MB of ResNet-50 checkpoints per method
 
 
 CASES = {
@@ -68,6 +70,7 @@ def test_paper_coco_layout_configs_one_step(tmp_path, name):
         assert cfg.student.backbone == ("resnet18" if "table6" in name else "resnet50")
         s = train(cfg, tmp_path / m / "run", log=lambda _m: None)
         assert s["final"]
+        shutil.rmtree(tmp_path / m)  # several hundred MB of checkpoints per method
 
 
 def test_paper_table3_voc_layout_one_step(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -56,7 +57,8 @@ def installed(tmp_path_factory):
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HOME=str(home), PATH=f"{venv / 'bin'}:{env.get('PATH', '')}", OMP_NUM_THREADS="1")
-    return venv / "bin" / "prockd", env, work
+    yield venv / "bin" / "prockd", env, work
+    shutil.rmtree(root, ignore_errors=True)  # the venv and the demos' caches under the empty HOME
 
 
 def test_wheel_holds_the_package_not_the_source_tree(installed):

@@ -7,6 +7,7 @@ so a partial or corrupted cache is detected and rebuilt.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,9 +19,30 @@ import numpy as np
 import torch
 
 from prockd.core.io import atomic_write_json
+from prockd.errors import ProckdError
 
 VERSION = 2
 _FULL_HASH_LIMIT = 256 << 20
+
+
+def reserve_blocks(path: Path) -> None:
+    """Allocate a freshly created memory-mapped file's disk blocks now.
+
+    ``open_memmap`` makes a sparse file: on a full disk the first write into an unbacked page kills the
+    process with SIGBUS, far from the cause. Reserving the blocks up front turns that into an error that
+    names the cache folder and the room it needs (``cache.dir`` moves it).
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ProckdError(f"teacher feature cache: no room for {size / 2**20:.1f} MiB in {path.parent} "
+                              f"({e.strerror}); free disk space there or set cache.dir to a folder on a disk "
+                              "with room (or cache.enabled=false to run the teacher live)") from e
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem that cannot reserve: write as before
+            raise
 
 
 def tensor_digest(sd: dict[str, torch.Tensor]) -> str:
@@ -111,6 +133,7 @@ class TeacherCache:
                     if name not in arrays:
                         arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np_dtype,
                                                                  shape=(n, *t.shape[1:]))
+                        reserve_blocks(tmp / f"{name}.npy")
                     arrays[name][idx.numpy()] = t.cpu().numpy().astype(np_dtype)
             meta = {"key": self.key, "n": n, "arrays": {}}
             for name, arr in arrays.items():
