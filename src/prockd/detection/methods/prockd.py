@@ -18,8 +18,9 @@ variant A carried over level by level (``method.md``), with the choices below as
   the default): through the student's own RPN and RoI heads, which it trains too; ``detached``: through the same
   heads with their weights detached, so that it trains the teacher path (fusion, PL, prototypes, FA) but not the
   heads the deployed detector keeps; ``separate``: through a copy of the heads made at the start, trained on the
-  teacher path only and never deployed; ``none``: no ``L_det(O)`` (the teacher path is trained by the mimic term
-  alone, and the step has no second pass through any heads).
+  teacher path only and never deployed; ``none``: no ``L_det(O)`` and no second pass through any heads. The
+  mimic target is detached, so with ``none`` nothing trains the fusion and PL: the target is the teacher's levels
+  through a fixed random projection, aggregated on the prototypes that the student's FA learns.
 
 FA is part of the deployed detector, so it is trained on the student's own levels in every option
 (``L_det(FA(S))`` and the mimic term both pass through it).
