@@ -154,3 +154,22 @@ def test_student_only_convergence_from_metrics(tmp_path):
     (tmp_path / "seed0" / "metrics.jsonl").write_text("".join(
         json.dumps({"epoch": e, "val/mAP50": v}) + "\n" for e, v in [(0, 10), (4, 60), (8, 70), (9, 75)]))
     assert convergence([tmp_path / "seed0"]) == {"val_gain_last_fifth": 5.0, "runs": 1}
+
+
+def test_rendered_tuned_file_reads_back_as_the_chosen_params():
+    """``--tune`` writes ``tuned.yaml``: the chosen weights of every row (variants included) and the validation
+    scores as comments; YAML reads it back to exactly the chosen params."""
+    import yaml
+
+    from prockd.bench.compare_detection import render_tuned
+
+    tuning = {"factors": [0.01, 0.1, 1.0], "tune_seeds": 1,
+              "val_mAP50": {"cwd": {"0.01": 70.0, "0.1": 71.5, "1.0": 60.0},
+                            "prockd@none": {"0.01": 66.0, "0.1": 64.0, "1.0": 50.0}},
+              "chosen": {"cwd": {"factor": 0.1, "params": {"weight": 1.0}},
+                         "prockd@none": {"factor": 0.01, "params": {"teacher_head": "none", "lambda_mimic": 0.01,
+                                                                     "lambda_emb": 0.01}}}}
+    text = render_tuned("some_setting", tuning)
+    assert yaml.safe_load(text)["params"] == {m: c["params"] for m, c in tuning["chosen"].items()}
+    assert "#   cwd: x0.01 70.0, x0.1 71.5, x1.0 60.0  -> x0.1" in text
+    assert "--settings some_setting --tune --tune-seeds 1" in text

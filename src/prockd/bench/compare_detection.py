@@ -155,6 +155,21 @@ def tune(out: Path, student_raw: dict, teacher_section: dict, methods, tune_seed
     return res
 
 
+def render_tuned(setting: str, tuning: dict) -> str:
+    """A tuned-weights file (the format of the config folder's ``tuned*.yaml``) from :func:`tune`'s result, with
+    the validation scores that chose each weight as comments: ``--tune`` writes it as ``tuned.yaml`` in the output
+    folder, ready to ship as the setting's ``tuned`` file."""
+    lines = [f"# Loss weights of the detection setting '{setting}', chosen on its validation split by",
+             f"# `prockd bench compare --suite detection --settings {setting} --tune --tune-seeds "
+             f"{tuning['tune_seeds']}` (equal budget: x{' / x'.join(map(str, tuning['factors']))} of each row's "
+             "public-config weights, tuning seeds from 1000).", "# Validation mAP50 per factor:"]
+    for m, sc in tuning["val_mAP50"].items():
+        lines.append(f"#   {m}: " + ", ".join(f"x{f} {v:.1f}" for f, v in sc.items())
+                     + f"  -> x{tuning['chosen'][m]['factor']}")
+    body = yaml.safe_dump({"params": {m: c["params"] for m, c in tuning["chosen"].items()}}, sort_keys=False)
+    return "\n".join(lines) + "\n" + body
+
+
 def choose_factors(scores: dict[str, dict[float, float]]) -> dict[str, float]:
     """Per method, the weight factor of the highest validation score (a tie keeps the larger factor)."""
     return {m: max(sc, key=lambda f: (sc[f], f)) for m, sc in scores.items()}
@@ -220,6 +235,7 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
     tuning = None
     if do_tune or tune_only:
         tuning = tune(out, student_raw, teacher_section, methods, tune_seeds, workers, log_path, say)
+        atomic_write_text(out / "tuned.yaml", render_tuned(setting, tuning))
         if tune_only:  # a validation screen: no table, no test set read
             return {"setting": setting, "tuning": tuning}
         params = {m: c["params"] for m, c in tuning["chosen"].items()}
@@ -246,10 +262,10 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
 
 def knowledge_probe(out: Path, student_raw: dict, teacher_section: dict, say=print,
                     setting: str | None = None) -> dict:
-    """The knowledge-gap check of a setting (cached in ``probe.json``, ``probe_<setting>.json`` for the others):
-    linear probes on ground-truth boxes, the frozen teacher's RoI features vs the boxes' pixels
+    """The knowledge-gap check of a setting (cached in ``probe_<setting>.json``): linear probes on ground-truth
+    boxes, the frozen teacher's RoI features vs the boxes' pixels
     (:func:`prockd.detection.analysis.detection_probe`)."""
-    path = out / ("probe.json" if setting in (None, "digits_to_caps") else f"probe_{setting}.json")
+    path = out / f"probe_{setting or SUITE.setting}.json"
     if path.is_file():
         return json.loads(path.read_text())
     say("knowledge-gap probe: linear box classifiers on the teacher's RoI features vs on the boxes' pixels")
