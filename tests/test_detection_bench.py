@@ -96,6 +96,38 @@ def test_collect_and_table_on_written_results(tmp_path):
     assert "| cwd | 84.5 | 82.5 | 83.5 ± 2.3 |" in md and "Weights: cwd weight=1" in md
 
 
+def test_prockd_rows_are_paired_with_the_baseline_best_on_validation(tmp_path):
+    """ProC-KD rows get a second interval against the best baseline, the one with the highest mean *validation*
+    mAP50 (mgd here, although fgd is higher on the test set): the interval is recomputed directly."""
+    from scipy import stats
+
+    from prockd.bench.compare_detection import collect, format_table
+
+    test = {"student_only": [60.0, 62.0, 61.0], "mgd": [63.0, 64.0, 62.5], "fgd": [70.0, 71.0, 72.0],
+            "prockd@none": [66.0, 65.0, 68.0]}
+    val = {"student_only": 80.0, "mgd": 83.0, "fgd": 79.0, "prockd@none": 81.0}
+    dirs = {}
+    for m, vs in test.items():
+        dirs[m] = []
+        for s, v in enumerate(vs):
+            d = tmp_path / m / f"seed{s}"
+            d.mkdir(parents=True)
+            sel = {"epoch": 19, "val/mAP50": val[m] + s, "test/mAP50": v, "test/AP50/a": v}
+            (d / "final.json").write_text(json.dumps({"final": sel, "selected": sel}))
+            dirs[m].append(d)
+    t = collect(dirs)
+    assert t["best_baseline"] == {"name": "mgd", "val_mAP50": 84.0}
+    vb = t["stats"]["prockd@none"]["test/mAP50"]["vs_best"]
+    diffs = [a - b for a, b in zip(test["prockd@none"], test["mgd"])]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / 3 ** 0.5
+    assert abs(vb["mean"] - statistics.fmean(diffs)) < 1e-3 and abs(vb["ci95"] - half) < 1e-3
+    assert "vs_best" not in t["stats"]["fgd"]["test/mAP50"]  # baselines are not compared with each other
+    md = format_table(t)
+    assert "Best baseline (highest mean validation mAP50 of its selected checkpoints): mgd (84.0)" in md
+    assert "Δ vs mgd (95 % CI)" in md
+    assert "| prockd@none | 66.3 | 66.3 ± 1.5 | " in md and f"{statistics.fmean(diffs):+.1f} ± {half:.1f}" in md
+
+
 def test_detection_is_a_suite_and_picks_its_task(capsys):
     s = get_suite("detection")
     assert s.task == "detection" and tuple(s.methods) == ALL_METHODS and tuple(s.demo_methods) == DEMO_METHODS
