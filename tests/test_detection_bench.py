@@ -92,8 +92,9 @@ def test_collect_and_table_on_written_results(tmp_path):
     assert st["mean"] == round(statistics.fmean(vals["cwd"]), 2) and st["std"] == round(statistics.stdev(vals["cwd"]), 2)
     assert abs(st["vs_student"]["mean"] - statistics.fmean(diffs)) < 1e-3 and abs(st["vs_student"]["ci95"] - half) < 1e-3
     assert st["vs_student"]["verdict"] == ("better" if statistics.fmean(diffs) - half > 0 else "no difference")
-    md = format_table(dict(t, params={"cwd": {"weight": 1.0}}))
+    md = format_table(dict(t, params={"cwd": {"weight": 1.0}, "prockd@none": {"teacher_head": "none", "lambda_emb": 0.01}}))
     assert "| cwd | 84.5 | 82.5 | 83.5 ± 2.3 |" in md and "Weights: cwd weight=1" in md
+    assert "prockd@none teacher_head=none, lambda_emb=0.01" in md
 
 
 def test_prockd_rows_are_paired_with_the_baseline_best_on_validation(tmp_path):

@@ -162,7 +162,7 @@ def render_tuned(setting: str, tuning: dict) -> str:
     folder, ready to ship as the setting's ``tuned`` file."""
     lines = [f"# Loss weights of the detection setting '{setting}', chosen on its validation split by",
              f"# `prockd bench compare --suite detection --settings {setting} --tune --tune-seeds "
-             f"{tuning['tune_seeds']}` (equal budget: x{' / x'.join(map(str, tuning['factors']))} of each row's "
+             f"{tuning['tune_seeds']}`", f"# (equal budget: x{' / x'.join(map(str, tuning['factors']))} of each row's "
              "public-config weights, tuning seeds from 1000).", "# Validation mAP50 per factor:"]
     for m, sc in tuning["val_mAP50"].items():
         lines.append(f"#   {m}: " + ", ".join(f"x{f} {v:.1f}" for f, v in sc.items())
@@ -353,7 +353,8 @@ def format_table(table: dict) -> str:
                      + " of each method's public weights): " + ", ".join(
                          f"{m} x{c['factor']}" for m, c in tuning["chosen"].items()))
     elif any(table.get("params", {}).values()):
-        lines.append("\nWeights: " + "; ".join(f"{m} " + ", ".join(f"{k}={v:.3g}" for k, v in p.items())
+        lines.append("\nWeights: " + "; ".join(f"{m} " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
+                                                                   f"{k}={v}" for k, v in p.items())
                                                for m, p in table["params"].items() if p))
     probe = table.get("probe")
     if probe:

@@ -23,6 +23,7 @@ from prockd.detection.engine import open_data
 from prockd.detection.engine import pretrain_teacher as pretrain_run
 from prockd.detection.engine import train as train_run
 from prockd.detection.evaluate import coco_metrics, detect
+from prockd.detection.methods import DET_METHODS
 from prockd.errors import ProckdError
 
 DEPLOYED_FILE = "detector.pt"
@@ -78,7 +79,7 @@ def compare(args) -> None:
         raise ProckdError(f"--settings: one detection setting per comparison (got {settings}); --probe-only takes "
                           "several")
     methods = tuple(args.methods or ALL_METHODS)
-    known = list(ALL_METHODS) + [v for v in SUITE.variants if v not in ALL_METHODS]
+    known = ["student_only"] + [m for m in DET_METHODS.names() if m != "student_only"] + list(SUITE.variants)
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise ProckdError(f"--methods {unknown} not in the detection comparison (known: {', '.join(known)})")

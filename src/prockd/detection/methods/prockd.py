@@ -161,9 +161,12 @@ class DetProCKD(DetDistiller):
     def distill(self, feats, t_feats, t_stem, il, targets):
         """``det_aug``, ``mimic`` and ``emb`` (see the module docstring)."""
         p = self.params
-        path, self._stats = self.teacher_path(OrderedDict((k, t_feats[k].to(feats[k].dtype)) for k in self.levels))
+        with_det = p.lambda_aug > 0 and p.teacher_head != "none"
+        # without L_det(O) the path is only the mimic term's (detached) target: no graph to build
+        with torch.set_grad_enabled(with_det and torch.is_grad_enabled()):
+            path, self._stats = self.teacher_path(OrderedDict((k, t_feats[k].to(feats[k].dtype)) for k in self.levels))
         losses = {}
-        if p.lambda_aug > 0 and p.teacher_head != "none":
+        if with_det:
             full = OrderedDict((k, path.get(k, v)) for k, v in feats.items())
             if p.teacher_head == "separate":
                 aug = self.detection_losses(il, full, targets, rpn=self.aux_rpn, roi_heads=self.aux_roi)
