@@ -68,6 +68,19 @@ def test_weight_scaling_choice_and_run_folders():
     assert _run_dir(Path("o"), dict(raw, train={"epochs": 10}), "cwd", 0) != a
 
 
+def _write_finals(root: Path, values: dict[str, list[float]], selected) -> dict[str, list[Path]]:
+    """``root/<method>/seed<k>/final.json`` whose selected metrics are ``selected(method, k, value)``."""
+    dirs: dict[str, list[Path]] = {}
+    for m, vs in values.items():
+        for s, v in enumerate(vs):
+            d = root / m / f"seed{s}"
+            d.mkdir(parents=True)
+            sel = selected(m, s, v)
+            (d / "final.json").write_text(json.dumps({"final": sel, "selected": sel}))
+            dirs.setdefault(m, []).append(d)
+    return dirs
+
+
 def test_collect_and_table_on_written_results(tmp_path):
     """The table's statistics from final.json files with known values: mean, sample std and the paired
     Student-t interval computed here directly."""
@@ -76,16 +89,8 @@ def test_collect_and_table_on_written_results(tmp_path):
     from prockd.bench.compare_detection import collect, format_table
 
     vals = {"student_only": [80.0, 82.0, 84.0], "cwd": [81.0, 84.0, 85.5]}
-    dirs = {}
-    for m, vs in vals.items():
-        dirs[m] = []
-        for s, v in enumerate(vs):
-            d = tmp_path / m / f"seed{s}"
-            d.mkdir(parents=True)
-            sel = {"epoch": 11, "val/mAP50": 90.0, "test/mAP50": v, "test/AP50/A": v + 1, "test/AP50/C": v - 1}
-            (d / "final.json").write_text(json.dumps({"final": sel, "selected": sel}))
-            dirs[m].append(d)
-    t = collect(dirs)
+    t = collect(_write_finals(tmp_path, vals, lambda m, s, v: {"epoch": 11, "val/mAP50": 90.0, "test/mAP50": v,
+                                                               "test/AP50/A": v + 1, "test/AP50/C": v - 1}))
     st = t["stats"]["cwd"]["test/mAP50"]
     diffs = [a - b for a, b in zip(vals["cwd"], vals["student_only"])]
     half = stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / 3 ** 0.5
@@ -107,16 +112,8 @@ def test_prockd_rows_are_paired_with_the_baseline_best_on_validation(tmp_path):
     test = {"student_only": [60.0, 62.0, 61.0], "mgd": [63.0, 64.0, 62.5], "fgd": [70.0, 71.0, 72.0],
             "prockd@none": [66.0, 65.0, 68.0]}
     val = {"student_only": 80.0, "mgd": 83.0, "fgd": 79.0, "prockd@none": 81.0}
-    dirs = {}
-    for m, vs in test.items():
-        dirs[m] = []
-        for s, v in enumerate(vs):
-            d = tmp_path / m / f"seed{s}"
-            d.mkdir(parents=True)
-            sel = {"epoch": 19, "val/mAP50": val[m] + s, "test/mAP50": v, "test/AP50/a": v}
-            (d / "final.json").write_text(json.dumps({"final": sel, "selected": sel}))
-            dirs[m].append(d)
-    t = collect(dirs)
+    t = collect(_write_finals(tmp_path, test, lambda m, s, v: {"epoch": 19, "val/mAP50": val[m] + s,
+                                                               "test/mAP50": v, "test/AP50/a": v}))
     assert t["best_baseline"] == {"name": "mgd", "val_mAP50": 84.0}
     vb = t["stats"]["prockd@none"]["test/mAP50"]["vs_best"]
     diffs = [a - b for a, b in zip(test["prockd@none"], test["mgd"])]

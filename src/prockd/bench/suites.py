@@ -204,7 +204,11 @@ DETECTION = DetectionSuite(
     # ProC-KD's teacher-path options (docs/detection.md): the paper's reading (its detection loss through the
     # student's heads) and the alternatives screened on validation
     variants={"prockd@paper": {"teacher_head": "shared"}, "prockd@detached": {"teacher_head": "detached"},
-              "prockd@separate": {"teacher_head": "separate"}, "prockd@none": {"teacher_head": "none"}},
+              "prockd@separate": {"teacher_head": "separate"}, "prockd@none": {"teacher_head": "none"},
+              # the chosen option's two remaining design questions: one prototype set per level, and PL / FA on
+              # P3-P6 only (P2, the 32 x 32 level, holds three quarters of the tokens)
+              "prockd@none_per_level": {"teacher_head": "none", "per_level": True},
+              "prockd@none_p3": {"teacher_head": "none", "levels": ["1", "2", "3", "pool"]}},
 )
 
 SUITES: dict[str, Suite | DetectionSuite] = {s.name: s for s in (GLYPHS, FMNIST, DETECTION)}
