@@ -298,23 +298,29 @@ def collect(run_dirs: dict[str, list[Path]]) -> dict:
             vals = [r[key] for r in runs if key in r]
             mu, sd = mean_std(vals) if vals else (float("nan"), 0.0)
             st[key] = {"mean": round(mu, 2), "std": round(sd, 2), "n": len(vals)}
-            if m != "student_only" and key.endswith("mAP50") and len(base) == len(runs) and len(runs) > 1:
-                ci = paired_ci([r[key] for r in runs], [r[key] for r in base])
-                st[key]["vs_student"] = dict(ci, verdict=verdict(ci))
         stats[m] = st
+        if m != "student_only":
+            _paired(st, runs, base, "vs_student")
     res["stats"] = stats
     res["best_baseline"] = best_baseline(res["methods"])
     if res["best_baseline"]:
         ref = res["methods"][res["best_baseline"]["name"]]
         for m, runs in res["methods"].items():
-            if method_of(m) != "prockd" or len(runs) != len(ref) or len(runs) < 2:
-                continue
-            for key, st in stats[m].items():
-                if key.endswith("mAP50"):
-                    ci = paired_ci([r[key] for r in runs], [r[key] for r in ref])
-                    st["vs_best"] = dict(ci, verdict=verdict(ci))
+            if method_of(m) == "prockd":
+                _paired(stats[m], runs, ref, "vs_best")
     res["convergence"] = convergence(run_dirs.get("student_only", []))
     return res
+
+
+def _paired(st: dict, runs: list[dict], ref: list[dict], label: str) -> None:
+    """Add ``label``: the paired 95 % interval of ``runs`` minus ``ref`` (seed by seed) to every mAP50 entry of
+    ``st``, when both have the same number (>= 2) of seeds."""
+    if len(runs) != len(ref) or len(runs) < 2:
+        return
+    for key, entry in st.items():
+        if key.endswith("mAP50"):
+            ci = paired_ci([r[key] for r in runs], [r[key] for r in ref])
+            entry[label] = dict(ci, verdict=verdict(ci))
 
 
 def best_baseline(methods: dict[str, list[dict]]) -> dict | None:
