@@ -158,9 +158,15 @@ def make_scheduler(opt, t, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm, t.lr, t.min_lr))
 
 
-def lr_factor(step: int, warmup: int, factor: float, bounds: list[int], gamma: float) -> float:
-    """mmdet's schedule: linear warm-up from ``factor`` over ``warmup`` steps, times ``gamma`` per milestone passed."""
-    base = gamma ** sum(step >= b for b in bounds)
+def lr_factor(step: int, warmup: int, factor: float, bounds: list[int], gamma: float,
+              cosine_total: int | None = None, floor: float = 0.0) -> float:
+    """mmdet's schedule: linear warm-up from ``factor`` over ``warmup`` steps, times ``gamma`` per milestone passed;
+    with ``cosine_total`` (steps) a cosine decay from 1 to ``floor`` over the whole run instead of the milestones
+    (mmdet's ``CosineAnnealingLR`` by iteration, warm-up included)."""
+    if cosine_total is not None:
+        base = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, cosine_total))))
+    else:
+        base = gamma ** sum(step >= b for b in bounds)
     if warmup > 0 and step < warmup:
         return base * (factor + (1 - factor) * step / warmup)
     return base

@@ -121,7 +121,8 @@ class DetDataConfig(Strict):
 
 
 class DetTrainConfig(Strict):
-    """mmdet-style schedule: SGD, linear warm-up over iterations, steps at epoch milestones."""
+    """mmdet-style schedule: SGD (or AdamW), linear warm-up over iterations, then steps at epoch milestones (or a
+    cosine decay to ``min_lr``)."""
 
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(2, ge=1)
@@ -131,8 +132,10 @@ class DetTrainConfig(Strict):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_iters: int = Field(500, ge=0)
     warmup_factor: float = Field(0.001, gt=0, le=1)
+    schedule: Literal["step", "cosine"] = "step"  # after warm-up: steps at milestones, or a cosine to min_lr
     milestones: list[int] = Field(default_factory=lambda: [8, 11])
     gamma: float = Field(0.1, gt=0)
+    min_lr: float = Field(0.0, ge=0)  # cosine schedule's final learning rate
     clip_grad: float | None = None
     amp: Literal["none", "bf16", "fp16"] = "none"
     eval_every: int = Field(1, ge=1)

@@ -145,11 +145,13 @@ class DetectionHooks(TaskHooks):
         return -(-per_rank // self.cfg.train.batch_size)
 
     def scheduler(self, opt, steps_per_epoch: int):
-        """mmdet's schedule (:func:`prockd.core.loop.lr_factor`)."""
+        """mmdet's schedule (:func:`prockd.core.loop.lr_factor`): steps at the milestones or a cosine decay."""
         t = self.cfg.train
         bounds = [m * steps_per_epoch for m in t.milestones]
+        total = steps_per_epoch * t.epochs if t.schedule == "cosine" else None
+        floor = t.min_lr / t.lr
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_iters, t.warmup_factor, bounds,
-                                                                           t.gamma))
+                                                                           t.gamma, total, floor))
 
     def epoch_batches(self, epoch: int, info):
         """This rank's shuffled shard (:func:`prockd.detection.data.make_loader`); flips drawn from a generator
