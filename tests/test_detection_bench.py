@@ -180,10 +180,31 @@ def test_student_only_convergence_from_metrics(tmp_path):
         (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": 2 * i + 1, "val/mAP50": v}) + "\n"
                                                  for i, v in enumerate(curve)))
     # epochs 1, 3, 5, 7, 9: the last fifth starts at the first epoch >= 0.8 * 9 = 7.2, i.e. epoch 9 itself
-    assert convergence([tmp_path / "seed0", tmp_path / "seed1"]) == {"val_gain_last_fifth": 0.0, "runs": 2}
+    assert convergence([tmp_path / "seed0", tmp_path / "seed1"]) == {
+        "val_gain_last_fifth": 0.0, "val_fit_last_fifth": 0.0, "per_seed_fit": [0.0, 0.0], "flat": True, "runs": 2}
     (tmp_path / "seed0" / "metrics.jsonl").write_text("".join(
         json.dumps({"epoch": e, "val/mAP50": v}) + "\n" for e, v in [(0, 10), (4, 60), (8, 70), (9, 75)]))
-    assert convergence([tmp_path / "seed0"]) == {"val_gain_last_fifth": 5.0, "runs": 1}
+    assert convergence([tmp_path / "seed0"]) == {
+        "val_gain_last_fifth": 5.0, "val_fit_last_fifth": 5.0, "per_seed_fit": [5.0], "flat": False, "runs": 1}
+
+
+def test_convergence_fit_is_the_least_squares_change_over_the_last_fifth(tmp_path):
+    """A noisy last point does not decide flatness: the fitted line over the last fifth's evaluations does
+    (checked against numpy's polyfit)."""
+    import numpy as np
+
+    from prockd.bench.compare_detection import convergence
+
+    curve = [(e, 50 + e) for e in range(0, 40, 2)] + [(41, 80.0), (43, 82.0), (45, 79.0), (47, 81.0), (49, 76.0)]
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "val/mAP50": v}) + "\n"
+                                                              for e, v in curve))
+    tail = [(e, v) for e, v in curve if e >= 0.8 * 49]
+    slope = np.polyfit([e for e, _ in tail], [v for _, v in tail], 1)[0]
+    res = convergence([tmp_path / "seed0"])
+    assert res["val_gain_last_fifth"] == -4.0  # the last point alone says "falling by 4"
+    assert res["val_fit_last_fifth"] == round(slope * (tail[-1][0] - tail[0][0]), 2)
+    assert res["flat"] is bool(abs(slope * (tail[-1][0] - tail[0][0])) <= 1.0)
 
 
 def test_rendered_tuned_file_reads_back_as_the_chosen_params():
@@ -203,3 +224,40 @@ def test_rendered_tuned_file_reads_back_as_the_chosen_params():
     assert yaml.safe_load(text)["params"] == {m: c["params"] for m, c in tuning["chosen"].items()}
     assert "#   cwd: x0.01 70.0, x0.1 71.5, x1.0 60.0  -> x0.1" in text
     assert "--settings some_setting --tune --tune-seeds 1" in text
+
+
+def test_detection_schedule_warmup_steps_and_cosine():
+    """mmdet's schedule (linear warm-up from ``warmup_factor``, then steps or a cosine to ``min_lr``) against a
+    direct computation of each phase."""
+    import math
+
+    import torch
+
+    from prockd.core.loop import lr_factor
+
+    # steps: warm-up over 10 iterations from 0.001, then x0.1 at iteration 40
+    assert lr_factor(0, 10, 0.001, [40], 0.1) == 0.001
+    assert abs(lr_factor(5, 10, 0.001, [40], 0.1) - (0.001 + 0.999 * 0.5)) < 1e-12
+    assert lr_factor(39, 10, 0.001, [40], 0.1) == 1.0 and abs(lr_factor(40, 10, 0.001, [40], 0.1) - 0.1) < 1e-12
+    # cosine over 100 iterations to a floor of 0.01 (milestones ignored)
+    for s in (20, 50, 77, 100, 130):
+        want = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / 100)))
+        assert abs(lr_factor(s, 10, 0.001, [40], 0.1, 100, 0.01) - want) < 1e-12
+    # warm-up applies on top of the cosine's value
+    assert abs(lr_factor(2, 10, 0.5, [], 0.1, 100, 0.0) - (0.5 + 0.5 * 0.2) * 0.5 * (1 + math.cos(math.pi * 0.02))) < 1e-12
+    # the detection hooks build it from the config: cosine over epochs x steps, floor min_lr / lr
+    from prockd.detection.config import DetTrainConfig
+    from prockd.detection.engine import DetectionHooks
+
+    class H:
+        cfg = type("C", (), {"train": DetTrainConfig(epochs=5, lr=0.1, min_lr=0.001, schedule="cosine",
+                                                     warmup_iters=0)})()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = DetectionHooks.scheduler(H(), opt, 4)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert abs(lrs[0] - 0.1) < 1e-12 and abs(lrs[10] - (0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 0.5)))) < 1e-12
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))

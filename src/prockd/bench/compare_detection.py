@@ -246,6 +246,7 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
     params = {m: (params or {}).get(m) or base_params(m) for m in methods}
     runs = {m: _queue_runs(out, student_raw, teacher_section, m, params[m], range(seeds), log_path, todo)
             for m in methods}
+    todo.sort(key=lambda job: job[0]["seed"])  # seed by seed: an interrupted table has whole paired seeds
     say(f"{len(todo)} runs to go ({len(methods)} methods x {seeds} seeds); log: {log_path}")
     run_jobs(todo, workers, "detection runs")
     table = collect(runs)
@@ -334,10 +335,15 @@ def best_baseline(methods: dict[str, list[dict]]) -> dict | None:
     return {"name": name, "val_mAP50": round(val[name], 2)}
 
 
+FLAT_POINTS = 1.0  # the convergence check's bound: |fitted change of validation mAP50 over the last fifth|
+
+
 def convergence(dirs: list[Path]) -> dict | None:
-    """Student-only's validation mAP50 gain over the last fifth of the epochs (mean over seeds; the benchmark's
-    convergence check), from each run's ``metrics.jsonl``."""
-    gains = []
+    """Student-only's validation mAP50 over the last fifth of the epochs (the benchmark's convergence check), from
+    each run's ``metrics.jsonl``: ``val_gain_last_fifth`` (last evaluation minus the fifth's first, mean over
+    seeds), ``val_fit_last_fifth`` (the least-squares line's change across the fifth's evaluations: one noisy
+    point does not decide it), per seed, and ``flat`` (the mean fitted change within ±``FLAT_POINTS``)."""
+    gains, fits = [], []
     for d in dirs:
         p = d / "metrics.jsonl"
         if not p.is_file():
@@ -345,9 +351,25 @@ def convergence(dirs: list[Path]) -> dict | None:
         curve = [(r["epoch"], r["val/mAP50"]) for r in map(json.loads, p.read_text().splitlines())
                  if "val/mAP50" in r]
         if len(curve) >= 2:
-            start = next(v for e, v in curve if e >= 0.8 * curve[-1][0])
-            gains.append(curve[-1][1] - start)
-    return {"val_gain_last_fifth": round(sum(gains) / len(gains), 2), "runs": len(gains)} if gains else None
+            tail = [(e, v) for e, v in curve if e >= 0.8 * curve[-1][0]]
+            gains.append(curve[-1][1] - tail[0][1])
+            fits.append(_fitted_change(tail))
+    if not gains:
+        return None
+    fit = sum(fits) / len(fits)
+    return {"val_gain_last_fifth": round(sum(gains) / len(gains), 2), "val_fit_last_fifth": round(fit, 2),
+            "per_seed_fit": [round(f, 2) for f in fits], "flat": abs(fit) <= FLAT_POINTS, "runs": len(gains)}
+
+
+def _fitted_change(points: list[tuple[int, float]]) -> float:
+    """The least-squares line's rise from the first to the last epoch of ``points`` (0 for a single point)."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    me, mv = sum(e for e, _ in points) / n, sum(v for _, v in points) / n
+    sxx = sum((e - me) ** 2 for e, _ in points)
+    slope = sum((e - me) * (v - mv) for e, v in points) / sxx
+    return slope * (points[-1][0] - points[0][0])
 
 
 def format_table(table: dict) -> str:
@@ -369,8 +391,13 @@ def format_table(table: dict) -> str:
             f"({probe['gap'][n]:+.1f})" for n in probe["gap"]))
     conv = table.get("convergence")
     if conv:
+        fit = conv.get("val_fit_last_fifth")
         lines.append(f"\nConvergence: student-only's validation mAP50 changes by {conv['val_gain_last_fifth']:+.2f} "
-                     f"points over the last fifth of the epochs (mean of {conv['runs']} seeds)")
+                     f"points over the last fifth of the epochs (mean of {conv['runs']} seeds)" + (
+                         "" if fit is None else
+                         f"; least-squares change {fit:+.2f} (per seed " + ", ".join(
+                             f"{f:+.1f}" for f in conv["per_seed_fit"]) + "): "
+                         + ("flat" if conv["flat"] else f"NOT flat (bound ±{FLAT_POINTS:g})")))
     best = table.get("best_baseline")
     if best:
         lines.append(f"\nBest baseline (highest mean validation mAP50 of its selected checkpoints): {best['name']} "
