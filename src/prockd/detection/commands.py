@@ -63,6 +63,8 @@ def demo(args) -> None:
     run_detection_compare(Path(args.out or "runs/demo_detection"),
                           seeds=args.seeds or (2 if args.quick else SUITE.demo_seeds),
                           workers=args.workers, quick=args.quick)
+    print(f"the demo's rows: {', '.join(SUITE.demo_methods)}; every baseline ({', '.join(SUITE.methods)}), 5 seeds: "
+          "prockd bench compare --suite detection (docs/detection.md)")
 
 
 def compare(args) -> None:
