@@ -261,3 +261,14 @@ def test_detection_schedule_warmup_steps_and_cosine():
         sched.step()
     assert abs(lrs[0] - 0.1) < 1e-12 and abs(lrs[10] - (0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 0.5)))) < 1e-12
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_queue_is_seed_by_seed_with_distillers_first():
+    """An interrupted table holds whole paired seeds; within a seed the longer distiller runs go first."""
+    from prockd.bench.compare_detection import queue_order
+
+    todo = [({"seed": s, "method": {"name": m}}, f"{m}/{s}", "log") for m in ("student_only", "cwd", "prockd")
+            for s in range(3)]
+    order = [job[1] for job in queue_order(todo)]
+    assert order == ["cwd/0", "prockd/0", "student_only/0", "cwd/1", "prockd/1", "student_only/1",
+                     "cwd/2", "prockd/2", "student_only/2"]

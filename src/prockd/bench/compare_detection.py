@@ -119,6 +119,13 @@ def _queue_runs(out: Path, student_raw: dict, teacher_section: dict, method: str
     return dirs
 
 
+def queue_order(todo: list) -> list:
+    """Runs seed by seed (an interrupted table holds whole paired seeds); within a seed the distillers first: they
+    run longer than student-only, so the queue ends on short runs and two workers finish closer together (the
+    demo's 6 runs: 580 s -> about 520 s on 2 cores)."""
+    return sorted(todo, key=lambda job: (job[0]["seed"], job[0]["method"]["name"] == "student_only"))
+
+
 def tuned_params(setting: str | None = None) -> dict:
     """The shipped weights of a setting (its ``tuned`` file in the config folder, e.g. ``tuned.yaml``; empty
     before it has been tuned)."""
@@ -246,7 +253,7 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
     params = {m: (params or {}).get(m) or base_params(m) for m in methods}
     runs = {m: _queue_runs(out, student_raw, teacher_section, m, params[m], range(seeds), log_path, todo)
             for m in methods}
-    todo.sort(key=lambda job: job[0]["seed"])  # seed by seed: an interrupted table has whole paired seeds
+    todo = queue_order(todo)
     say(f"{len(todo)} runs to go ({len(methods)} methods x {seeds} seeds); log: {log_path}")
     run_jobs(todo, workers, "detection runs")
     table = collect(runs)
