@@ -272,3 +272,23 @@ def test_queue_is_seed_by_seed_with_distillers_first():
     order = [job[1] for job in queue_order(todo)]
     assert order == ["cwd/0", "prockd/0", "student_only/0", "cwd/1", "prockd/1", "student_only/1",
                      "cwd/2", "prockd/2", "student_only/2"]
+
+
+def test_set_overrides_are_checked_before_the_teacher_and_change_the_run_folders(tmp_path, capsys):
+    """``--set`` changes every student run's recipe (a longer schedule gets new run folders); a bad key fails
+    before any teacher is trained, naming it; classification comparisons refuse it."""
+    from prockd.bench.compare_detection import _run_dir, embedded_configs
+    from prockd.cli import main
+    from prockd.core.config import apply_overrides
+
+    out = tmp_path / "c"
+    assert main(["bench", "compare", "--suite", "detection", "--out", str(out), "--set", "train.epoch=60"]) == 2
+    err = capsys.readouterr().err
+    assert "epoch" in err and "--set train.epoch=60" in err
+    assert not (out / "compare.log").exists()  # nothing trained, nothing written
+    assert main(["bench", "compare", "--out", str(out), "--set", "train.epochs=60"]) == 2
+    assert "--set applies to the detection comparison" in capsys.readouterr().err
+    _, student = embedded_configs()
+    longer = apply_overrides(student, ["train.epochs=60", "train.milestones=[48]"])
+    assert longer["train"]["epochs"] == 60 and longer["train"]["milestones"] == [48]
+    assert _run_dir(out, longer, "student_only", 0) != _run_dir(out, student, "student_only", 0)

@@ -208,6 +208,9 @@ def make_parser() -> argparse.ArgumentParser:
                     help="stop after the teacher and the knowledge-gap probes of each setting (no student runs)")
     bc.add_argument("--tune-only", action="store_true",
                     help="stop after the tuning runs (a validation screen: tuning.json, no test set read)")
+    bc.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", dest="overrides",
+                    help="detection: overrides of every student run's config, e.g. train.epochs=60 "
+                         "'train.milestones=[48]' (new run folders; classification: use --config)")
     bc.set_defaults(fn=_cmd_bench_compare)
     bs = b.add_parser("speed", help="training-step throughput and memory ratios, side by side in one run")
     bs.add_argument("--task", choices=["classification", "detection"], default="classification")

@@ -31,7 +31,12 @@ from prockd.bench.common import (
     verdict,
 )
 from prockd.bench.suites import get_suite
-from prockd.core.config import deep_merge, packaged_configs, read_config_file
+from prockd.core.config import (
+    apply_overrides,
+    deep_merge,
+    packaged_configs,
+    read_config_file,
+)
 from prockd.core.io import atomic_write_json, atomic_write_text
 from prockd.detection.analysis import detection_probe
 from prockd.detection.config import build_det_config
@@ -227,15 +232,23 @@ def probe_settings(out: Path, settings: list[str], cache_root: Path | None = Non
 def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = DEMO_METHODS,
                           workers: int | None = None, quick: bool = False, cache_root: Path | None = None,
                           params: dict | None = None, do_tune: bool = False, tune_seeds: int = 1,
-                          say=print, setting: str | None = None, tune_only: bool = False) -> dict:
+                          say=print, setting: str | None = None, tune_only: bool = False,
+                          overrides: list[str] | None = None) -> dict:
     """Teacher (cached), optionally the equal-budget weight choice (:func:`tune`), every method x seed
     (parallel, resumable), the knowledge-gap probe and the table of one setting (default: the suite's); writes
     ``results.{json,md}``. Without ``do_tune`` the weights are ``params`` (default: the setting's shipped
-    :func:`tuned_params`)."""
+    :func:`tuned_params`). ``overrides`` (``key=value``) change every student run's config, checked before the
+    teacher is trained; the run folders' hash includes them."""
+    setting = setting or SUITE.setting
+    if overrides:  # a bad key or value fails here, before anything is trained
+        build_det_config(apply_overrides(dict(embedded_configs(setting)[1], teacher=None), overrides),
+                         f"--set {' '.join(overrides)}")
     out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
     workers = workers or default_workers()
-    setting = setting or SUITE.setting
     teacher_raw, student_raw, teacher_section, t_summary = setting_teacher(setting, cache_root, log, say, quick)
+    if overrides:
+        student_raw = apply_overrides(student_raw, overrides)
+        say(f"student runs with overrides: {' '.join(overrides)}")
     t_sel = t_summary.get("selected") or {}
     ckpt = teacher_section["checkpoint"]
 

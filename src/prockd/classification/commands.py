@@ -65,6 +65,9 @@ def demo(args) -> None:
 
 def compare(args) -> None:
     """A spec- or suite-driven comparison (:func:`prockd.bench.compare.run_compare`)."""
+    if getattr(args, "overrides", None):
+        raise ProckdError("--set applies to the detection comparison; a classification comparison's recipe is its "
+                          "YAML spec (--config FILE, keys 'base' / 'train')")
     spec = load_spec(args.config, {"seeds": args.seeds, "workers": args.workers, "tune_seeds": args.tune_seeds},
                      suite=args.suite)
     for key, names in (("methods", args.methods), ("students", args.students), ("settings", args.settings)):

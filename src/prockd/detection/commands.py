@@ -87,7 +87,7 @@ def compare(args) -> None:
         raise ProckdError(f"--methods {unknown} not in the detection comparison (known: {', '.join(known)})")
     run_detection_compare(Path(args.out), seeds=args.seeds or SUITE.seeds, methods=methods, workers=args.workers,
                           do_tune=args.tune, tune_seeds=args.tune_seeds or 1, setting=settings[0],
-                          tune_only=args.tune_only)
+                          tune_only=args.tune_only, overrides=args.overrides)
 
 
 def speed(args) -> None:
