@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import statistics
 from pathlib import Path
 
 import yaml
@@ -385,10 +386,7 @@ def _fitted_change(points: list[tuple[int, float]]) -> float:
     """The least-squares line's rise from the first to the last epoch of ``points`` (0 for a single point)."""
     if len(points) < 2:
         return 0.0
-    n = len(points)
-    me, mv = sum(e for e, _ in points) / n, sum(v for _, v in points) / n
-    sxx = sum((e - me) ** 2 for e, _ in points)
-    slope = sum((e - me) * (v - mv) for e, v in points) / sxx
+    slope = statistics.linear_regression([e for e, _ in points], [v for _, v in points]).slope
     return slope * (points[-1][0] - points[0][0])
 
 

@@ -164,7 +164,7 @@ def lr_factor(step: int, warmup: int, factor: float, bounds: list[int], gamma: f
     with ``cosine_total`` (steps) a cosine decay from 1 to ``floor`` over the whole run instead of the milestones
     (mmdet's ``CosineAnnealingLR`` by iteration, warm-up included)."""
     if cosine_total is not None:
-        base = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, cosine_total))))
+        base = warmup_cosine(step, cosine_total, 0, 1.0, floor)
     else:
         base = gamma ** sum(step >= b for b in bounds)
     if warmup > 0 and step < warmup:
