@@ -56,6 +56,30 @@ def test_fgd_masks_hand_computed():
     assert math.isclose(float(fg2[0, 1, 1]), 1.0 / 4) and math.isclose(float(fg2[0, 0, 0]), 1.0 / 16)
 
 
+def test_fgd_masks_match_cell_by_cell_definition():
+    # random boxes (overlapping, touching the border, one image without boxes), cell by cell: a cell of box
+    # [floor(x0 w / W), ceil(x1 w / W)] x [floor(y0 h / H), ceil(y1 h / H)] (clamped) holds max 1 / area
+    g = torch.Generator().manual_seed(3)
+    boxes = []
+    for m in (5, 0, 3):
+        xy = torch.rand(m, 2, generator=g) * 40
+        boxes.append(torch.cat([xy, (xy + torch.rand(m, 2, generator=g) * 30).clamp(max=48)], 1))
+    for hw in ((6, 8), (3, 4), (12, 16)):
+        fg, bg = fgd_masks(boxes, (36, 48), hw)
+        h, w = hw
+        for i, b in enumerate(boxes):
+            ref = torch.zeros(h, w)
+            for x0, y0, x1, y1 in b.tolist():
+                c0, c1 = min(max(math.floor(x0 / 48 * w), 0), w - 1), min(max(math.ceil(x1 / 48 * w), 0), w - 1)
+                r0, r1 = min(max(math.floor(y0 / 36 * h), 0), h - 1), min(max(math.ceil(y1 / 36 * h), 0), h - 1)
+                for r in range(r0, r1 + 1):
+                    for c in range(c0, c1 + 1):
+                        ref[r, c] = max(float(ref[r, c]), 1.0 / ((r1 - r0 + 1) * (c1 - c0 + 1)))
+            assert torch.allclose(fg[i], ref)
+            off = (ref == 0).float()
+            assert torch.allclose(bg[i], off / off.sum() if off.sum() > 0 else off)
+
+
 def test_fgd_attention_of_a_constant_map_is_uniform_one():
     sp, ch = fgd_attention(torch.full((2, 3, 4, 5), -0.7), 0.5)
     assert torch.allclose(sp, torch.ones_like(sp)) and torch.allclose(ch, torch.ones_like(ch))
@@ -84,7 +108,7 @@ def test_fgd_level_loss_against_loops():
     att = (float((ch_s - ch_t).abs().sum()) + float((sp_s - sp_t).abs().sum())) / 2
     assert math.isclose(float(out["att"]), att, rel_tol=1e-5)
     # GcBlocks start as the identity (zero-initialised last conv): the global term is the plain L2 / N
-    assert math.isclose(float(out["global"]), float(((s - t) ** 2).sum()) / 2, rel_tol=1e-5)
+    assert math.isclose(float(out["global"].detach()), float(((s - t) ** 2).sum()) / 2, rel_tol=1e-5)
 
 
 def test_gcblock_context_is_attention_pooling():

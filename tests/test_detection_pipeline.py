@@ -192,20 +192,52 @@ def test_one_step_every_method_and_deployed_detector(det_setup, method, tmp_path
     assert torch.allclose(a["boxes"], ref["boxes"], atol=1e-4) and torch.equal(a["labels"], ref["labels"])
 
 
-def test_prockd_fa_backbone_is_fa_per_level(det_setup):
+@pytest.mark.parametrize("per_level", [True, False])
+def test_prockd_fa_backbone_is_fa_per_level(det_setup, per_level):
+    """The deployed backbone applies FA to each level's tokens (shared FA: all levels in one call, same outputs)."""
     from prockd.detection.engine import build
 
     _, base = det_setup
-    b = build(build_det_config(dict(base, method={"name": "prockd", "params": {"per_level": True}})))
+    b = build(build_det_config(dict(base, method={"name": "prockd", "params": {"per_level": per_level}})))
     bb = b.distiller.student.backbone
     x = torch.rand(1, 3, 64, 64)
     inner = bb.inner(x)
     out = bb(x)
     for k, v in inner.items():
+        key = k if per_level else "shared"
         tok = v.flatten(2).transpose(1, 2)
-        ref = bb.fa[k](tok, bb.prototypes[k]).transpose(1, 2).reshape(v.shape)
-        assert torch.allclose(out[k], ref, atol=1e-6)
-    assert len(bb.prototypes) == 5
+        ref = bb.fa[key](tok, bb.prototypes[key]).transpose(1, 2).reshape(v.shape)
+        assert torch.allclose(out[k], ref, atol=1e-5)
+    assert len(bb.prototypes) == (5 if per_level else 1)
+
+
+@pytest.mark.parametrize("per_level", [True, False])
+def test_prockd_teacher_path_is_computed_level_by_level(det_setup, per_level):
+    """O_l = FA(PL(Fuse(T_l))) on each level alone (PL aggregates each level's own tokens), and the entropy
+    statistics are each level's mean entropy averaged over levels, however the levels are batched."""
+    from prockd.detection.engine import build
+
+    _, base = det_setup
+    b = build(build_det_config(dict(base, method={"name": "prockd", "params": {"per_level": per_level}})))
+    d = b.distiller
+    bb = d.student.backbone
+    torch.manual_seed(1)
+    t_feats = {k: torch.randn(2, d.t_width, s, s) for k, s in zip(d.levels, (16, 8, 4, 2, 1))}
+    with torch.no_grad():
+        out, stats = d.teacher_path(t_feats)
+    ent_a, ent_f = [], []
+    for k, t in t_feats.items():
+        key = k if per_level else "shared"
+        tok = t.flatten(2).transpose(1, 2)
+        with torch.no_grad():
+            fused = torch.relu(d.fusion[key].proj(tok))
+            o_pro, a = d.pl[key].forward_with_assignment(fused, bb.prototypes[key])
+            o_fa, attn = bb.fa[key].forward_with_attention(o_pro, bb.prototypes[key])
+        assert torch.allclose(out[k], o_fa.transpose(1, 2).reshape(2, -1, *t.shape[-2:]), atol=1e-5)
+        ent_a.append(float(-(a * a.log()).sum(-1).mean()))
+        ent_f.append(float(-(attn * attn.log()).sum(-1).mean()))
+    assert stats["assign_entropy"] == pytest.approx(sum(ent_a) / 5, rel=1e-5)
+    assert stats["fa_entropy"] == pytest.approx(sum(ent_f) / 5, rel=1e-5)
 
 
 @pytest.mark.parametrize("head", ["shared", "detached", "separate", "none"])

@@ -55,6 +55,20 @@ def test_pl_output_matches_loop():
             assert torch.allclose(out[b, j], ref, atol=1e-10)
 
 
+def test_pl_segments_match_separate_calls():
+    # each segment of tokens aggregated and given its own global term, as if passed alone (detection: FPN levels)
+    pl = PrototypeLearning(5, 3).double()
+    fused = torch.randn(2, 9, 5, dtype=torch.float64)
+    protos = torch.rand(3, 5, dtype=torch.float64)
+    segs = [4, 1, 4]
+    out, a = pl.forward_with_assignment(fused, protos, segs)
+    vr, _ = pl.aggregate_segments(fused, protos, segs)
+    for i, (x, ref_x) in enumerate(zip(out.split(segs, 1), fused.split(segs, 1))):
+        assert torch.allclose(x, pl(ref_x, protos), atol=1e-10)
+        assert torch.allclose(vr[:, i], _loop_aggregate(pl, ref_x, protos), atol=1e-10)
+    assert torch.allclose(a.sum(-1), torch.ones(2, 9, dtype=torch.float64))
+
+
 def test_fa_matches_loop():
     fa = FeatureAugmentation(5).double()
     x = torch.randn(2, 6, 5, dtype=torch.float64)

@@ -67,12 +67,25 @@ class PrototypeLearning(nn.Module):
 
     def aggregate(self, fused: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (V_r ``B x K*C``, assignment ``B x N x K``) for fused tokens ``B x N x C``."""
+        vr, a = self.aggregate_segments(fused, prototypes)
+        return vr[:, 0], a
+
+    def aggregate_segments(self, fused: torch.Tensor, prototypes: torch.Tensor,
+                           segments: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V_r ``B x S x K*C``, assignment ``B x N x K``): eq. 1 on each of ``S`` consecutive token segments of
+        ``fused`` (lengths ``segments``, summing to N; default one segment), as separate calls would give.
+
+        The per-token parts (normalisation, assignment logits, softmax) run once on all tokens; only the
+        residual sums are per segment (detection: the FPN levels of one image, aggregated level by level).
+        """
         fh = F.normalize(fused, dim=-1)
         logits = self.assign(fh)
         a = torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=-1)
-        v = torch.einsum("bnk,bnc->bkc", a, fh) - a.sum(1).unsqueeze(-1) * prototypes.unsqueeze(0)
-        v = F.normalize(v, dim=-1).flatten(1)
-        return F.normalize(v, dim=-1), a
+        vs = []
+        for fs, as_ in zip(fh.split(segments or [fh.shape[1]], 1), a.split(segments or [a.shape[1]], 1)):
+            v = torch.einsum("bnk,bnc->bkc", as_, fs) - as_.sum(1).unsqueeze(-1) * prototypes.unsqueeze(0)
+            vs.append(F.normalize(F.normalize(v, dim=-1).flatten(1), dim=-1))
+        return torch.stack(vs, 1), a
 
     def forward(self, fused: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """``O_pro = f(concat[F, V_r W_p + b_p])`` with the global term broadcast to every token.
@@ -82,12 +95,16 @@ class PrototypeLearning(nn.Module):
         """
         return self.forward_with_assignment(fused, prototypes)[0]
 
-    def forward_with_assignment(self, fused: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``O_pro``, soft assignment ``B x N x K``)."""
-        vr, a = self.aggregate(fused, prototypes)
-        g = self.proj(vr)
+    def forward_with_assignment(self, fused: torch.Tensor, prototypes: torch.Tensor,
+                                segments: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``O_pro``, soft assignment ``B x N x K``); with ``segments``, each segment of tokens gets its own
+        global term (eq. 1 on that segment), as if each were passed alone."""
+        vr, a = self.aggregate_segments(fused, prototypes, segments)
         first, c = self.f[0], fused.shape[-1]
-        h = F.linear(fused, first.weight[:, :c]) + F.linear(g, first.weight[:, c:], first.bias).unsqueeze(1)
+        g = F.linear(self.proj(vr), first.weight[:, c:], first.bias)  # B x S x C
+        if g.shape[1] > 1:
+            g = g.repeat_interleave(torch.tensor(segments, device=g.device), dim=1)
+        h = F.linear(fused, first.weight[:, :c]) + g
         return self.f[3](self.f[2](self.f[1](h))), a
 
 

@@ -50,26 +50,24 @@ def fgd_attention(f: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Ten
 def fgd_masks(boxes: list[torch.Tensor], padded: tuple[int, int],
               grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(foreground, background) masks ``N x H x W`` of boxes (``xyxy`` on the padded batch of size ``padded``)
-    on a level grid ``grid`` = (H, W)."""
+    on a level grid ``grid`` = (H, W). Each image's boxes are rasterised together (``M x H x W``, a box's
+    cells hold its ``1 / area``; the maximum over boxes), not box by box."""
     h, w = grid
     fg = torch.zeros(len(boxes), h, w)
-    bg = torch.ones(len(boxes), h, w)
+    rows, cols = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
     for i, b in enumerate(boxes):
         b = b.detach().float().cpu()
         if len(b):
-            x0 = torch.floor(b[:, 0] / padded[1] * w).long().clamp(0, w - 1)
-            x1 = torch.ceil(b[:, 2] / padded[1] * w).long().clamp(0, w - 1)
-            y0 = torch.floor(b[:, 1] / padded[0] * h).long().clamp(0, h - 1)
-            y1 = torch.ceil(b[:, 3] / padded[0] * h).long().clamp(0, h - 1)
+            x0 = torch.floor(b[:, 0] / padded[1] * w).long().clamp(0, w - 1)[:, None, None]
+            x1 = torch.ceil(b[:, 2] / padded[1] * w).long().clamp(0, w - 1)[:, None, None]
+            y0 = torch.floor(b[:, 1] / padded[0] * h).long().clamp(0, h - 1)[:, None, None]
+            y1 = torch.ceil(b[:, 3] / padded[0] * h).long().clamp(0, h - 1)[:, None, None]
+            inside = (rows >= y0) & (rows <= y1) & (cols >= x0) & (cols <= x1)
             area = 1.0 / ((y1 + 1 - y0) * (x1 + 1 - x0)).float()
-            for j in range(len(b)):
-                sl = fg[i, y0[j]:y1[j] + 1, x0[j]:x1[j] + 1]
-                fg[i, y0[j]:y1[j] + 1, x0[j]:x1[j] + 1] = torch.maximum(sl, area[j])
-        bg[i] = (fg[i] <= 0).float()
-        s = bg[i].sum()
-        if s > 0:
-            bg[i] /= s
-    return fg, bg
+            fg[i] = (inside * area).amax(0)
+    bg = (fg <= 0).float()
+    cells = bg.sum((1, 2), keepdim=True)
+    return fg, torch.where(cells > 0, bg / cells.clamp_min(1), bg)
 
 
 class GcBlock(nn.Module):

@@ -39,7 +39,7 @@ from pydantic import Field
 from prockd.detection.methods.base import DET_METHODS, DetDistiller, LevelParams
 from prockd.detection.models import LEVELS, StemRecorder
 from prockd.errors import ProckdError
-from prockd.prototypes import FeatureAugmentation, PrototypeLearning, TapFusion, entropy
+from prockd.prototypes import FeatureAugmentation, PrototypeLearning, TapFusion
 
 
 class DetProCKDParams(LevelParams):
@@ -75,6 +75,22 @@ def to_map(tok: torch.Tensor, hw) -> torch.Tensor:
     return tok.transpose(1, 2).reshape(tok.shape[0], -1, *hw)
 
 
+def merge_levels(maps: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Maps ``N x C x H_l x W_l`` -> (their tokens concatenated, ``N x sum(H_l W_l) x C``; the ``(H_l, W_l)``)."""
+    return torch.cat([to_tokens(m) for m in maps], 1), [tuple(m.shape[-2:]) for m in maps]
+
+
+def split_levels(tok: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Inverse of :func:`merge_levels`: concatenated tokens -> one ``N x C x H_l x W_l`` map per level."""
+    return [to_map(t, hw) for t, hw in zip(tok.split([h * w for h, w in shapes], 1), shapes)]
+
+
+def segment_entropy(p: torch.Tensor, segments: list[int]) -> float:
+    """Mean over segments of each segment's mean entropy (nats) along the last axis (tokens: dim 1)."""
+    h = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    return float(torch.stack([x.mean() for x in h.split(segments, 1)]).mean())
+
+
 class FABackbone(nn.Module):
     """An FPN backbone followed by FA on its levels: the deployed ProC-KD detector's backbone."""
 
@@ -108,9 +124,18 @@ class FABackbone(nn.Module):
         return to_map(out, m.shape[-2:]), attn
 
     def forward(self, x: torch.Tensor) -> OrderedDict:
-        """The inner pyramid with FA applied to ``levels``."""
+        """The inner pyramid with FA applied to ``levels``.
+
+        With one FA for all levels (``per_level: false``) the levels' tokens go through it in one call
+        (FA is per token: the same outputs as level by level, in fewer, larger operations)."""
         feats = self.inner(x)
-        return OrderedDict((k, self.augment(k, v)[0] if k in self.levels else v) for k, v in feats.items())
+        if self.per_level:
+            return OrderedDict((k, self.augment(k, v)[0] if k in self.levels else v) for k, v in feats.items())
+        k = self.key(self.levels[0])
+        tok, shapes = merge_levels([feats[lv] for lv in self.levels])
+        out = self.fa[k](tok, self.prototypes[k].to(tok.dtype))
+        aug = dict(zip(self.levels, split_levels(out, shapes)))
+        return OrderedDict((lv, aug.get(lv, v)) for lv, v in feats.items())
 
 
 @DET_METHODS.register("prockd")
@@ -144,18 +169,25 @@ class DetProCKD(DetDistiller):
             self.emb = nn.Conv2d(sw, teacher.stem_width, 1)
 
     def teacher_path(self, t_feats: OrderedDict) -> tuple[OrderedDict, dict]:
-        """``FA(PL(Fuse(T_l)))`` per level, and the PL assignment / FA attention entropies."""
+        """``FA(PL(Fuse(T_l)))`` per level, and the PL assignment / FA attention entropies (each level's mean
+        entropy, averaged over levels).
+
+        With shared modules (``per_level: false``) the levels' tokens go through fusion, PL and FA in one call,
+        PL aggregating each level on its own (:meth:`PrototypeLearning.forward_with_assignment`'s segments):
+        the same outputs as level by level."""
         bb = self.student.backbone
+        groups = [(k, [k]) for k in self.levels] if self.params.per_level else [("shared", list(self.levels))]
         out, stats = OrderedDict(), {"assign_entropy": 0.0, "fa_entropy": 0.0}
-        for k in self.levels:
-            t = t_feats[k]
-            key = bb.key(k)
-            protos = bb.prototypes[key].to(t.dtype)
-            o_pro, assign = self.pl[key].forward_with_assignment(self.fusion[key](to_tokens(t)), protos)
+        for key, levels in groups:
+            tok, shapes = merge_levels([t_feats[k] for k in levels])
+            segments = [h * w for h, w in shapes]
+            protos = bb.prototypes[key].to(tok.dtype)
+            o_pro, assign = self.pl[key].forward_with_assignment(self.fusion[key](tok), protos, segments)
             o_fa, attn = bb.fa[key].forward_with_attention(o_pro, protos)
-            out[k] = to_map(o_fa, t.shape[-2:])
-            stats["assign_entropy"] += float(entropy(assign.detach().float())) / len(self.levels)
-            stats["fa_entropy"] += float(entropy(attn.detach().float())) / len(self.levels)
+            out.update(zip(levels, split_levels(o_fa, shapes)))
+            w = len(levels) / len(self.levels)
+            stats["assign_entropy"] += w * segment_entropy(assign.detach().float(), segments)
+            stats["fa_entropy"] += w * segment_entropy(attn.detach().float(), segments)
         return out, stats
 
     def distill(self, feats, t_feats, t_stem, il, targets):
