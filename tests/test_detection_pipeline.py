@@ -280,6 +280,52 @@ def test_prockd_teacher_head_options_train_what_they_say(det_setup, head):
         assert torch.allclose(cls_logits[0], ref[0])
 
 
+def test_teacher_cache_serves_each_image_and_flip_once_with_the_live_values(det_setup):
+    """``train.cache_teacher``: the teacher runs once per (image, flip); cached batches equal the live pyramid."""
+    from prockd.detection.data import hflip
+    from prockd.detection.engine import build
+
+    _, base = det_setup
+    raw = dict(base, method={"name": "cwd"}, train=dict(base["train"], cache_teacher=True))
+    b = build(build_det_config(raw))
+    d, teacher = b.distiller.train(), b.teacher
+    calls = []
+    live = teacher.pyramid
+    teacher.pyramid = lambda *a: calls.append(1) or live(*a)
+    images, targets = map(list, zip(*(b.data.train[i] for i in range(2))))
+    flipped_images, flipped_targets = hflip(images, targets, torch.Generator().manual_seed(0))
+    assert [t.get("flipped", False) for t in flipped_targets] != [False, False]  # this seed flips one at least
+    for ims, tgs in ((images, targets), (flipped_images, flipped_targets)):
+        il, tg = d.student.transform(ims, tgs)
+        sizes = [tuple(f.shape[-2:]) for f in d.features(il.tensors).values()]
+        first = d.teacher_pyramid(il, sizes, tg)
+        n = len(calls)
+        again = d.teacher_pyramid(il, sizes, tg)
+        assert len(calls) == n  # served from the cache
+        ref = live(il.tensors, sizes)
+        assert all(torch.equal(again[0][k], ref[0][k]) and torch.equal(first[0][k], ref[0][k]) for k in ref[0])
+        assert torch.equal(again[1], ref[1])
+    assert len(calls) == 2 and d.pyramid_cache.misses == 4 and d.pyramid_cache.hits == 4
+    n_flipped = sum(t.get("flipped", False) for t in flipped_targets)
+    assert len(d.pyramid_cache.store) == 2 + n_flipped  # each image as it is, and the flipped ones flipped
+    d.eval()  # evaluation never reads the cache
+    il, tg = d.student.transform(images, targets)
+    d.teacher_pyramid(il, sizes, tg)
+    assert len(calls) == 3
+
+
+def test_training_with_the_teacher_cache_equals_training_without(det_setup, tmp_path):
+    from prockd.detection.engine import train
+
+    _, base = det_setup
+    out = {}
+    for cache in (False, True):
+        raw = dict(base, method={"name": "cwd"}, train=dict(base["train"], epochs=3, cache_teacher=cache))
+        train(build_det_config(raw), tmp_path / str(cache), log=lambda m: None)
+        out[cache] = torch.load(tmp_path / str(cache) / "detector.pt", weights_only=False)["model"]
+    assert all(torch.equal(out[False][k], out[True][k]) for k in out[False])
+
+
 def test_resume_after_kill_equals_uninterrupted(det_setup, tmp_path):
     import subprocess
     import sys
@@ -288,7 +334,7 @@ def test_resume_after_kill_equals_uninterrupted(det_setup, tmp_path):
 
     _, base = det_setup
     raw = dict(base, method={"name": "cwd"})
-    raw["train"] = dict(base["train"], epochs=2)
+    raw["train"] = dict(base["train"], epochs=2, cache_teacher=True)  # the cache is rebuilt after the kill
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "prockd.cli", "train", "--config", str(cfg)]

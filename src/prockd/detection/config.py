@@ -140,6 +140,9 @@ class DetTrainConfig(Strict):
     amp: Literal["none", "bf16", "fp16"] = "none"
     eval_every: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop after this many steps (smoke runs, one-step tests)
+    # keep the frozen teacher's pyramid of each training image and flip in memory (fixed-size training images:
+    # the same values, the teacher runs once per image and flip; models.PyramidCache)
+    cache_teacher: bool = False
     progress: bool = True
     num_threads: int | None = None
     device: str = "auto"

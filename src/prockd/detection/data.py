@@ -283,7 +283,8 @@ def make_loader(ds: DetectionSet, batch_size: int, *, shuffle: bool, seed: int =
 
 
 def hflip(images: list[torch.Tensor], targets: list[dict], g: torch.Generator) -> tuple[list, list]:
-    """Random horizontal flip (probability 1/2 per image) of images and their boxes."""
+    """Random horizontal flip (probability 1/2 per image) of images and their boxes; a flipped image's target
+    says ``flipped: True`` (the teacher cache's key)."""
     out_i, out_t = [], []
     for im, t in zip(images, targets):
         if bool(torch.rand((), generator=g) < 0.5):
@@ -291,7 +292,7 @@ def hflip(images: list[torch.Tensor], targets: list[dict], g: torch.Generator) -
             im = im.flip(-1)
             b = t["boxes"].clone()
             b[:, [0, 2]] = w - t["boxes"][:, [2, 0]]
-            t = dict(t, boxes=b)
+            t = dict(t, boxes=b, flipped=True)
         out_i.append(im)
         out_t.append(t)
     return out_i, out_t

@@ -32,7 +32,12 @@ from prockd.detection.data import (
 from prockd.detection.deploy import save_deployed
 from prockd.detection.evaluate import coco_metrics, detect
 from prockd.detection.methods import DET_METHODS, DetDistiller
-from prockd.detection.models import DetTeacher, build_detector, checkpoint_classes
+from prockd.detection.models import (
+    DetTeacher,
+    PyramidCache,
+    build_detector,
+    checkpoint_classes,
+)
 from prockd.errors import ProckdError
 from prockd.glyphs import charset
 
@@ -109,6 +114,8 @@ def build(cfg: DetExperimentConfig, data: DetData | None = None, log=print) -> D
     distiller = cls(student, teacher, params, len(data.classes)).to(device)
     if teacher is not None:
         teacher.to(device)
+        if cfg.train.cache_teacher:
+            distiller.pyramid_cache = PyramidCache(teacher)
     return DetBuilt(cfg, data, teacher, distiller, device)
 
 

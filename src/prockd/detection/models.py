@@ -260,3 +260,37 @@ class DetTeacher(nn.Module):
             feats = OrderedDict((k, v if v.shape[-2:] == s else F.interpolate(v, s, mode="bilinear", align_corners=False))
                                 for (k, v), s in zip(feats.items(), size))
         return feats, self.stem.value
+
+
+class PyramidCache:
+    """The frozen teacher's pyramid of each training image kept in memory (``train.cache_teacher``): the teacher
+    runs once per image and flip instead of once per epoch.
+
+    Keys: image id, flip, the image's size after the student's transform, the padded batch size and the level
+    sizes, so an image resized or padded differently is computed anew. A batch whose every image is cached is
+    stacked from the cache; any other batch goes through the teacher and its images are stored. Measured on CPU:
+    a frozen detector computes each image of a batch bitwise alike whatever the other images are (batches of
+    one size), so a run with the cache equals one without it.
+    Memory: ``(C · Σ_l H_l W_l + stem)`` values per image and flip (0.8 MB for a 128-px canvas with a
+    128-channel FPN): meant for fixed training images, not for random resizing.
+    """
+
+    def __init__(self, teacher: DetTeacher):
+        self.teacher = teacher
+        self.store: dict[tuple, tuple[OrderedDict, torch.Tensor]] = {}
+        self.hits = self.misses = 0
+
+    def __call__(self, tensors: torch.Tensor, sizes, keys: list[tuple] | None) -> tuple[OrderedDict, torch.Tensor]:
+        """``teacher.pyramid(tensors, sizes)``, from the cache when every key of the batch is in it."""
+        if keys is not None and keys and all(k in self.store for k in keys):
+            self.hits += len(keys)
+            got = [self.store[k] for k in keys]
+            feats = OrderedDict((lv, torch.stack([g[0][lv] for g in got])) for lv in got[0][0])
+            return feats, torch.stack([g[1] for g in got])
+        feats, stem = self.teacher.pyramid(tensors, sizes)
+        if keys is not None:
+            self.misses += len(keys)
+            for i, k in enumerate(keys):
+                self.store[k] = (OrderedDict((lv, v[i].clone()) for lv, v in feats.items()), stem[i].clone())
+        return feats, stem
+

@@ -62,6 +62,7 @@ class DetDistiller(DistillerBase):
         self.s_width = student.backbone.out_channels
         self.t_width = teacher.width if teacher is not None else self.s_width
         self._stats: dict[str, float] = {}
+        self.pyramid_cache = None  # a models.PyramidCache when train.cache_teacher (set by engine.build)
 
     def features(self, tensors: torch.Tensor) -> OrderedDict:
         """The student's pyramid (ProC-KD adds FA here: what the deployed detector computes)."""
@@ -81,9 +82,19 @@ class DetDistiller(DistillerBase):
         feats = self.features(il.tensors)
         losses = self.detection_losses(il, feats, targets)
         if self.teacher is not None:
-            t_feats, t_stem = self.teacher.pyramid(il.tensors, [f.shape[-2:] for f in feats.values()])
+            t_feats, t_stem = self.teacher_pyramid(il, [tuple(f.shape[-2:]) for f in feats.values()], targets)
             losses.update(self.distill(feats, t_feats, t_stem, il, targets))
         return losses
+
+    def teacher_pyramid(self, il, sizes: list[tuple[int, int]], targets) -> tuple[OrderedDict, torch.Tensor]:
+        """The teacher's pyramid of the batch: through :attr:`pyramid_cache` when set (keys: image id, flip,
+        resized, padded and level sizes), else live."""
+        if self.pyramid_cache is None or not self.training or not all("image_id" in t for t in targets):
+            return self.teacher.pyramid(il.tensors, sizes)
+        padded, levels = tuple(il.tensors.shape[-2:]), tuple(sizes)
+        keys = [(int(t["image_id"]), bool(t.get("flipped", False)), tuple(hw), padded, levels)
+                for t, hw in zip(targets, il.image_sizes)]
+        return self.pyramid_cache(il.tensors, sizes, keys)
 
     def distill(self, feats: OrderedDict, t_feats: OrderedDict, t_stem: torch.Tensor, il,
                 targets) -> dict[str, torch.Tensor]:
