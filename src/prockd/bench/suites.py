@@ -153,10 +153,10 @@ FMNIST = Suite(
 # the comparison's rows (the Table-2 set): every baseline and ProC-KD as the paper reads it (`prockd@paper`)
 # and as chosen on validation (`prockd@none`, docs/detection.md)
 _DET_ROWS = ["student_only", "cwd", "mgd", "fgd", "pkd_pearson", "fbkd", "skd_zhang_ma", "prockd@paper", "prockd@none"]
-# the demo's rows (6 runs with 3 seeds): student-only and ProC-KD as chosen on validation. At the converged
-# 30-epoch recipe a run takes 127 s (student-only) to 229 s (FBKD) with 2 sharing the cores, so 3 rows x 3 seeds
-# (with the best baseline, CWD, 159 s) would take about 12 min, over the demo's 10; the baselines are in the full
-# table (`prockd bench compare --suite detection`, docs/detection.md)
+# the demo's rows (6 runs with 3 seeds): student-only and ProC-KD as chosen on validation. At the 30-epoch recipe
+# with the teacher cache a run takes 115-121 s (student-only) to 222 s (prockd@paper) with 2 sharing the cores and
+# the demo 7.1 min; the best baseline's 3 runs (CWD, 125-134 s) would take it to about 10 min, the demo's limit; the
+# baselines are in the full table (`prockd bench compare --suite detection`, docs/detection.md)
 _DET_DEMO = ["student_only", "prockd@none"]
 
 # The packaged configs (configs/detection/embedded/{teacher,student}.yaml) are the default setting,
