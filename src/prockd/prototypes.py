@@ -23,9 +23,14 @@ def _mlp2(c: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(2 * c, c), nn.ReLU(), nn.Linear(c, c), nn.ReLU())
 
 
+def token_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each distribution along the last axis."""
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """Mean entropy (nats) of the distributions along the last axis."""
-    return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    return token_entropy(p).mean()
 
 
 def prototype_usage(a: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:

@@ -280,17 +280,16 @@ class PyramidCache:
         self.store: dict[tuple, tuple[OrderedDict, torch.Tensor]] = {}
         self.hits = self.misses = 0
 
-    def __call__(self, tensors: torch.Tensor, sizes, keys: list[tuple] | None) -> tuple[OrderedDict, torch.Tensor]:
-        """``teacher.pyramid(tensors, sizes)``, from the cache when every key of the batch is in it."""
-        if keys is not None and keys and all(k in self.store for k in keys):
+    def __call__(self, tensors: torch.Tensor, sizes, keys: list[tuple]) -> tuple[OrderedDict, torch.Tensor]:
+        """``teacher.pyramid(tensors, sizes)`` for a batch whose images have ``keys``: from the cache when every
+        key is in it, else from the teacher (its images then stored)."""
+        if all(k in self.store for k in keys):
             self.hits += len(keys)
             got = [self.store[k] for k in keys]
             feats = OrderedDict((lv, torch.stack([g[0][lv] for g in got])) for lv in got[0][0])
             return feats, torch.stack([g[1] for g in got])
         feats, stem = self.teacher.pyramid(tensors, sizes)
-        if keys is not None:
-            self.misses += len(keys)
-            for i, k in enumerate(keys):
-                self.store[k] = (OrderedDict((lv, v[i].clone()) for lv, v in feats.items()), stem[i].clone())
+        self.misses += len(keys)
+        for i, k in enumerate(keys):
+            self.store[k] = (OrderedDict((lv, v[i].clone()) for lv, v in feats.items()), stem[i].clone())
         return feats, stem
-

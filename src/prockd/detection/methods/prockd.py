@@ -39,7 +39,12 @@ from pydantic import Field
 from prockd.detection.methods.base import DET_METHODS, DetDistiller, LevelParams
 from prockd.detection.models import LEVELS, StemRecorder
 from prockd.errors import ProckdError
-from prockd.prototypes import FeatureAugmentation, PrototypeLearning, TapFusion
+from prockd.prototypes import (
+    FeatureAugmentation,
+    PrototypeLearning,
+    TapFusion,
+    token_entropy,
+)
 
 
 class DetProCKDParams(LevelParams):
@@ -87,8 +92,7 @@ def split_levels(tok: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch
 
 def segment_entropy(p: torch.Tensor, segments: list[int]) -> float:
     """Mean over segments of each segment's mean entropy (nats) along the last axis (tokens: dim 1)."""
-    h = -(p * p.clamp_min(1e-12).log()).sum(-1)
-    return float(torch.stack([x.mean() for x in h.split(segments, 1)]).mean())
+    return float(torch.stack([x.mean() for x in token_entropy(p).split(segments, 1)]).mean())
 
 
 class FABackbone(nn.Module):
