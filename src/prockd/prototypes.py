@@ -86,8 +86,9 @@ class PrototypeLearning(nn.Module):
         fh = F.normalize(fused, dim=-1)
         logits = self.assign(fh)
         a = torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=-1)
+        segments = segments or [fh.shape[1]]
         vs = []
-        for fs, as_ in zip(fh.split(segments or [fh.shape[1]], 1), a.split(segments or [a.shape[1]], 1)):
+        for fs, as_ in zip(fh.split(segments, 1), a.split(segments, 1)):
             v = torch.einsum("bnk,bnc->bkc", as_, fs) - as_.sum(1).unsqueeze(-1) * prototypes.unsqueeze(0)
             vs.append(F.normalize(F.normalize(v, dim=-1).flatten(1), dim=-1))
         return torch.stack(vs, 1), a
