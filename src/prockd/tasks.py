@@ -1,5 +1,5 @@
 """The one place that maps a task name to its pieces: its config, and its side of every command
-(:mod:`prockd.classification.commands`, :mod:`prockd.detection.commands`)."""
+(:mod:`prockd.commands.classification`, :mod:`prockd.commands.detection`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +8,9 @@ from types import ModuleType
 import yaml
 from pydantic import BaseModel
 
-from prockd.classification import commands as classification
 from prockd.classification.config import load_config
+from prockd.commands import classification, detection
 from prockd.core.config import apply_overrides, read_config_file
-from prockd.detection import commands as detection
 from prockd.detection.config import build_det_config
 from prockd.errors import ProckdError
 
