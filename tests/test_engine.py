@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from prockd.classification.config import build_config
-from prockd.classification.engine import train
+from prockd.classification import engine
+from prockd.classification.data import build_task
+from prockd.classification.deploy import load_deployed
+from prockd.classification.engine import build, teacher_accuracy, train
 from prockd.core.loop import KILL_ENV, warmup_cosine
 
 
@@ -122,3 +126,56 @@ def test_a_run_directory_belongs_to_one_process(tiny, tmp_path):
     again = _cli(cfg_path, out)
     assert again.returncode == 0, again.stderr
     assert (out / "final.json").is_file()
+
+
+def test_teacher_accuracy_is_computed_once_per_teacher_and_data(tiny, tmp_path, monkeypatch):
+    raw = tiny(teacher_eval={"data": {"name": "digits", "classes": [0, 1, 2, 3]}})
+    b = build(build_config(raw))
+    task = build_task(build_config(raw).teacher_eval.data)
+    direct = teacher_accuracy(b.teacher, task, b.device)  # no cache: computed
+    first = teacher_accuracy(b.teacher, task, b.device, cache_dir=tmp_path / "c")
+    assert first == direct and len(list((tmp_path / "c" / "teacher_accuracy").glob("*.json"))) == 1
+    calls = []
+    monkeypatch.setattr(b.teacher, "predict", lambda x: calls.append(x) or None)
+    assert teacher_accuracy(b.teacher, task, b.device, cache_dir=tmp_path / "c") == direct and not calls
+    other = build_task(build_config(dict(raw, teacher_eval={"data": {"name": "digits", "classes": [0, 1, 2]}}))
+                       .teacher_eval.data)
+    monkeypatch.undo()
+    teacher_accuracy(b.teacher, other, b.device, cache_dir=tmp_path / "c")  # other images: a key of their own
+    assert len(list((tmp_path / "c" / "teacher_accuracy").glob("*.json"))) == 2
+
+
+def test_teacher_features_of_held_out_images_are_computed_once_and_equal(tiny):
+    b = build(build_config(tiny()))
+    x = torch.rand(6, 1, 8, 8)
+    calls = []
+    real = b.teacher.extract
+    b.teacher.extract = lambda *a, **k: calls.append(1) or real(*a, **k)
+    first = b.teacher.extract_heldout(x, ("taps",))
+    again = b.teacher.extract_heldout(x.clone(), ("taps",))
+    assert len(calls) == 1 and torch.equal(first["taps"], again["taps"])
+    assert torch.equal(first["taps"], real(x, ("taps",))["taps"])
+    b.teacher.extract_heldout(x + 0.01, ("taps",))  # other pixels: computed
+    assert len(calls) == 2
+
+
+def test_with_a_validation_split_the_test_sets_are_read_once_for_the_chosen_checkpoint(tiny, tmp_path, monkeypatch):
+    raw = tiny("student_only", data={"name": "digits", "classes": [5, 6, 7, 8, 9], "labels_per_class": 20,
+                                     "val_fraction": 0.25})
+    seen = []
+    real = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda d, sets, *a, **k: seen.append(sorted(sets)) or real(d, sets, *a, **k))
+    s = train(build_config(raw), tmp_path / "run", log=lambda m: None)
+    assert seen.count(["test"]) == 1 and seen.count(["val"]) == raw["train"]["epochs"]
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    assert s["selected"]["epoch"] == best["epoch"] and "test/deployed" in s["selected"]
+    if best["epoch"] == s["final"]["epoch"]:  # the last epoch chosen: its record holds the same test results
+        assert s["final"]["test/deployed"] == s["selected"]["test/deployed"]
+    else:
+        assert "test/deployed" not in s["final"]
+    # the selected figure is the deployed student's on the test set
+    model, task = load_deployed(tmp_path / "run" / "student.pt"), build_task(build_config(raw).data)
+    x, y = task.tests["test"].images.float().div(255), task.tests["test"].labels
+    with torch.no_grad():
+        acc = 100.0 * float((model(x).argmax(-1) == y).float().mean())
+    assert acc == pytest.approx(s["selected"]["test/deployed"], abs=1e-6)

@@ -4,13 +4,15 @@ matching's mixtures, the teacher-feature cache, building a run, top-1 evaluation
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from prockd.classification.cache import TeacherCache
+from prockd.classification.cache import TeacherCache, tensor_digest
 from prockd.classification.config import ExperimentConfig, TrainConfig
 from prockd.classification.data import IGNORE, ArrayDataset, Task, build_task
 from prockd.classification.methods import Distiller, method_params
@@ -24,7 +26,7 @@ from prockd.classification.models import (
 from prockd.core import distributed as ddp
 from prockd.core.checkpoint import save_teacher, select_best
 from prockd.core.config import dump_config
-from prockd.core.io import atomic_torch_save
+from prockd.core.io import atomic_torch_save, atomic_write_json
 from prockd.core.loop import (
     TaskHooks,
     autocast,
@@ -238,13 +240,30 @@ def evaluate(distiller: Distiller, datasets: dict[str, ArrayDataset], device, am
 
 
 @torch.no_grad()
-def teacher_accuracy(teacher: Teacher, task: Task, device, batch_size: int = 256) -> dict[str, float]:
-    """Accuracy (%) of the teacher on its own labelled task (first test set)."""
+def teacher_accuracy(teacher: Teacher, task: Task, device, batch_size: int = 256,
+                     cache_dir: str | Path | None = None) -> dict[str, float]:
+    """Accuracy (%) of the teacher on its own labelled task (first test set). With ``cache_dir`` the result is
+    kept there, keyed like the teacher-feature cache (the teacher, its weights, the images and labels): the
+    runs of a comparison share one frozen teacher and compute it once."""
     name, ds = next(iter(task.tests.items()))
+    path = None
+    if cache_dir is not None:
+        ident = {"teacher": teacher.describe(), "weights": tensor_digest(teacher.model.state_dict()),
+                 "data": ds.fingerprint(), "name": name}
+        key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        path = Path(cache_dir).expanduser() / "teacher_accuracy" / f"{key}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # not computed yet (or unreadable): compute it again
     correct = 0
     for x, y, _ in ds.batches(batch_size):
         correct += int((teacher.predict(x.to(device)).argmax(-1).cpu() == y).sum())
-    return {f"teacher/{name}": 100.0 * correct / max(1, len(ds))}
+    res = {f"teacher/{name}": 100.0 * correct / max(1, len(ds))}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, res)
+    return res
 
 
 def open_teacher_cache(b: Built, cfg: ExperimentConfig, pools: StepPools, info, log):
@@ -326,7 +345,8 @@ class ClassificationHooks(TaskHooks):
         data-dependent initialisation."""
         b, cfg, device, t = self.b, self.cfg, self.device, self.cfg.train
         if b.teacher is not None and self.teacher_task is not None:
-            self.teacher_metrics = teacher_accuracy(b.teacher, self.teacher_task, device)
+            self.teacher_metrics = teacher_accuracy(b.teacher, self.teacher_task, device,
+                                                    cache_dir=cfg.cache.dir if cfg.cache.enabled else None)
             log(f"teacher accuracy on its own task: {self.teacher_metrics}")
         pools = self.pools = step_pools(b.task, t)
         cache = self.cache = open_teacher_cache(b, cfg, pools, info, log)
@@ -383,14 +403,15 @@ class ClassificationHooks(TaskHooks):
         return model(x, y, teacher_feats=tf)[1]
 
     def evaluate_epoch(self, epoch: int, last_epoch: bool, info) -> dict:
-        """Validation (the selection data) every ``eval_every`` epochs with the method's diagnostics, every test
-        set after the last epoch; without a validation split, the first test set every ``eval_every`` epochs."""
+        """Validation (the selection data) every ``eval_every`` epochs with the method's diagnostics; without a
+        validation split, the first test set every ``eval_every`` epochs and every test set after the last
+        epoch. With one, the test sets are read once, for the checkpoint chosen on validation (:meth:`finish`)."""
         b, t = self.b, self.cfg.train
         dist, device, out = b.distiller, b.device, {}
         if b.task.val is not None and ((epoch + 1) % t.eval_every == 0 or last_epoch):
             out.update(evaluate(dist, {"val": b.task.val}, device, t.amp, info=info))
             out.update(validation_diagnostics(dist, b.task.val, device, t.amp))
-        if last_epoch:  # every test set (shifted domains too) at the end
+        if last_epoch and b.task.val is None:  # every test set (shifted domains too) at the end
             out.update(evaluate(dist, b.task.tests, device, t.amp, info=info))
         elif b.task.val is None and (epoch + 1) % t.eval_every == 0:
             first = next(iter(b.task.tests))
@@ -408,7 +429,8 @@ class ClassificationHooks(TaskHooks):
         return key.startswith(("loss/", "test", "val/")) and "/" in key
 
     def finish(self, run_dir, history: list, best: float, info, log) -> dict:
-        """The last epoch's results and those of the checkpoint chosen on validation."""
+        """The last epoch's results and the test results of the checkpoint chosen on validation (also the last
+        epoch's when it is the chosen one)."""
         b, cfg = self.b, self.cfg
         dist, device, t = b.distiller, b.device, cfg.train
         final = history[-1] if history else {}
@@ -416,6 +438,8 @@ class ClassificationHooks(TaskHooks):
         if b.task.val is not None:  # the checkpoint chosen on validation
             selected = select_best(run_dir / "checkpoints", dist, self.primary, final, b.task.tests,
                                    lambda: evaluate(dist, b.task.tests, device, t.amp, info=info))
+            if selected is not None and selected["epoch"] == final.get("epoch"):
+                final.update({k: v for k, v in selected.items() if k.split("/")[0] in b.task.tests})
         return {"method": cfg.method.name, "seed": cfg.seed, "final": final, "selected": selected, "best": best,
                 "student_params": count_params(dist.student),
                 "deployed_params": count_params(dist.export()),

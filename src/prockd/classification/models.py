@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
+from collections import OrderedDict
 
 import timm
 import torch
@@ -165,6 +167,26 @@ class Teacher(nn.Module):
         paths = self.tap_paths + ([self.embed_path] if self.embed_path else [])
         self.recorder = FeatureRecorder(model, paths, "teacher")
         self.tap_layout, self.embed_layout, self.tap_widths, self.embed_width = self._probe()
+
+    HELDOUT_MEMO_BYTES = 256 << 20  # how much of the held-out images' features :meth:`extract_heldout` keeps
+
+    @torch.no_grad()
+    def extract_heldout(self, images: torch.Tensor, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`extract` for fixed held-out images (a validation split evaluated every few epochs): the frozen
+        teacher gives the same features for the same pixels, so they are kept by content (a SHA-1 of the
+        pixels and ``keys``; the most recent batches up to :attr:`HELDOUT_MEMO_BYTES`) and computed once per run."""
+        memo = self.__dict__.setdefault("_heldout_memo", OrderedDict())
+        h = hashlib.sha1(repr((tuple(images.shape), str(images.dtype), keys)).encode())
+        h.update(images.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        key = h.hexdigest()
+        if key in memo:
+            memo.move_to_end(key)
+            return {k: v.to(images.device) for k, v in memo[key].items()}
+        res = self.extract(images, keys)
+        memo[key] = {k: v.detach().cpu() for k, v in res.items()}
+        while len(memo) > 1 and sum(v.nbytes for r in memo.values() for v in r.values()) > self.HELDOUT_MEMO_BYTES:
+            memo.popitem(last=False)
+        return res
 
     def train(self, mode: bool = True):
         """The teacher always stays in eval mode."""

@@ -95,14 +95,16 @@ def save_epoch(ckpt_dir: Path, epoch: int, best: float, history: list, record: d
 
 def select_best(ckpt_dir: Path, dist, primary: str, final: dict, tests, evaluate_tests) -> dict | None:
     """The test results of the checkpoint chosen on ``primary`` (``best.pt``): the last epoch's own when it is
-    the chosen one, else ``evaluate_tests()`` after loading it into ``dist``. None without a ``best.pt``."""
+    the chosen one and ``final`` holds them, else ``evaluate_tests()`` (after loading the checkpoint into
+    ``dist`` unless it is the last epoch, which ``dist`` holds). None without a ``best.pt``."""
     path = ckpt_dir / "best.pt"
     if not path.is_file():
         return None
     chosen = torch.load(path, map_location="cpu", weights_only=False)
     selected = {"epoch": chosen["epoch"], primary: chosen["metrics"].get(primary)}
-    if chosen["epoch"] == final.get("epoch"):  # the last epoch itself: its test results are already there
-        selected.update({k: v for k, v in final.items() if k.split("/")[0] in tests})
+    if chosen["epoch"] == final.get("epoch"):  # the last epoch itself: dist holds it
+        known = {k: v for k, v in final.items() if k.split("/")[0] in tests}
+        selected.update(known or evaluate_tests())
     else:
         dist.load_state_dict(chosen["distiller"])
         selected.update(evaluate_tests())

@@ -110,5 +110,5 @@ class ProbeDistil(Distiller):
     @torch.no_grad()
     def diagnostics(self, images, targets):
         """The probe's accuracy on held-out images (live teacher): what the KL can transfer at most."""
-        z_p = self.probe_logits(self.teacher.extract(images, ("taps",))["taps"])
+        z_p = self.probe_logits(self.teacher.extract_heldout(images, ("taps",))["taps"])
         return {"acc_probe": float((z_p.argmax(-1) == targets).float().mean() * 100)}

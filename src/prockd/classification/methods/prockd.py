@@ -244,7 +244,7 @@ class ProCKD(Distiller):
         predictor than the student's own head?"""
         tok, lay, _ = self.student.features(images)
         z_s = self.student.head(tok, lay)
-        z_pro, assign, attn_pro, _ = self.teacher_path(self.teacher.extract(images, ("taps",))["taps"].to(tok.dtype))
+        z_pro, assign, attn_pro, _ = self.teacher_path(self.teacher.extract_heldout(images, ("taps",))["taps"].to(tok.dtype))
         o_aug, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
         z_aug = self.student.head(o_aug, lay)
         out = self._batch_stats(z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s)
