@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from prockd.bench.demo import demo_spec, run_demo
 from prockd.glyphs import find_fonts
@@ -11,9 +12,10 @@ from prockd.glyphs import find_fonts
 
 def test_demo_spec_is_the_core_table():
     spec = demo_spec()
-    assert list(spec["methods"]) == ["student_only", "rkd", "pkd_projector", "prockd", "prockd@transfer"]
-    assert spec["seeds"] == 5 and spec["methods"]["prockd@transfer"]["preset"] == "transfer"
+    assert list(spec["methods"]) == ["student_only", "pkd_projector", "prockd", "prockd@transfer"]
+    assert spec["seeds"] == 6 and spec["methods"]["prockd@transfer"]["preset"] == "transfer"
     assert list(spec["students"]) == ["wrn16-1"] and list(spec["settings"]) == ["standard"]
+    assert spec["settings"]["standard"] == {"corruptions": []}  # the clean column only (docs/benchmarks.md)
     assert spec["data"]["glyphs"]["charset"] == "lower"
 
 
@@ -26,11 +28,49 @@ def test_quick_demo_writes_table_probes_and_plots(tmp_path, capsys):
     std = res["settings"]["standard"]
     assert std["probe"]["teacher"] > std["probe"]["pixels"] - 30  # both probes ran on the real glyphs
     cells = std["wrn16-1"]
-    assert set(cells) == {"student_only", "rkd", "pkd_projector", "prockd", "prockd@transfer"}
+    assert set(cells) == {"student_only", "pkd_projector", "prockd", "prockd@transfer"}
     assert all(0 <= c["mean"] <= 100 and c["seeds"] == [0, 1] for c in cells.values())
-    assert "ci95" in cells["prockd"]["vs_student_only"] and "standard:fog3" in res["settings"]
+    assert "ci95" in cells["prockd"]["vs_student_only"] and set(res["settings"]) == {"standard"}
     printed = capsys.readouterr().out
     assert "pretraining the benchmark teacher" in printed and "epoch 1/1" in printed  # teacher progress shown
     assert "| wrn16-1 | prockd |" in printed and "| wrn16-1 | prockd@transfer |" in printed and "curves.png" in printed and "prototypes.png" in printed
     again = run_demo(out, quick=True, cache_root=tmp_path / "cache", workers=1)  # finished runs are kept
     assert again["settings"] == payload["settings"]
+
+
+def test_the_shipped_teacher_belongs_to_the_suites_teacher_recipe():
+    from prockd.bench.common import SHIPPED_TEACHERS, teacher_key
+    from prockd.bench.suites import get_suite
+
+    s = get_suite("glyphs")
+    path = SHIPPED_TEACHERS / f"{teacher_key(s.teacher_run)}.pt"
+    assert path.is_file(), "the glyph teacher's recipe changed: run scripts/ship_teacher.py to ship its teacher"
+    shipped = torch.load(path, map_location="cpu", weights_only=False)
+    assert shipped["summary"]["final"]["test/deployed"] > 95 and len(shipped["fonts"]) >= 100
+    assert {"model", "fonts", "summary", "provenance"} <= set(shipped)
+
+
+@pytest.mark.skipif(len(find_fonts()) < 40, reason="the Debian font packages are not installed (make data)")
+def test_the_shipped_teacher_is_used_only_on_the_fonts_it_was_trained_on(tmp_path, monkeypatch):
+    from prockd.bench import common
+    from prockd.bench.suites import get_suite
+    from prockd.classification.config import build_config
+    from prockd.classification.models import Teacher, create_model
+
+    s = get_suite("glyphs")
+    shipped = torch.load(common.SHIPPED_TEACHERS / f"{common.teacher_key(s.teacher_run)}.pt", map_location="cpu",
+                         weights_only=False)
+    said = []
+    if common.glyph_font_digests(s.teacher_run) == shipped["fonts"]:  # this machine has the Debian fonts it knows
+        ckpt, summary = common.pretrained_teacher(s.teacher_run, tmp_path / "a", say=said.append)
+        assert "the one shipped with prockd" in said[0] and summary == shipped["summary"]
+        cfg = build_config({"student": {"name": "builtin:wrn_16_1", "in_chans": 1, "input_size": 28},
+                            "teacher": dict(s.teacher, checkpoint=str(ckpt)), "data": {"name": "digits"},
+                            "method": {"name": "student_only"}}, "test")
+        teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)  # strict load into the recipe
+        assert all(torch.equal(v, shipped["model"][k]) for k, v in teacher.model.state_dict().items())
+    # other fonts: the shipped teacher is not used, nothing is written, the reason is said
+    monkeypatch.setattr(common, "glyph_font_digests", lambda raw: shipped["fonts"][1:] + ["0" * 40])
+    said.clear()
+    assert not common.install_shipped_teacher(s.teacher_run, tmp_path / "b" / "run", say=said.append)
+    assert "trained on other fonts" in said[0] and not (tmp_path / "b").exists()

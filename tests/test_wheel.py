@@ -41,6 +41,7 @@ def installed(tmp_path_factory):
     names = zipfile.ZipFile(wheel).namelist()
     assert "prockd/configs/detection/embedded/teacher.yaml" in names
     assert "prockd/configs/detection/embedded/tuned.yaml" in names
+    assert any(n.startswith("prockd/bench/teachers/") and n.endswith(".pt") for n in names)  # the shipped teacher
     assert not any(n.startswith(("tests/", "src/")) for n in names)
 
     venv = root / "venv"
@@ -79,6 +80,6 @@ def test_detection_demo_runs_from_the_wheel(installed):
 
 def test_classification_demo_runs_from_the_wheel(installed):
     exe, env, work = installed
-    res = _run([str(exe), "demo", "--quick", "--out", "cls", "--workers", "1"], work, env)
+    res = _run([str(exe), "demo", "--quick", "--seeds", "1", "--out", "cls", "--workers", "1"], work, env)
     assert "student_only" in res.stdout
     assert (work / "cls" / "results.json").is_file()

@@ -179,6 +179,8 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=None)
     d.add_argument("--workers", type=int, default=None)
     d.add_argument("--quick", action="store_true", help="a smoke-sized run")
+    d.add_argument("--train-teacher", action="store_true",
+                   help="glyphs: train the benchmark teacher on this machine instead of using the shipped one")
     d.set_defaults(fn=_cmd_demo)
     cv = sub.add_parser("convert", help="a dataset's official layout to the COCO json prockd reads")
     cv.add_argument("dataset", choices=["cityscapes"])
@@ -208,6 +210,8 @@ def make_parser() -> argparse.ArgumentParser:
                     help="stop after the teacher and the knowledge-gap probes of each setting (no student runs)")
     bc.add_argument("--tune-only", action="store_true",
                     help="stop after the tuning runs (a validation screen: tuning.json, no test set read)")
+    bc.add_argument("--train-teacher", action="store_true",
+                    help="glyphs: train the benchmark teacher on this machine instead of using the shipped one")
     bc.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", dest="overrides",
                     help="detection: overrides of every student run's config, e.g. train.epochs=60 "
                          "'train.milestones=[48]' (new run folders; classification: use --config)")

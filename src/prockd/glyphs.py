@@ -85,12 +85,23 @@ def _find_fonts(listing: tuple, chars: str) -> tuple[Path, ...]:
         for p in sorted(root.rglob("*")):
             if p.suffix.lower() not in (".ttf", ".otf") or any(x in p.name.lower() for x in _EXCLUDE):
                 continue
-            digest = hashlib.sha1(p.read_bytes()).hexdigest()
+            digest = font_digest(p)
             if digest in seen or not _covers(p, chars):
                 continue
             seen.add(digest)
             found.append(p)
     return tuple(found)
+
+
+def eligible_fonts(dirs: list[str] | None, chars: str) -> list[Path]:
+    """The fonts a glyph data set of ``chars`` draws its roles from: those covering digits, both Latin cases
+    and every character of ``chars``."""
+    return find_fonts(dirs, _COVER + "".join(c for c in chars if c not in _COVER))
+
+
+def font_digest(path: Path) -> str:
+    """SHA-1 of a font file's bytes: its identity whatever its path (duplicates, other machines)."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
 def font_roles(fonts: list[Path], heldout: int, seed: int) -> tuple[list[Path], list[Path]]:

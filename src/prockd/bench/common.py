@@ -19,8 +19,11 @@ from prockd.classification.config import build_config
 from prockd.classification.data import build_task
 from prockd.classification.engine import cached_dataset, pretrain_teacher, train
 from prockd.classification.models import Teacher, create_model
+from prockd.core.checkpoint import save_teacher
+from prockd.core.io import atomic_write_json
 from prockd.detection.config import build_det_config
 from prockd.detection.engine import train as det_train
+from prockd.glyphs import charset, eligible_fonts, font_digest
 
 
 def output_dirs(out: Path, cache_root: Path | None, log_name: str):
@@ -80,12 +83,53 @@ def prepare_cache(raw: dict, log) -> None:
                  log=log).prepare()
 
 
+SHIPPED_TEACHERS = Path(__file__).parent / "teachers"  # package data: <run key>.pt, written by scripts/ship_teacher.py
+
+
+def teacher_key(raw: dict) -> str:
+    """The cache key of a benchmark teacher's pre-training config (its run folder's name)."""
+    return hashlib.sha1(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def glyph_font_digests(raw: dict) -> list[str]:
+    """SHA-1 of every eligible font, in the order that gives fonts their roles, for a glyph config ``raw``."""
+    g = build_config(raw, "benchmark teacher").data.glyphs
+    return [font_digest(p) for p in eligible_fonts(g.font_dirs, charset(g.charset))]
+
+
+def install_shipped_teacher(raw: dict, run_dir: Path, say=print) -> bool:
+    """Put the teacher shipped with prockd for the pre-training config ``raw`` (if any) in ``run_dir``, as if it
+    had been trained there. It is used only when this machine's eligible fonts are, byte for byte and in order,
+    those it was trained on: then its training fonts are this machine's pool and none of its held-out fonts was
+    ever trained on. Returns whether it was installed."""
+    path = SHIPPED_TEACHERS / f"{teacher_key(raw)}.pt"
+    if not path.is_file() or raw.get("data", {}).get("name") != "glyphs":
+        return False
+    shipped = torch.load(path, map_location="cpu", weights_only=False)
+    local = glyph_font_digests(raw)
+    if local != shipped["fonts"]:
+        differ = len(set(shipped["fonts"]) ^ set(local))
+        say(f"the shipped benchmark teacher was trained on other fonts ({len(shipped['fonts'])} there, {len(local)} "
+            f"here, {differ} not in both, or in another order): training it here instead")
+        return False
+    cfg = build_config(raw, "benchmark teacher")
+    model = create_model(cfg.student, len(charset(cfg.data.glyphs.charset)), "teacher")
+    model.load_state_dict(shipped["model"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_teacher(run_dir / "teacher.pt", model)
+    atomic_write_json(run_dir / "shipped.json", {"file": str(path), **shipped["provenance"]})
+    atomic_write_json(run_dir / "final.json", shipped["summary"])  # last: it marks the teacher as ready
+    say(f"benchmark teacher: the one shipped with prockd ({shipped['provenance']['trained']}; top-1 "
+        f"{shipped['summary']['final']['test/deployed']:.2f} % on its held-out fonts), the fonts here being those it "
+        "was trained on; --train-teacher trains it on this machine instead")
+    return True
+
+
 def cached_teacher(raw: dict, cache_root: Path, kind: str, pretrain, what: str, log=print,
                    say=print) -> tuple[Path, dict]:
     """A benchmark's teacher, trained once by ``pretrain(run_dir, log)`` (a task's ``pretrain_teacher``) and then
     cached under ``cache_root/kind/<hash of raw>``; returns (``teacher.pt``, its run's summary)."""
-    key = hashlib.sha1(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
-    run_dir = cache_root / kind / key
+    run_dir = cache_root / kind / teacher_key(raw)
     ckpt = run_dir / "teacher.pt"
     if not (ckpt.is_file() and (run_dir / "final.json").is_file()):
         say(f"pretraining {what} in {run_dir}")
@@ -93,10 +137,15 @@ def cached_teacher(raw: dict, cache_root: Path, kind: str, pretrain, what: str, 
     return ckpt, json.loads((run_dir / "final.json").read_text())
 
 
-def pretrained_teacher(teacher_run: dict, cache_root: Path, log=print, say=print) -> tuple[Path, dict]:
+def pretrained_teacher(teacher_run: dict, cache_root: Path, log=print, say=print,
+                       shipped: bool = True) -> tuple[Path, dict]:
     """Train (once, then cached by the config's hash) a classification benchmark's teacher; returns (checkpoint,
-    summary)."""
+    summary). With ``shipped`` a teacher shipped with prockd for this config is used instead of training one,
+    when this machine's fonts are those it was trained on (:func:`install_shipped_teacher`)."""
     cfg = build_config(dict(teacher_run, train=dict(teacher_run["train"], progress=True)), "benchmark teacher")
+    run_dir = cache_root / "teachers" / teacher_key(teacher_run)
+    if shipped and not (run_dir / "final.json").is_file():
+        install_shipped_teacher(teacher_run, run_dir, say)
     return cached_teacher(teacher_run, cache_root, "teachers", lambda run_dir, lg: pretrain_teacher(cfg, run_dir, lg),
                           f"the benchmark teacher ({cfg.train.epochs} epochs)", log, say)
 

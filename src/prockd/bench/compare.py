@@ -102,12 +102,13 @@ def load_spec(path: str | Path | None = None, overrides: dict | None = None, sui
     return spec
 
 
-def _base(spec: dict, cache_root: Path, log, say) -> tuple[dict, dict]:
-    """(experiment base without student/data/method/seed, teacher summary) for the spec."""
+def _base(spec: dict, cache_root: Path, log, say, shipped_teacher: bool = True) -> tuple[dict, dict]:
+    """(experiment base without student/data/method/seed, teacher summary) for the spec; the suite's teacher is
+    the shipped one when ``shipped_teacher`` and this machine's fonts allow (:func:`pretrained_teacher`)."""
     if spec["base"] is not None:
         return copy.deepcopy(spec["base"]), {}
     s = get_suite(spec["suite"])
-    ckpt, summary = pretrained_teacher(s.teacher_run, cache_root, log, say)
+    ckpt, summary = pretrained_teacher(s.teacher_run, cache_root, log, say, shipped=shipped_teacher)
     base = {"teacher": dict(copy.deepcopy(s.teacher), checkpoint=str(ckpt)), "teacher_eval": s.teacher_eval,
             "train": dict(s.train), "cache": {"dir": str(cache_root / "features"), "dtype": "float16"}}
     return base, summary
@@ -135,7 +136,26 @@ def _queue(raw: dict, run_dir: Path, log_path: Path, todo: list) -> None:
     todo.append((raw, str(run_dir), str(log_path)))
 
 
-def _execute(todo: list, spec: dict, log, desc: str) -> None:
+class Phases:
+    """Wall-clock seconds per phase of a comparison, printed at its end and kept in ``results.json``."""
+
+    def __init__(self):
+        self.s: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Charge the time since the previous lap to ``name``."""
+        now = time.perf_counter()
+        self.s[name] = round(self.s.get(name, 0.0) + now - self.t, 1)
+        self.t = now
+
+    def line(self) -> str:
+        """One line: each phase's minutes and share."""
+        total = sum(self.s.values()) or 1.0
+        return "time by phase: " + ", ".join(f"{k} {v / 60:.1f} min ({100 * v / total:.0f} %)" for k, v in self.s.items())
+
+
+def _execute(todo: list, spec: dict, log, desc: str, phases: Phases | None = None) -> None:
     if not todo:
         return
     prepared = set()
@@ -144,7 +164,12 @@ def _execute(todo: list, spec: dict, log, desc: str) -> None:
         if key not in prepared and raw.get("teacher") and raw.get("cache", {}).get("enabled", True):
             prepare_cache(raw, log)
             prepared.add(key)
-    run_jobs(todo, spec.get("workers") or default_workers(), desc)
+    if phases:
+        phases.lap("teacher feature cache")
+    workers = spec.get("workers") or default_workers()
+    run_jobs(todo, workers, desc)
+    if phases:
+        phases.lap(f"{desc} ({len(todo)}, {min(workers, len(todo))} at a time)")
 
 
 def _score(run_dir: Path) -> float | None:
@@ -160,7 +185,7 @@ def _score(run_dir: Path) -> float | None:
     return statistics.fmean(tail)
 
 
-def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print) -> dict:
+def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print, phases: Phases | None = None) -> dict:
     """Choose every method's configuration on validation with an equal budget; returns
     ``{method: {"params", "factor", "scores": {factor: mean val}}}``."""
     student, setting = next(iter(spec["students"])), next(iter(spec["settings"]))
@@ -179,7 +204,7 @@ def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print) -> d
     say(f"tuning: {len(grid)} methods, {len(factors)} configurations each over their main weights "
         f"(x{', x'.join(f'{f:g}' for f in factors)}), seeds {seeds}, on {student} / {setting}, scored on validation: "
         f"{total} runs, {total - len(todo)} already finished")
-    _execute(todo, spec, log, "tuning runs")
+    _execute(todo, spec, log, "tuning runs", phases)
     chosen = {}
     for method, g in grid.items():
         scores = {}
@@ -425,21 +450,25 @@ def plot(table: dict, out: Path, methods: dict) -> list[str]:
 
 
 def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: bool = False, say=print,
-                tune_only: bool = False, probe_only: bool = False) -> dict:
+                tune_only: bool = False, probe_only: bool = False, shipped_teacher: bool = True) -> dict:
     """Run (or continue) the comparison (tuning first with ``do_tune``) and write the results files; with
     ``tune_only`` stop after the tuning runs (a validation screen) and write ``tuning.json``; with ``probe_only``
-    stop after the teacher and the linear probes of every setting (``probes.json``)."""
+    stop after the teacher and the linear probes of every setting (``probes.json``); ``shipped_teacher=False``
+    trains the suite's teacher on this machine even where a shipped one fits."""
     out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
     t0 = time.perf_counter()
+    phases = Phases()
     say(f"prockd bench compare: suite {spec['suite']}; logs in {log_path}")
-    base, teacher_summary = _base(spec, cache_root, log, say)
+    base, teacher_summary = _base(spec, cache_root, log, say, shipped_teacher)
+    phases.lap("teacher")
     if teacher_summary:
         say(f"teacher: top-1 {teacher_summary['final'].get('test/deployed', 0):.2f} % on its own held-out test set, "
             f"{teacher_summary['student_params'] / 1e6:.2f} M params")
     probes = probe_settings(spec, base, out, log, say)
+    phases.lap("linear probes")
     if probe_only:
         return {"suite": spec["suite"], "probes": probes}
-    chosen = tune(spec, base, out, log_path, log, say) if do_tune or tune_only else {}
+    chosen = tune(spec, base, out, log_path, log, say, phases) if do_tune or tune_only else {}
     if tune_only:
         payload = {"suite": spec["suite"], "student": next(iter(spec["students"])),
                    "setting": next(iter(spec["settings"])), "tuning": chosen, "probes": probes,
@@ -458,19 +487,20 @@ def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: 
                     n += 1
     say(f"final table: {len(methods)} methods x {len(spec['students'])} students x {len(spec['settings'])} settings x "
         f"{spec['seeds']} seeds = {n} runs, {n - len(todo)} already finished")
-    _execute(todo, spec, log, "final runs")
+    _execute(todo, spec, log, "final runs", phases)
     table = collect(spec, out, methods)
     stats = statistics_table(table)
     params = {s: {m: r["params"] for m, r in rows.items()} for s, rows in table.items()}
     conv = convergence(table)
     md = format_markdown(stats, params, probes)
     files = plot(table, out, methods)
+    phases.lap("table and plots")
     settings_json = {}
     for col in columns(table):
         settings_json[col] = {"probe": probes.get(col), **{s: stats[s].get(col, {}) for s in stats}}
     payload = {"suite": spec["suite"], "settings": settings_json, "convergence": conv, "params": params,
                "tuning": chosen, "methods": methods, "teacher": teacher_summary.get("final", {}).get("test/deployed"),
-               "runs": n, "elapsed_s": round(time.perf_counter() - t0, 1),
+               "runs": n, "elapsed_s": round(time.perf_counter() - t0, 1), "phases_s": phases.s,
                "spec": {k: v for k, v in spec.items() if k != "base"} | {"base": spec["base"]}}
     atomic_write_json(out / "results.json", payload)
     atomic_write_text(out / "results.md", md + "\n")
@@ -480,6 +510,7 @@ def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: 
         for setting, c in per.items():
             say(f"convergence {student}/{setting}: student-only validation gain over the last fifth of the epochs "
                 f"{c['val_gain_last_fifth']:+.2f} points")
+    say(phases.line())
     say(f"wrote {out / 'results.md'}, results.csv, results.json" + "".join(f", {f}" for f in files)
         + f" in {payload['elapsed_s'] / 60:.1f} min")
     return payload

@@ -31,16 +31,18 @@ def demo_spec(suite: str = "glyphs", seeds: int | None = None, quick: bool = Fal
     spec = load_spec(suite=suite, overrides={
         "methods": {m: s.tuned.get(m, s.methods[m]) for m in s.demo_methods},
         "students": dict([next(iter(s.students.items()))]),
-        "settings": dict([next(iter(s.settings.items()))]),
-        "seeds": seeds or (2 if quick else s.seeds)})
+        "settings": s.demo_settings or dict([next(iter(s.settings.items()))]),
+        "seeds": seeds or (2 if quick else s.demo_seeds or s.seeds)})
     if quick:
         spec["quick"] = True
     return spec
 
 
 def run_demo(out: Path, suite: str = "glyphs", seeds: int | None = None, quick: bool = False,
-             cache_root: Path | None = None, workers: int | None = None, say=print) -> dict:
-    """Run the demo, print its table, write ``results.json`` / ``results.md`` / ``results.csv`` and plots."""
+             cache_root: Path | None = None, workers: int | None = None, say=print,
+             shipped_teacher: bool = True) -> dict:
+    """Run the demo, print its table, write ``results.json`` / ``results.md`` / ``results.csv`` and plots
+    (``shipped_teacher=False``: the suite's teacher is trained here even where the shipped one fits)."""
     spec = demo_spec(suite, seeds, quick)
     spec["workers"] = workers
     if spec.pop("quick", False):
@@ -62,4 +64,4 @@ def run_demo(out: Path, suite: str = "glyphs", seeds: int | None = None, quick: 
         ckpt, _ = pretrained_teacher(teacher_run, root, log, say)
         base["teacher"]["checkpoint"] = str(ckpt)
         spec["base"] = base
-    return run_compare(out, spec, cache_root, say=say)
+    return run_compare(out, spec, cache_root, say=say, shipped_teacher=shipped_teacher)

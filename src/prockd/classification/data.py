@@ -291,7 +291,7 @@ def load_glyphs(cfg: DataConfig):
     second, shifted test domain. Returns (train x, y, val x, y or None, {test name: (x, y)}, names, info)."""
     g = cfg.glyphs
     chars = G.charset(g.charset)
-    fonts = G.find_fonts(g.font_dirs, G._COVER + "".join(c for c in chars if c not in G._COVER))
+    fonts = G.eligible_fonts(g.font_dirs, chars)
     if len(fonts) < 3:
         where = ", ".join(g.font_dirs or G.FONT_DIRS)
         latin = G.find_fonts(g.font_dirs)  # fonts with digits and both Latin cases, whatever the charset

@@ -60,7 +60,7 @@ def analyze(args) -> Path:
 def demo(args) -> None:
     """The embedded benchmark's core table (:func:`prockd.bench.demo.run_demo`)."""
     run_demo(out=Path(args.out or "runs/demo"), suite=args.suite or "glyphs", seeds=args.seeds, quick=args.quick,
-             workers=args.workers)
+             workers=args.workers, shipped_teacher=not args.train_teacher)
 
 
 def compare(args) -> None:
@@ -76,7 +76,8 @@ def compare(args) -> None:
             if unknown:
                 raise ProckdError(f"--{key} {unknown} not in the comparison (known: {', '.join(spec[key])})")
             spec[key] = {n: spec[key][n] for n in names}
-    run_compare(Path(args.out), spec, do_tune=args.tune, tune_only=args.tune_only, probe_only=args.probe_only)
+    run_compare(Path(args.out), spec, do_tune=args.tune, tune_only=args.tune_only, probe_only=args.probe_only,
+                shipped_teacher=not args.train_teacher)
 
 
 def speed(args) -> None:

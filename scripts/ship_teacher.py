@@ -1,0 +1,42 @@
+"""Write the glyph benchmark's teacher that ships with prockd (``src/prockd/bench/teachers/<key>.pt``).
+
+The teacher is trained by prockd itself (``pretrained_teacher`` with the suite's ``teacher_run``: the code path that
+``prockd demo --train-teacher`` runs) and stored with its run summary and the SHA-1 of every eligible font in role
+order: a machine whose fonts differ trains its own instead (``prockd.bench.common.install_shipped_teacher``).
+
+    .venv/bin/python scripts/ship_teacher.py [--cache DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from prockd.bench.common import SHIPPED_TEACHERS, glyph_font_digests, pretrained_teacher, teacher_key
+from prockd.bench.suites import get_suite
+from prockd.core.io import atomic_torch_save
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default="~/.cache/prockd", help="where the teacher is trained (or already is)")
+    args = ap.parse_args()
+    s = get_suite("glyphs")
+    ckpt, summary = pretrained_teacher(s.teacher_run, Path(args.cache).expanduser(), shipped=False)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    provenance = {"trained": f"trained by prockd {commit} on a {platform.machine()} CPU, "
+                             f"{datetime.date.today().isoformat()}"}
+    out = SHIPPED_TEACHERS / f"{teacher_key(s.teacher_run)}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"model": torch.load(ckpt, map_location="cpu", weights_only=False)["model"],
+                       "fonts": glyph_font_digests(s.teacher_run), "summary": summary, "provenance": provenance}, out)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB), top-1 {summary['final']['test/deployed']:.2f} % on "
+          "its held-out fonts")
+
+
+if __name__ == "__main__":
+    main()
