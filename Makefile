@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/prockd demo --out runs/demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope
 
 clean:
 	rm -rf runs .pytest_cache

@@ -4,10 +4,14 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# `make test` runs the suite on 2 pytest-xdist workers (one per core, each on one thread); a plain `pytest` run
+# keeps both threads in its one process
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 TINY_VIT = {"name": "vit_tiny_patch16_224", "in_chans": 1, "input_size": 8, "mean": [0.3], "std": [0.4],
             "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2,
