@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/prockd demo --out runs/demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --durations=20
 
 clean:
 	rm -rf runs .pytest_cache
