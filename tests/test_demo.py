@@ -69,6 +69,21 @@ def test_the_shipped_teacher_is_used_only_on_the_fonts_it_was_trained_on(tmp_pat
                             "method": {"name": "student_only"}}, "test")
         teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)  # strict load into the recipe
         assert all(torch.equal(v, shipped["model"][k]) for k, v in teacher.model.state_dict().items())
+        # --train-teacher replaces an installed shipped teacher by training one (stubbed: the real training is the
+        # quick demo's); an installed teacher is otherwise kept
+        trained = []
+
+        def pretrain(cfg, run_dir, lg):
+            trained.append(run_dir)
+            run_dir.mkdir(parents=True)
+            (run_dir / "final.json").write_text(json.dumps(shipped["summary"]))
+
+        monkeypatch.setattr(common, "pretrain_teacher", pretrain)
+        common.pretrained_teacher(s.teacher_run, tmp_path / "a", say=said.append)
+        assert not trained
+        common.pretrained_teacher(s.teacher_run, tmp_path / "a", say=said.append, shipped=False)
+        assert trained == [ckpt.parent] and not (ckpt.parent / "shipped.json").exists()
+        monkeypatch.undo()
     # other fonts: the shipped teacher is not used, nothing is written, the reason is said
     monkeypatch.setattr(common, "glyph_font_digests", lambda raw: shipped["fonts"][1:] + ["0" * 40])
     said.clear()

@@ -7,6 +7,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -146,6 +147,9 @@ def pretrained_teacher(teacher_run: dict, cache_root: Path, log=print, say=print
     run_dir = cache_root / "teachers" / teacher_key(teacher_run)
     if shipped and not (run_dir / "final.json").is_file():
         install_shipped_teacher(teacher_run, run_dir, say)
+    elif not shipped and (run_dir / "shipped.json").is_file():  # asked to train it here: drop the installed one
+        say(f"--train-teacher: replacing the shipped teacher in {run_dir} by one trained here")
+        shutil.rmtree(run_dir)
     return cached_teacher(teacher_run, cache_root, "teachers", lambda run_dir, lg: pretrain_teacher(cfg, run_dir, lg),
                           f"the benchmark teacher ({cfg.train.epochs} epochs)", log, say)
 
