@@ -12,8 +12,8 @@ from prockd.glyphs import find_fonts
 
 def test_demo_spec_is_the_core_table():
     spec = demo_spec()
-    assert list(spec["methods"]) == ["student_only", "pkd_projector", "prockd", "prockd@transfer"]
-    assert spec["seeds"] == 6 and spec["methods"]["prockd@transfer"]["preset"] == "transfer"
+    assert list(spec["methods"]) == ["student_only", "pkd_projector", "prockd@transfer"]
+    assert spec["seeds"] == 10 and spec["methods"]["prockd@transfer"]["preset"] == "transfer"
     assert list(spec["students"]) == ["wrn16-1"] and list(spec["settings"]) == ["standard"]
     assert spec["settings"]["standard"] == {"corruptions": []}  # the clean column only (docs/benchmarks.md)
     assert spec["data"]["glyphs"]["charset"] == "lower"
@@ -28,12 +28,13 @@ def test_quick_demo_writes_table_probes_and_plots(tmp_path, capsys):
     std = res["settings"]["standard"]
     assert std["probe"]["teacher"] > std["probe"]["pixels"] - 30  # both probes ran on the real glyphs
     cells = std["wrn16-1"]
-    assert set(cells) == {"student_only", "pkd_projector", "prockd", "prockd@transfer"}
+    assert set(cells) == {"student_only", "pkd_projector", "prockd@transfer"}
     assert all(0 <= c["mean"] <= 100 and c["seeds"] == [0, 1] for c in cells.values())
-    assert "ci95" in cells["prockd"]["vs_student_only"] and set(res["settings"]) == {"standard"}
+    assert "ci95" in cells["prockd@transfer"]["vs_student_only"] and set(res["settings"]) == {"standard"}
     printed = capsys.readouterr().out
     assert "pretraining the benchmark teacher" in printed and "epoch 1/1" in printed  # teacher progress shown
-    assert "| wrn16-1 | prockd |" in printed and "| wrn16-1 | prockd@transfer |" in printed and "curves.png" in printed and "prototypes.png" in printed
+    assert "| wrn16-1 | prockd@transfer |" in printed and "curves.png" in printed and "prototypes.png" in printed
+    assert "time by phase: teacher" in printed and "final runs (6, 1 at a time)" in printed
     again = run_demo(out, quick=True, cache_root=tmp_path / "cache", workers=1)  # finished runs are kept
     assert again["settings"] == payload["settings"]
 

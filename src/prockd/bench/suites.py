@@ -113,11 +113,13 @@ GLYPHS = Suite(
     # same rule on the validation screens (mean over the labelled-only and the unlabelled column; docs/transfer.md)
     methods={"student_only": {}, **{m: {} for m in BASELINES}, "probe_distil": {"function_matching": "cutmix"},
              "prockd": PROCKD_DEFAULT, "prockd@transfer": {"preset": "transfer"}},
-    # the demo: student-only, the best tuned baseline and ProC-KD's two presets on the standard column, clean test
-    # fonts only (the fog / contrast columns' seed spread is 5-16 points at every severity that shifts anything:
-    # docs/benchmarks.md, "Shifted columns, calibrated"), 6 paired seeds
-    demo_methods=["student_only", "pkd_projector", "prockd", "prockd@transfer"],
-    demo_seeds=6,
+    # the demo: student-only, the best tuned baseline and ProC-KD's chosen preset on the standard column, clean test
+    # fonts only (the fog / contrast columns' seed spread passes 5 points at every severity that shifts anything:
+    # docs/benchmarks.md, "Shifted columns, calibrated"), 10 paired seeds: the fewest whose paired intervals stay
+    # within +-4 points and give the same conclusions under two float orders ("Power"); the paper preset's row,
+    # measured the same way, is in the docs (its 10 runs would take the demo past 10 minutes)
+    demo_methods=["student_only", "pkd_projector", "prockd@transfer"],
+    demo_seeds=10,
     demo_settings={"standard": {"corruptions": []}},
     # `prockd bench compare --tune` on validation (seeds 1000-1001, wrn16-1 / standard; docs/benchmarks.md,
     # docs/transfer.md):
