@@ -176,3 +176,19 @@ def test_flops_of_a_linear_layer_are_counted_exactly():
 
     lin = torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.Linear(12, 5))
     assert flops_per_image(lin, torch.rand(3, 2, 2)) == 2 * 12 * 5
+
+
+def test_export_leaves_one_self_contained_file(tmp_path):
+    """A 11 M-parameter student: the dynamo exporter writes its weights to a ``.data`` file beside the temporary
+    model; the exported ``.onnx`` holds them itself and nothing else is left in the folder."""
+    wide = {**TINY_CNN, "kwargs": {"channels": [64, 128, 256, 512], "stem_width": 32}}
+    wide.pop("taps"), wide.pop("fusion_size")
+    run = _train(tmp_path, "wide", "student_only", student=wide)
+    out = tmp_path / "exported"
+    out.mkdir()
+    assert main(["export", "--run", str(run), "--onnx", str(out / "s.onnx")]) == 0
+    assert [f.name for f in out.iterdir()] == ["s.onnx"] and (out / "s.onnx").stat().st_size > 40e6
+    moved = tmp_path / "elsewhere.onnx"
+    (out / "s.onnx").rename(moved)  # no sidecar needed: it loads and predicts on its own
+    x, _, _ = _test_images(run, 4)
+    assert ort_session(moved).run(None, {"images": x.numpy()})[0].shape == (4, 5)

@@ -3,6 +3,7 @@ axis, the class names and input shape in its metadata under ``prockd.*`` keys), 
 real images (parity), and the onnxruntime session both the check and the predictor use."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -112,6 +113,6 @@ def export_onnx(dep: DeployedStudent, path: str | Path, images: torch.Tensor, op
                               f"{report['images']} test images; nothing written")
         os.replace(tmp, path)
         return report
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    finally:  # the temporary file and whatever the exporter wrote beside it (its external weights, ``<tmp>.data``)
+        for f in glob.glob(glob.escape(tmp) + "*"):
+            os.unlink(f)
