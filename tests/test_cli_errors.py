@@ -87,3 +87,12 @@ def test_unknown_method(tiny, tmp_path, capsys):
 def test_bad_override_syntax(tiny, tmp_path, capsys):
     p = _write(tmp_path, tiny())
     _run_fails(capsys, ["train", "--config", str(p), "train.lr"], r"not of the form key=value", tmp_path / "run")
+
+
+def test_out_naming_a_file_is_one_line(tiny, tmp_path, capsys):
+    p = _write(tmp_path, tiny())
+    (tmp_path / "taken").write_text("a file of the user's")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "run"):  # the file itself, or a folder inside it
+        _run_fails(capsys, ["train", "--config", str(p), "--out", str(out)],
+                   rf"run directory {out}: {tmp_path / 'taken'} is a file, not a folder", tmp_path / "nothing")
+    assert (tmp_path / "taken").read_text() == "a file of the user's"

@@ -59,7 +59,12 @@ def run_lock(run_dir: str | Path, held: bool = True):
     import fcntl
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        file = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), run_dir)
+        raise ProckdError(f"run directory {run_dir}: {file} is a file, not a folder; choose another out "
+                          "(a folder, new or holding a run to resume)") from None
     path = run_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
