@@ -2,16 +2,26 @@
 from __future__ import annotations
 
 import copy
+import os
+import random
 from pathlib import Path
 
-import os
-
+import numpy as np
 import pytest
 import torch
 
 # `make test` runs the suite on 2 pytest-xdist workers (one per core, each on one thread); a plain `pytest` run
 # keeps both threads in its one process
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+@pytest.fixture(autouse=True)
+def _same_random_state_for_every_test():
+    """Every test starts from the same global random state, whatever ran before it in its process (pytest-xdist
+    gives a worker a different set of tests from run to run): a test's outcome does not depend on the order."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
 
 TINY_VIT = {"name": "vit_tiny_patch16_224", "in_chans": 1, "input_size": 8, "mean": [0.3], "std": [0.4],
             "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2,
