@@ -69,14 +69,19 @@ def coverage(fonts: list[Path], chars: str) -> dict[str, int]:
 def find_fonts(dirs: list[str] | None = None, chars: str = _COVER) -> list[Path]:
     """Eligible font files (``.ttf`` / ``.otf``) under ``dirs``, sorted by path, one per distinct file content
     (memoised per process, keyed by the folders' listings)."""
+    return [p for p, _ in _found(dirs, chars)]
+
+
+def _found(dirs: list[str] | None, chars: str) -> tuple[tuple[Path, str], ...]:
+    """(path, SHA-1) of the eligible fonts under ``dirs`` (:func:`find_fonts`)."""
     dirs = tuple(dirs or FONT_DIRS)
     listing = tuple((d, tuple(sorted(str(p) for p in Path(d).expanduser().rglob("*") if p.is_file())))
                     for d in dirs if Path(d).expanduser().is_dir())
-    return list(_find_fonts(listing, chars))
+    return _find_fonts(listing, chars)
 
 
 @functools.lru_cache(maxsize=16)
-def _find_fonts(listing: tuple, chars: str) -> tuple[Path, ...]:
+def _find_fonts(listing: tuple, chars: str) -> tuple[tuple[Path, str], ...]:
     found, seen = [], set()
     for d, _ in listing:
         root = Path(d).expanduser()
@@ -89,14 +94,23 @@ def _find_fonts(listing: tuple, chars: str) -> tuple[Path, ...]:
             if digest in seen or not _covers(p, chars):
                 continue
             seen.add(digest)
-            found.append(p)
+            found.append((p, digest))
     return tuple(found)
+
+
+def _eligible_chars(chars: str) -> str:
+    return _COVER + "".join(c for c in chars if c not in _COVER)
 
 
 def eligible_fonts(dirs: list[str] | None, chars: str) -> list[Path]:
     """The fonts a glyph data set of ``chars`` draws its roles from: those covering digits, both Latin cases
     and every character of ``chars``."""
-    return find_fonts(dirs, _COVER + "".join(c for c in chars if c not in _COVER))
+    return find_fonts(dirs, _eligible_chars(chars))
+
+
+def eligible_font_digests(dirs: list[str] | None, chars: str) -> list[str]:
+    """SHA-1 of each of :func:`eligible_fonts`, in the same order (computed once with them)."""
+    return [d for _, d in _found(dirs, _eligible_chars(chars))]
 
 
 def font_digest(path: Path) -> str:

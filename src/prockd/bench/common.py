@@ -24,7 +24,7 @@ from prockd.core.checkpoint import save_teacher
 from prockd.core.io import atomic_write_json
 from prockd.detection.config import build_det_config
 from prockd.detection.engine import train as det_train
-from prockd.glyphs import charset, eligible_fonts, font_digest
+from prockd.glyphs import charset, eligible_font_digests
 
 
 def output_dirs(out: Path, cache_root: Path | None, log_name: str):
@@ -92,10 +92,15 @@ def teacher_key(raw: dict) -> str:
     return hashlib.sha1(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def teacher_dir(cache_root: Path, kind: str, raw: dict) -> Path:
+    """The run folder of the benchmark teacher pre-trained by ``raw`` (``kind``: teachers, det_teachers)."""
+    return cache_root / kind / teacher_key(raw)
+
+
 def glyph_font_digests(raw: dict) -> list[str]:
     """SHA-1 of every eligible font, in the order that gives fonts their roles, for a glyph config ``raw``."""
     g = build_config(raw, "benchmark teacher").data.glyphs
-    return [font_digest(p) for p in eligible_fonts(g.font_dirs, charset(g.charset))]
+    return eligible_font_digests(g.font_dirs, charset(g.charset))
 
 
 def install_shipped_teacher(raw: dict, run_dir: Path, say=print) -> bool:
@@ -130,7 +135,7 @@ def cached_teacher(raw: dict, cache_root: Path, kind: str, pretrain, what: str, 
                    say=print) -> tuple[Path, dict]:
     """A benchmark's teacher, trained once by ``pretrain(run_dir, log)`` (a task's ``pretrain_teacher``) and then
     cached under ``cache_root/kind/<hash of raw>``; returns (``teacher.pt``, its run's summary)."""
-    run_dir = cache_root / kind / teacher_key(raw)
+    run_dir = teacher_dir(cache_root, kind, raw)
     ckpt = run_dir / "teacher.pt"
     if not (ckpt.is_file() and (run_dir / "final.json").is_file()):
         say(f"pretraining {what} in {run_dir}")
@@ -144,7 +149,7 @@ def pretrained_teacher(teacher_run: dict, cache_root: Path, log=print, say=print
     summary). With ``shipped`` a teacher shipped with prockd for this config is used instead of training one,
     when this machine's fonts are those it was trained on (:func:`install_shipped_teacher`)."""
     cfg = build_config(dict(teacher_run, train=dict(teacher_run["train"], progress=True)), "benchmark teacher")
-    run_dir = cache_root / "teachers" / teacher_key(teacher_run)
+    run_dir = teacher_dir(cache_root, "teachers", teacher_run)
     if shipped and not (run_dir / "final.json").is_file():
         install_shipped_teacher(teacher_run, run_dir, say)
     elif not shipped and (run_dir / "shipped.json").is_file():  # asked to train it here: drop the installed one

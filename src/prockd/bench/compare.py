@@ -165,7 +165,7 @@ def _execute(todo: list, spec: dict, log, desc: str, phases: Phases | None = Non
             prepare_cache(raw, log)
             prepared.add(key)
     if phases:
-        phases.lap("teacher feature cache")
+        phases.lap("queue and teacher feature cache")
     workers = spec.get("workers") or default_workers()
     run_jobs(todo, workers, desc)
     if phases:
