@@ -1,20 +1,11 @@
 """Shifted test domains (fog, contrast, noise) made from clean images, for both tasks' embedded benchmarks."""
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from prockd.core.config import Strict
-
-
-class CorruptionConfig(Strict):
-    """A shifted test domain built from the clean test split."""
-
-    kind: Literal["fog", "contrast", "noise"]
-    severity: int = Field(3, ge=1, le=5)
+from prockd.core.config import CorruptionConfig
 
 
 def corrupt(images: torch.Tensor, c: CorruptionConfig, seed: int = 1234) -> torch.Tensor:

@@ -2,19 +2,22 @@
 (:mod:`prockd.commands.classification`, :mod:`prockd.commands.detection`)."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from types import ModuleType
 
 import yaml
 from pydantic import BaseModel
 
-from prockd.classification.config import load_config
-from prockd.commands import classification, detection
+from prockd.classification.config import ExperimentConfig, build_config, load_config
 from prockd.core.config import apply_overrides, read_config_file
-from prockd.detection.config import build_det_config
+from prockd.core.config import config_reference as reference_markdown
+from prockd.detection.config import DetExperimentConfig, build_det_config
 from prockd.errors import ProckdError
 
-TASKS: dict[str, ModuleType] = {"classification": classification, "detection": detection}
+# each task's side of the commands, imported when a command needs it (torch and the models load then): loading
+# and validating a config stays light, so a bad config is reported at once
+TASKS: dict[str, str] = {"classification": "prockd.commands.classification", "detection": "prockd.commands.detection"}
 
 
 def task_name(cfg: BaseModel | dict) -> str:
@@ -27,7 +30,14 @@ def commands(task: str) -> ModuleType:
     """The task's side of the commands."""
     if task not in TASKS:
         raise ProckdError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
-    return TASKS[task]
+    return importlib.import_module(TASKS[task])
+
+
+def build_any_config(data: dict, source: str = "<dict>"):
+    """A raw config dict (overrides applied) validated as its task's experiment config; errors name ``source``."""
+    if task_name(data) == "detection":
+        return build_det_config(data, source)
+    return build_config(data, source)
 
 
 def load_any_config(path: str | Path, overrides: list[str] = ()):
@@ -44,3 +54,9 @@ def run_task(run: Path) -> str:
     cfg_file = Path(run) / "config.yaml"
     data = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
     return task_name(data or {})
+
+
+def config_reference() -> str:
+    """docs/config.md: every key of both tasks' experiment configs (:func:`prockd.core.config.config_reference`)."""
+    return reference_markdown([("Classification (`prockd train`, the default task)", ExperimentConfig),
+                               ("Detection (`task: detection`)", DetExperimentConfig)])

@@ -8,9 +8,10 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from prockd.core.config import (
+    CorruptionConfig,
     MethodConfig,
     Strict,
     apply_overrides,
@@ -18,26 +19,51 @@ from prockd.core.config import (
     read_config_file,
     validate,
 )
-from prockd.shifts import CorruptionConfig
+
+
+def canonical_model_name(name: str) -> str:
+    """A model name in prockd's form: ``timm/NAME`` and ``timm:NAME`` (as LightlyTrain's and timm's hub users write
+    them) are the timm name ``NAME``; ``torchvision/NAME`` is ``torchvision:NAME``; ``builtin/NAME`` is
+    ``builtin:NAME``; anything else is kept."""
+    for prefix in ("timm/", "timm:"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    for lib in ("torchvision", "builtin"):
+        if name.startswith(f"{lib}/"):
+            return f"{lib}:{name[len(lib) + 1:]}"
+    return name
 
 
 class ModelConfig(Strict):
-    """A network created by name (timm, ``torchvision:NAME``, ``builtin:NAME``) or from a checkpoint."""
+    """A network created by name (a timm name or ``timm/NAME``, ``torchvision:NAME`` or ``torchvision/NAME``,
+    ``builtin:NAME``), with its weights from the hub (``pretrained``), from a local file (``checkpoint``: a ``.pth``
+    / ``.pt`` state dict or a ``.safetensors`` file), or random.
 
-    name: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    pretrained: bool = False
-    checkpoint: str | None = None
+    ``pretrained`` unset (None): ``builtin:`` models with shipped weights (``builtin:efficientnet_lite0``) load
+    them, students start from random weights, and a teacher without ``checkpoint`` is an error (a frozen teacher
+    with random weights is never meant; write ``pretrained: false`` to distil from one deliberately)."""
+
+    name: str  # timm name (timm/NAME too), torchvision:NAME (or torchvision/NAME), builtin:NAME
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the model's constructor (depth, img_size, ...)
+    # hub weights (true), random on purpose (false); unset: builtin models' shipped weights, else random for a
+    # student and an error for a teacher without checkpoint
+    pretrained: bool | None = None
+    checkpoint: str | None = None  # local weights: .pth / .pt state dict (bare or under model/state_dict) or .safetensors
     input_size: int | None = None  # square resolution the model sees (its own transform)
     in_chans: int | None = None  # channels the model expects (grayscale data is repeated)
-    mean: tuple[float, ...] | None = None
+    mean: tuple[float, ...] | None = None  # normalisation (default: the model's pretrained_cfg, else ImageNet's)
     std: tuple[float, ...] | None = None
     taps: list[str] | None = None  # module paths whose outputs are distilled
-    num_taps: int = 3
+    num_taps: int = 3  # default taps: this many evenly spaced blocks (ViT) or last stages (CNN)
     embed_tap: str | None = None  # the embedding layer (ViT: after position embedding; CNN: stem)
     fusion_size: tuple[int, int] | None = None  # common grid the taps are resampled to
     init_from_teacher: bool = False  # students only: copy embedding + first blocks from the teacher
-    channels_last: bool = False
+    channels_last: bool = False  # channels-last memory format (faster convolutions on some hardware)
+
+    @field_validator("name")
+    @classmethod
+    def _canonical(cls, v: str) -> str:
+        return canonical_model_name(v)
 
 
 class GlyphConfig(Strict):
@@ -84,26 +110,31 @@ class UnlabeledConfig(Strict):
 class DataConfig(Strict):
     """A labelled image-classification task."""
 
+    # the dataset: your own images are imagefolder (train_dir, val_dir, test_dirs)
     name: Literal["fashion_mnist", "digits", "cifar100", "imagefolder", "tensors", "glyphs"] = "fashion_mnist"
     glyphs: GlyphConfig = Field(default_factory=GlyphConfig)  # data.name=glyphs
     val_fraction: float | None = Field(None, gt=0, lt=1)  # stratified validation split carved from the training set
-    root: str | None = None
-    download: bool = False
+    root: str | None = None  # where a named dataset's files are (fashion_mnist, cifar100)
+    download: bool = False  # cifar100: download when missing (needs internet)
     classes: list[int] | None = None  # subset of the source classes, relabelled 0..k-1 in this order
     labels_per_class: int | None = None  # limited labels: at most this many training images per class
     imbalance: float | None = None  # long-tailed training set: exponential profile, n_max / n_min
     corruptions: list[CorruptionConfig] = Field(default_factory=list)
     subset_seed: int = 0  # which images are kept (fixed across training seeds)
     test_limit: int | None = None  # evaluate on at most this many test images (per class-balanced order)
-    train_dir: str | None = None  # imagefolder
+    train_dir: str | None = None  # imagefolder: one sub-folder of images per class
+    val_dir: str | None = None  # imagefolder: a validation folder of the same classes (instead of val_fraction)
     test_dirs: dict[str, str] = Field(default_factory=dict)  # imagefolder: name -> dir
-    image_size: int | None = None  # imagefolder: images are resized to this at load time
+    image_size: int | None = None  # imagefolder: square size images are resized to (None: their own size)
     stream: bool = False  # imagefolder: leave the images on disk, decode them batch by batch (large sets)
     num_workers: int = Field(2, ge=0)  # loader processes decoding a streamed set's batches
     unlabeled: UnlabeledConfig | None = None  # an unlabelled transfer set of the student's domain
 
     @model_validator(mode="after")
     def _check_stream(self):
+        if self.val_dir is not None and (self.name != "imagefolder" or self.val_fraction is not None):
+            raise ValueError("data.val_dir is a validation folder of data.name=imagefolder, given instead of "
+                             "data.val_fraction (not both)")
         if self.stream and self.name != "imagefolder":
             raise ValueError(f"data.stream is for data.name=imagefolder (files on disk); '{self.name}' is "
                              "loaded into memory")
@@ -164,8 +195,8 @@ class TeacherEvalConfig(Strict):
 class ExperimentConfig(Strict):
     """Everything one run needs."""
 
-    seed: int = 0
-    out: str = "runs/exp"
+    seed: int = 0  # the run's seed (student initialisation, batch order, augmentation)
+    out: str = "runs/exp"  # the run directory (prockd train --out replaces it)
     teacher: ModelConfig | None = None
     teacher_eval: TeacherEvalConfig = Field(default_factory=TeacherEvalConfig)
     student: ModelConfig

@@ -4,9 +4,13 @@ ship inside the package (``configs/...``)."""
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
+import re
+import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,8 +31,37 @@ class MethodConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-def format_errors(e: ValidationError, prefix: str = "") -> str:
-    """A pydantic error as one line of 'dotted.key': message parts (``prefix`` before every key)."""
+class CorruptionConfig(Strict):
+    """A shifted test domain built from the clean test split (:func:`prockd.shifts.corrupt`)."""
+
+    kind: Literal["fog", "contrast", "noise"]
+    severity: int = Field(3, ge=1, le=5)
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (``X``, ``X | None``, ``list[X]``, ``dict[str, X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+
+
+def section_keys(model: type[BaseModel] | None, loc: tuple) -> list[str] | None:
+    """The keys the section at ``loc`` (a pydantic error location, list indices and dict keys included) of
+    ``model`` accepts; None when it is not a known section."""
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int) or part not in model.model_fields:
+            continue  # an index into a list or a key of a mapping: same section model
+        found = _models_in(model.model_fields[part].annotation)
+        model = found[0] if found else None
+    return list(model.model_fields) if model is not None else None
+
+
+def format_errors(e: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """A pydantic error as one line of 'dotted.key': message parts (``prefix`` before every key). With the
+    validated ``model``, an unknown key says which known key it is near (did you mean) and lists the section's
+    keys."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"])
@@ -37,6 +70,11 @@ def format_errors(e: ValidationError, prefix: str = "") -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            known = section_keys(model, tuple(err["loc"][:-1])) if model is not None else None
+            if known:
+                near = difflib.get_close_matches(str(err["loc"][-1]), known, n=3, cutoff=0.6)
+                msg += (f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else "") + \
+                    f" (this section's keys: {', '.join(known)}; all keys: docs/config.md)"
         parts.append(f"'{loc}': {msg}" if loc else msg)
     return "; ".join(parts)
 
@@ -130,6 +168,77 @@ def validate(model: type[BaseModel], data: dict, source: str = "<dict>"):
     try:
         return model(**data)
     except ValidationError as e:
-        raise ProckdError(f"config error in {source}: {format_errors(e)}") from None
+        raise ProckdError(f"config error in {source}: {format_errors(e, model=model)}") from None
     except ProckdError as e:
         raise ProckdError(f"config error in {source}: {e}") from None
+
+
+def _field_comments(model: type[BaseModel]) -> dict[str, str]:
+    """Each field's comment in ``model``'s source: the ``# ...`` at the end of its line, else the comment lines
+    right above it."""
+    try:
+        lines = inspect.getsource(model).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines[1:]:
+        text = line.strip()
+        m = re.match(r"^([A-Za-z_]\w*)\s*:[^#]*?(?:#\s*(.*))?$", text)
+        if text.startswith("#"):
+            above.append(text.lstrip("#").strip())
+            continue
+        if m and m.group(1) in model.model_fields:
+            out[m.group(1)] = m.group(2) or " ".join(above)
+        above = []
+    return out
+
+
+def _type_name(annotation) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "")
+    return re.sub(r"(?:[\w.]+\.)(\w+)", r"\1", text).replace("NoneType", "None")
+
+
+def _default_text(field) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "{}" if isinstance(value, BaseModel) else f"`{value!r}`"
+    return f"`{field.default!r}`"
+
+
+def config_reference(roots: list[tuple[str, type[BaseModel]]]) -> str:
+    """A Markdown key reference of config models (each section's keys with type, default and the comment of its
+    source line), for docs/config.md; ``roots``: (title, top-level model) per task."""
+    out = ["# Config keys", "",
+           "Every key of an experiment config, generated from the config models (`python scripts/gen_config_docs.py`;"
+           " a test checks this page is current). A key not listed is an error that names it and suggests the nearest"
+           " known key.", ""]
+    for title, root in roots:
+        out += [f"## {title}", ""]
+        seen: set = set()
+        queue: list[tuple[str, type[BaseModel]]] = [("", root)]
+        while queue:
+            path, model = queue.pop(0)
+            if model in seen and path:
+                out += [f"### `{path}`", "", f"Same keys as {model.__name__} above.", ""]
+                continue
+            seen.add(model)
+            doc = " ".join((inspect.getdoc(model) or "").split("\n\n")[0].split())
+            out += [f"### `{path or '(top level)'}`" + f" — {model.__name__}", "", doc, "",
+                    "| key | type | default | meaning |", "|---|---|---|---|"]
+            notes = _field_comments(model)
+            nested = []
+            for name, field in model.model_fields.items():
+                key = f"{path}.{name}" if path else name
+                subs = _models_in(field.annotation)
+                meaning = (notes.get(name) or (f"section, see `{key}`" if subs else "")).replace("|", "\\|")
+                typ = _type_name(field.annotation).replace("|", "\\|")
+                default = _default_text(field).replace("|", "\\|")
+                out.append(f"| `{name}` | `{typ}` | {default} | {meaning} |")
+                nested += [(key, m) for m in subs[:1]]
+            out.append("")
+            queue = nested + queue
+    return "\n".join(out).rstrip() + "\n"
