@@ -23,10 +23,11 @@ def _same_random_state_for_every_test():
     torch.manual_seed(0)
 
 
-TINY_VIT = {"name": "vit_tiny_patch16_224", "in_chans": 1, "input_size": 8, "mean": [0.3], "std": [0.4],
+# random weights on purpose (``pretrained: false``): a teacher without weights is an error unless asked for
+TINY_VIT = {"name": "vit_tiny_patch16_224", "pretrained": False, "in_chans": 1, "input_size": 8, "mean": [0.3], "std": [0.4],
             "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2,
                        "mlp_ratio": 2.0}}
-TINY_CNN = {"name": "resnet18", "in_chans": 1, "input_size": 16, "mean": [0.3], "std": [0.4],
+TINY_CNN = {"name": "resnet18", "pretrained": False, "in_chans": 1, "input_size": 16, "mean": [0.3], "std": [0.4],
             "kwargs": {"channels": [8, 16, 16, 16], "stem_width": 8, "num_classes": 4},
             "taps": ["layer1", "layer2"], "fusion_size": [2, 2]}
 

@@ -91,7 +91,7 @@ def test_cross_task_baselines_train_with_gradients_and_cache(tiny, tmp_path, met
     assert cached["deployed_params"] == cached["student_params"]  # connectors are not deployed
 
 
-VIT_TEACHER = {"name": "vit_tiny_patch16_224", "in_chans": 1, "input_size": 8, "mean": [0.3], "std": [0.4],
+VIT_TEACHER = {"name": "vit_tiny_patch16_224", "pretrained": False, "in_chans": 1, "input_size": 8, "mean": [0.3], "std": [0.4],
                "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 12, "depth": 2, "num_heads": 2,
                           "num_classes": 4}}
 

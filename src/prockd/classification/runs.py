@@ -31,7 +31,7 @@ def load_run_student(run: Path, checkpoint: str = "selected"):
     built = build(cfg)
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        built.distiller.load_state_dict(state["distiller"])
+        built.distiller.load_deployed_state(state["distiller"])
     except Exception as e:  # noqa: BLE001
         raise ProckdError(f"checkpoint {ckpt} is unreadable: {e}") from None
     dep = built.distiller.export().eval()

@@ -9,17 +9,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 
 from prockd.core.io import atomic_torch_save
 from prockd.errors import ProckdError
 
 
 def read_state_dict(path: str | Path, what: str) -> dict:
-    """The state dict saved in ``path`` (bare, or under ``model`` / ``state_dict`` / ``student``; DDP's
-    ``module.`` prefixes removed); errors name ``what`` and the file."""
+    """The state dict saved in ``path``: a ``.safetensors`` file (the format hubs ship), or a torch file (bare, or
+    under ``model`` / ``state_dict`` / ``student``); DDP's ``module.`` prefixes removed. Errors name ``what`` and
+    the file."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ProckdError(f"{what} checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        try:
+            obj = load_safetensors(str(p), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ProckdError(f"{what} checkpoint {p} is not a readable safetensors file: {str(e)[:200]}") from None
+        return {k.removeprefix("module."): v for k, v in obj.items()}
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is the same user error
@@ -64,13 +73,22 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def resume_state(last: Path, dist, opt, sched, scaler, log=print) -> tuple[int, float, list]:
+def resume_state(last: Path, dist, opt, sched, scaler, log=print, teacher: dict | None = None) -> tuple[int, float, list]:
     """Load ``last.pt`` (distiller, optimiser, scheduler, scaler, RNG states) when it exists; returns
-    (first epoch to run, best selection score, history). Shared by the classification and detection loops."""
+    (first epoch to run, best selection score, history). ``teacher``: the frozen teacher's reference (its weights'
+    source and digest; checkpoints hold it by reference, never its weights): a checkpoint of another teacher is an
+    error. Shared by the classification and detection loops."""
     if not last.is_file():
         return 0, -1.0, []
     try:
         state = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise ProckdError(f"checkpoint {last} is unreadable: {e}") from None
+    if teacher and state.get("teacher") and state["teacher"].get("digest") != teacher.get("digest"):
+        raise ProckdError(f"checkpoint {last} was trained with another teacher ({state['teacher'].get('source')}, "
+                          f"weights {state['teacher'].get('digest')}) than this config's ({teacher.get('source')}, "
+                          f"{teacher.get('digest')}): use a new run directory (--out) or the original teacher")
+    try:
         dist.load_state_dict(state["distiller"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -83,14 +101,17 @@ def resume_state(last: Path, dist, opt, sched, scaler, log=print) -> tuple[int, 
 
 
 def save_epoch(ckpt_dir: Path, epoch: int, best: float, history: list, record: dict, improved: bool, dist,
-               opt, sched, scaler) -> None:
-    """An epoch's ``last.pt`` (everything an exact resume needs) and, when it improved, ``best.pt`` (both
-    atomic; both training loops)."""
+               opt, sched, scaler, teacher: dict | None = None) -> None:
+    """An epoch's ``last.pt`` (everything an exact resume needs: what trains, the optimiser's state of it, the
+    schedule, the RNG states, and the frozen teacher by reference only) and, when it improved, ``best.pt`` (what
+    the deployed model is made of, :meth:`~prockd.core.distiller.DistillerBase.deployed_state`). Both atomic;
+    both training loops."""
     atomic_torch_save({"epoch": epoch, "best": best, "history": history, "distiller": dist.state_dict(),
                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       "scaler": scaler.state_dict(), "rng": rng_state()}, ckpt_dir / "last.pt")
+                       "scaler": scaler.state_dict(), "rng": rng_state(), "teacher": teacher}, ckpt_dir / "last.pt")
     if improved:
-        atomic_torch_save({"epoch": epoch, "distiller": dist.state_dict(), "metrics": record}, ckpt_dir / "best.pt")
+        atomic_torch_save({"epoch": epoch, "distiller": dist.deployed_state(), "metrics": record},
+                          ckpt_dir / "best.pt")
 
 
 def select_best(ckpt_dir: Path, dist, primary: str, final: dict, tests, evaluate_tests) -> dict | None:
@@ -106,7 +127,7 @@ def select_best(ckpt_dir: Path, dist, primary: str, final: dict, tests, evaluate
         known = {k: v for k, v in final.items() if k.split("/")[0] in tests}
         selected.update(known or evaluate_tests())
     else:
-        dist.load_state_dict(chosen["distiller"])
+        dist.load_deployed_state(chosen["distiller"])
         selected.update(evaluate_tests())
     return selected
 

@@ -23,6 +23,10 @@ class DistillerBase(nn.Module):
     # the loss weights a tuning budget scales (``prockd bench compare --tune``): every method gets the same
     # number of configurations, each multiplying these together by one factor
     main_weights: ClassVar[tuple[str, ...]] = ("weight",)
+    # the state-dict prefixes of what the deployed model is made of (None: the whole distiller): ``best.pt``, the
+    # checkpoint selected on validation, keeps only these (training-only modules such as ProC-KD's PL are not
+    # deployed, and the run's last.pt keeps them for resume)
+    deployed_prefixes: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, student: nn.Module, teacher, params: BaseModel, num_classes: int):
         super().__init__()
@@ -51,6 +55,24 @@ class DistillerBase(nn.Module):
     def learnable_parameters(self) -> list[nn.Parameter]:
         """Everything the optimiser updates: the student and the method's own modules."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def deployed_state(self) -> dict:
+        """The state dict restricted to :attr:`deployed_prefixes` (what evaluation and export read)."""
+        sd = self.state_dict()
+        if self.deployed_prefixes is None:
+            return sd
+        return {k: v for k, v in sd.items() if k.startswith(self.deployed_prefixes)}
+
+    def load_deployed_state(self, state: dict) -> None:
+        """Load a :meth:`deployed_state` (or a full state dict); a deployed tensor missing or a key unknown is an
+        error."""
+        if self.deployed_prefixes is None:
+            self.load_state_dict(state)
+            return
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        bad = [k for k in missing if k.startswith(self.deployed_prefixes)] + list(unexpected)
+        if bad:
+            raise RuntimeError(f"the checkpoint does not fit the model: {bad[:3]}{'...' if len(bad) > 3 else ''}")
 
     def export(self) -> nn.Module:
         """The deployable model (no teacher, no training-only modules)."""

@@ -237,6 +237,11 @@ class TaskHooks:
         """After the last epoch: final and selected test results, the summary written to ``final.json``."""
         raise NotImplementedError
 
+    def teacher_reference(self) -> dict | None:
+        """The frozen teacher as checkpoints name it (``source``: where its weights come from, ``digest``: a SHA-1
+        of them), never its weights; None without a teacher (default)."""
+        return None
+
     def save_deployed(self, run_dir: Path) -> None:
         """The task's deployable file in the run directory (rank 0)."""
         raise NotImplementedError
@@ -272,7 +277,8 @@ def _run(hooks: TaskHooks, run_dir: Path, log) -> dict:
     steps_per_epoch = hooks.steps_per_epoch(info)
     sched = hooks.scheduler(opt, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=(t.amp == "fp16" and device.type == "cuda"))
-    start_epoch, best, history = resume_state(ckpt_dir / "last.pt", dist, opt, sched, scaler, log)
+    teacher_ref = hooks.teacher_reference()
+    start_epoch, best, history = resume_state(ckpt_dir / "last.pt", dist, opt, sched, scaler, log, teacher_ref)
     hooks.after_resume(run_dir, start_epoch, info)
     model = dist
     if info.enabled:  # after the resume: DDP broadcasts rank 0's (identical) state at construction
@@ -323,7 +329,7 @@ def _run(hooks: TaskHooks, run_dir: Path, log) -> dict:
             best = record[hooks.primary]
         if info.main:
             logger.write(record)
-            save_epoch(ckpt_dir, epoch, best, history, record, improved, dist, opt, sched, scaler)
+            save_epoch(ckpt_dir, epoch, best, history, record, improved, dist, opt, sched, scaler, teacher_ref)
         ddp.barrier(info)  # no rank runs ahead of the checkpoint
         if t.progress:
             log(f"epoch {epoch + 1}/{t.epochs} " + " ".join(
@@ -332,6 +338,7 @@ def _run(hooks: TaskHooks, run_dir: Path, log) -> dict:
             break
     summary = hooks.finish(run_dir, history, best, info, log)
     if info.main:
+        summary["checkpoint_mb"] = {f.name: round(f.stat().st_size / 2**20, 2) for f in sorted(ckpt_dir.glob("*.pt"))}
         logger.close()
         hooks.save_deployed(run_dir)
         atomic_write_json(run_dir / "final.json", summary)

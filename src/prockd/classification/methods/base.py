@@ -39,6 +39,7 @@ class Distiller(DistillerBase):
     uses_student_embed: ClassVar[bool] = False
     # what a live teacher pass must produce (None: taps, logits and embedding)
     teacher_keys: ClassVar[tuple[str, ...] | None] = None
+    deployed_prefixes: ClassVar[tuple[str, ...] | None] = ("student.",)  # :meth:`export`: the student alone
 
     def __init__(self, student, teacher, params: BaseModel, num_classes: int):
         super().__init__(student, teacher, params, num_classes)

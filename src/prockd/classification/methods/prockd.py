@@ -116,6 +116,8 @@ class ProCKD(Distiller):
 
     Params = ProCKDParams
     uses_student_embed = True
+    # deployed: backbone, FA and prototypes (PL's 18.9 M-parameter projection at K 72, C 512 is training-only)
+    deployed_prefixes = ("student.", "fa.", "prototypes")
 
     def __init__(self, student, teacher, params: ProCKDParams, num_classes: int):
         super().__init__(student, teacher, params, num_classes)
