@@ -29,7 +29,7 @@ def write_folder(root, per_class: int, seed: int) -> str:
 
 
 def _raw(tmp_path, stream: bool, method: str = "prockd") -> dict:
-    cnn = {"name": "resnet18", "in_chans": 3, "input_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3,
+    cnn = {"name": "resnet18", "pretrained": False, "in_chans": 3, "input_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3,
            "kwargs": {"channels": [8, 16, 16, 16], "stem_width": 8, "num_classes": 3},
            "taps": ["layer1", "layer2"], "fusion_size": [2, 2]}
     vit = {"name": "vit_tiny_patch16_224", "in_chans": 3, "input_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3,
@@ -85,8 +85,14 @@ def test_stream_errors(folders):
     raw["data"] = {"name": "digits", "stream": True}
     with pytest.raises(ProckdError, match="data.stream is for data.name=imagefolder"):
         build_config(raw)
+    good = (folders / "train" / "dog" / "001.png").read_bytes()
     (folders / "train" / "dog" / "001.png").write_bytes(b"not a png")
-    st = build_task(build_config(_raw(folders, True)).data)  # files are read lazily ...
+    # the files' headers are read when the task is built (their channels and size): a broken one is named then,
+    # before anything trains
+    with pytest.raises(ProckdError, match=r"^image file \S*dog/001\.png is unreadable"):
+        build_task(build_config(_raw(folders, True)).data)
+    (folders / "train" / "dog" / "001.png").write_bytes(good[:60])  # a valid header, the pixels cut off
+    st = build_task(build_config(_raw(folders, True)).data)  # pixels are read lazily ...
     with pytest.raises(ProckdError, match=r"^image file \S*dog/001\.png is unreadable"):
         for ds in (st.train, st.val):  # ... and a broken one is named (one line) when its batch is read
             list(ds.batches(64))

@@ -34,43 +34,72 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist", "~/.cache/prockd/data/fashion-mnist"]
 
 
-def _load_file(path: str, size: int) -> torch.Tensor:
-    """One image file as uint8 ``3 x size x size`` (RGB, resized as the in-memory ImageFolder path does)."""
+def _load_file(path: str, size: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """One image file as uint8 ``channels x H x W`` (grey or RGB; resized to ``size`` = (H, W) when it differs)."""
     try:
         with Image.open(path) as im:
-            return TF.pil_to_tensor(TF.resize(im.convert("RGB"), [size, size], antialias=True))
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (size[1], size[0]):
+                im = TF.resize(im, list(size), antialias=True)
+            return TF.pil_to_tensor(im)
     except (OSError, UnidentifiedImageError) as e:
         raise ProckdError(f"image file {path} is unreadable ({e}); remove or replace it") from None
 
 
-class ImageFiles:
-    """Images on disk, decoded on demand (the streaming path): ``files`` resized to ``size x size`` RGB when
-    loaded; ``corruption`` (a shifted test domain) is applied per image with a per-image seed."""
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes of single-channel images
 
-    def __init__(self, files: list[str], size: int, corruption: CorruptionConfig | None = None):
-        self.files, self.size, self.corruption = list(files), int(size), corruption
+
+def folder_geometry(files: list[str], image_size: int | None = None) -> tuple[int, tuple[int, int]]:
+    """(channels, (H, W)) an image folder is loaded at: 1 when every image is grey, else 3; ``image_size`` squared
+    when given, else the images' own size (the most common one when they differ; the others are resized to
+    it). Only the files' headers are read."""
+    modes, sizes = set(), {}
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                modes.add(im.mode)
+                sizes[im.size] = sizes.get(im.size, 0) + 1
+        except (OSError, UnidentifiedImageError) as e:
+            raise ProckdError(f"image file {f} is unreadable ({e}); remove or replace it") from None
+    channels = 1 if modes and modes <= set(GREY_MODES) else 3
+    if image_size is not None:
+        return channels, (int(image_size), int(image_size))
+    w, h = max(sizes, key=lambda k: (sizes[k], k)) if sizes else (224, 224)
+    return channels, (int(h), int(w))
+
+
+class ImageFiles:
+    """Images on disk, decoded on demand (the streaming path): ``files`` loaded as ``channels x H x W`` (``size``:
+    an int for a square, or (H, W)); ``corruption`` (a shifted test domain) is applied per image with a per-image
+    seed."""
+
+    def __init__(self, files: list[str], size: int | tuple[int, int], corruption: CorruptionConfig | None = None,
+                 channels: int = 3):
+        self.files, self.corruption, self.channels = list(files), corruption, int(channels)
+        self.size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     def __len__(self) -> int:
         return len(self.files)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """(N, 3, size, size), as the loaded tensor would have."""
-        return (len(self.files), 3, self.size, self.size)
+        """(N, C, H, W), as the loaded tensor would have."""
+        return (len(self.files), self.channels, *self.size)
 
     def subset(self, idx) -> "ImageFiles":
         """The files at positions ``idx`` (still on disk)."""
-        return ImageFiles([self.files[int(i)] for i in np.asarray(idx).reshape(-1)], self.size, self.corruption)
+        return ImageFiles([self.files[int(i)] for i in np.asarray(idx).reshape(-1)], self.size, self.corruption,
+                          self.channels)
 
     def with_corruption(self, c: CorruptionConfig) -> "ImageFiles":
         """The same files, shifted by ``c`` when loaded."""
-        return ImageFiles(self.files, self.size, c)
+        return ImageFiles(self.files, self.size, c, self.channels)
 
     def load(self, idx) -> torch.Tensor:
-        """uint8 ``len(idx) x 3 x size x size`` of the files at positions ``idx``."""
+        """uint8 ``len(idx) x C x H x W`` of the files at positions ``idx``."""
         idx = [int(i) for i in torch.as_tensor(idx).reshape(-1)]
-        x = torch.stack([_load_file(self.files[i], self.size) for i in idx]) if idx else \
-            torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+        x = torch.stack([_load_file(self.files[i], self.size, self.channels) for i in idx]) if idx else \
+            torch.zeros(0, self.channels, *self.size, dtype=torch.uint8)
         if self.corruption is not None:
             x = torch.cat([corrupt(x[k:k + 1], self.corruption, seed=1234 + 7 * i) for k, i in enumerate(idx)]) \
                 if idx else x
@@ -78,7 +107,7 @@ class ImageFiles:
 
     def digest(self, h) -> None:
         """Feed the files' identity (path, size, modification time), the size and the shift to hash ``h``."""
-        h.update(f"{self.size}|{self.corruption}".encode())
+        h.update(f"{self.size}|{self.channels}|{self.corruption}".encode())
         for f in self.files:
             st = os.stat(f)
             h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -257,32 +286,39 @@ def load_cifar100(cfg: DataConfig):
 
 
 def load_imagefolder(cfg: DataConfig):
-    """Train and test ImageFolder directories, resized to ``image_size``: held in memory, or with
-    ``data.stream: true`` left on disk (:class:`ImageFiles`, read batch by batch)."""
+    """Train, optional validation (``val_dir``) and test ImageFolder directories (one sub-folder per class), at the
+    images' own size and channels (grey stays one channel) unless ``image_size`` says otherwise: held in memory,
+    or with ``data.stream: true`` left on disk (:class:`ImageFiles`, read batch by batch). Returns (train images,
+    labels, validation (images, labels) or None, {test name: (images, labels)}, class names, info)."""
     if not cfg.train_dir or not cfg.test_dirs:
         raise ProckdError("data.name=imagefolder needs data.train_dir and data.test_dirs")
-    size = cfg.image_size or 224
 
-    def read(path):
+    def samples(key, path):
         p = Path(path).expanduser()
         if not p.is_dir():
-            raise ProckdError(f"image folder not found: {p}")
+            raise ProckdError(f"data.{key}: image folder not found: {p}")
         try:
             ds = ImageFolder(str(p))
         except (FileNotFoundError, RuntimeError) as e:
-            raise ProckdError(f"image folder {p}: {e}") from None
-        files = ImageFiles([f for f, _ in ds.samples], size)
-        x = files if cfg.stream else files.load(torch.arange(len(files))).numpy()
-        return x, np.asarray([t for _, t in ds.samples]), ds.classes
+            raise ProckdError(f"data.{key}: image folder {p}: {e}") from None
+        return [f for f, _ in ds.samples], np.asarray([t for _, t in ds.samples]), ds.classes
 
-    xtr, ytr, names = read(cfg.train_dir)
-    tests = {}
-    for k, v in cfg.test_dirs.items():
-        xte, yte, n2 = read(v)
+    ftr, ytr, names = samples("train_dir", cfg.train_dir)
+    channels, size = folder_geometry(ftr, cfg.image_size)
+
+    def read(key, path):
+        files, y, n2 = samples(key, path)
         if n2 != names:
-            raise ProckdError(f"test folder {v} has classes {n2[:3]}... unlike the training folder")
-        tests[k] = (xte, yte)
-    return xtr, ytr, tests, names
+            raise ProckdError(f"data.{key}: folder {path} has classes {n2[:3]}... unlike the training folder "
+                              f"({names[:3]}...): every split needs the same class sub-folders")
+        images = ImageFiles(files, size, channels=channels)
+        return (images if cfg.stream else images.load(torch.arange(len(images))).numpy()), y
+
+    xtr = ImageFiles(ftr, size, channels=channels)
+    xtr = xtr if cfg.stream else xtr.load(torch.arange(len(xtr))).numpy()
+    val = read("val_dir", cfg.val_dir) if cfg.val_dir else None
+    tests = {k: read(f"test_dirs.{k}", v) for k, v in cfg.test_dirs.items()}
+    return xtr, ytr, val, tests, names, {"image_shape": [channels, *size]}
 
 
 def load_glyphs(cfg: DataConfig):
@@ -384,26 +420,27 @@ def _subsample(y: np.ndarray, counts: list[int], seed: int) -> np.ndarray:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")  # files read as images
 
 
-def load_unlabeled_dir(path: str, shape: tuple[int, int, int], limit: int | None = None) -> torch.Tensor:
-    """Every image file under ``path`` (recursively, sorted) as uint8 ``N x C x H x W`` in the training images'
-    ``shape`` (resized; RGB averaged to one channel or grey repeated to three as the training images need)."""
+def unlabeled_files(path: str, limit: int | None = None) -> list[str]:
+    """Every image file under ``path`` (recursively, sorted; :data:`IMAGE_SUFFIXES`), at most ``limit``."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ProckdError(f"data.unlabeled.dir: folder not found: {root}")
-    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if limit:
         files = files[:limit]
     if not files:
         raise ProckdError(f"data.unlabeled.dir: no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    return files
+
+
+def load_unlabeled_dir(path: str, shape: tuple[int, int, int], limit: int | None = None) -> torch.Tensor:
+    """Every image file under ``path`` (:func:`unlabeled_files`) as uint8 ``N x C x H x W`` in the training
+    images' ``shape`` (resized; converted to grey or RGB as the training images are)."""
     c, h, w = shape
-    x = ImageFiles(files, h).load(torch.arange(len(files)))
-    if w != h:
-        x = F.interpolate(x.float(), (h, w), mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
-    if c == 1:
-        x = x.float().mean(1, keepdim=True).round().to(torch.uint8)
-    elif c != 3:
+    if c not in (1, 3):
         raise ProckdError(f"data.unlabeled.dir: the training images have {c} channels; only 1 or 3 are supported")
-    return x
+    files = unlabeled_files(path, limit)
+    return ImageFiles(files, (h, w), channels=c).load(torch.arange(len(files)))
 
 
 def _unlabeled(cfg: DataConfig, extra_info: dict, train: ArrayDataset) -> ArrayDataset | None:
@@ -443,7 +480,7 @@ def build_task(cfg: DataConfig) -> Task:
     """Load and shape the task described by ``cfg``."""
     raw_val, extra_info = None, {}
     if cfg.name == "imagefolder":
-        xtr, ytr, raw_tests, names = load_imagefolder(cfg)
+        xtr, ytr, raw_val, raw_tests, names, extra_info = load_imagefolder(cfg)
     elif cfg.name == "glyphs":
         xtr, ytr, raw_val, raw_tests, names, extra_info = load_glyphs(cfg)
     elif cfg.name in LOADERS:
