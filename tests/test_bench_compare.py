@@ -31,6 +31,8 @@ def test_compare_tunes_on_validation_runs_fresh_seeds_and_continues(tmp_path, ca
     out = tmp_path / "cmp"
     assert main(["bench", "compare", "--config", str(cfg), "--out", str(out), "--tune"]) == 0
     printed = capsys.readouterr().out
+    # the banner names the user's spec (not only the suite whose defaults fill it) and how many runs go at once
+    assert f"prockd bench compare: spec {cfg} over suite glyphs's defaults; 1 run at a time, one thread each" in printed
     assert "tuning: 3 methods, 2 configurations each" in printed and "5 runs, 0 already finished" in printed
     assert "= 24 runs, 0 already finished" in printed and "teacher features" in printed
     res = json.loads((out / "results.json").read_text())

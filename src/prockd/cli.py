@@ -11,67 +11,57 @@ import json
 import sys
 from pathlib import Path
 
-from prockd.bench.deploy import SCENARIOS, run_deploy_bench
-from prockd.bench.suites import suite_task
-from prockd.classification.data import build_task
-from prockd.classification.export import export_onnx
-from prockd.classification.predict import Predictor, image_files, predict_files
-from prockd.classification.runs import load_run_student
-from prockd.detection.cityscapes import convert_cityscapes
 from prockd.errors import ProckdError
-from prockd.tasks import commands, load_any_config, run_task, task_name
+
+# every command imports what it needs inside its function (torch, timm and torchvision take seconds to import):
+# help and config errors print at once
 
 
 def _cmd_train(args) -> int:
-    cfg = load_any_config(args.config, args.overrides)
-    print(json.dumps(commands(task_name(cfg)).train(cfg, args.out), indent=2))
+    from prockd.tasks import load_any_config
+
+    cfg = load_any_config(args.config, args.overrides)  # light: a bad config is reported before torch loads
+    import prockd.api as api
+
+    run = api.train(cfg, args.out)
+    print(json.dumps({"run": str(run), "final": api.read_final(run).get("final")}, indent=2))
     return 0
 
 
 def _cmd_pretrain_teacher(args) -> int:
+    from prockd.tasks import commands, load_any_config, task_name
+
     cfg = load_any_config(args.config, list(args.overrides) + ["method.name=student_only", "method.params={}"])
     print(json.dumps(commands(task_name(cfg)).pretrain_teacher(cfg, args.out), indent=2))
     return 0
 
 
 def _cmd_eval(args) -> int:
-    run = Path(args.run) if args.run else None
-    cfg_path = args.config or (run / "config.yaml" if run else None)
-    if cfg_path is None or (args.model is None and run is None):
+    if args.run is None and (args.model is None or args.config is None):
         raise ProckdError("eval needs --run DIR, or --model FILE with --config FILE")
-    cfg = load_any_config(cfg_path, args.overrides)
-    task = commands(task_name(cfg))
-    model_path = Path(args.model) if args.model else run / task.DEPLOYED_FILE
-    print(json.dumps(task.evaluate(cfg, model_path), indent=2))
+    import prockd.api as api
+
+    print(json.dumps(api.evaluate(args.run, model=args.model, config=args.config, overrides=args.overrides), indent=2))
     return 0
 
 
 def _cmd_export(args) -> int:
     if not args.out and not args.onnx:
         raise ProckdError("export needs --out FILE.pt and/or --onnx FILE.onnx")
-    dep, cfg, task = load_run_student(Path(args.run), args.checkpoint)
-    if dep.input_shape is None or dep.class_names is None:  # files written before they carried both
-        task = task or build_task(cfg.data)
-        dep.input_shape = dep.input_shape or task.image_shape
-        dep.class_names = dep.class_names or task.class_names
-    report = {}
-    if args.out:
-        dep.save(args.out, len(dep.class_names), dep.class_names)
-        report["exported"] = str(args.out)
-    if args.onnx:
-        task = task or build_task(cfg.data)
-        name, ds = next(iter(task.tests.items()))
-        images = next(ds.batches(args.verify_images))[0]
-        print(f"exporting to ONNX and checking it against PyTorch on {len(images)} images of test set '{name}' ...",
-              file=sys.stderr)
-        report["onnx"] = export_onnx(dep, args.onnx, images, opset=args.opset, atol=args.atol)
-        report["onnx"]["test_set"] = name
+    import prockd.api as api
+
+    report = api.export(args.run, out=args.out, onnx=args.onnx, checkpoint=args.checkpoint, opset=args.opset,
+                        atol=args.atol, verify_images=args.verify_images,
+                        say=lambda m: print(m, file=sys.stderr))
     print(json.dumps(report, indent=2))
     return 0
 
 
 def _cmd_predict(args) -> int:
-    pred = Predictor(args.model, threads=args.threads)
+    import prockd.api as api
+    from prockd.classification.predict import image_files, predict_files
+
+    pred = api.load_student(args.model, threads=args.threads)
     files = image_files(args.inputs)
     results = predict_files(pred, files, args.topk)
     if args.json:
@@ -84,12 +74,16 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
+    from prockd.tasks import commands, run_task
+
     out = commands(run_task(Path(args.run))).analyze(args)
     print(json.dumps({"index": str(out)}))
     return 0
 
 
 def _cmd_bench_deploy(args) -> int:
+    from prockd.bench.deploy import SCENARIOS, run_deploy_bench
+
     if args.scenario not in SCENARIOS:
         raise ProckdError(f"unknown scenario '{args.scenario}' (known: {', '.join(SCENARIOS)})")
     run_deploy_bench(args.scenario, run=Path(args.run) if args.run else None, threads=args.threads,
@@ -100,16 +94,37 @@ def _cmd_bench_deploy(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from prockd.bench.suites import suite_task
+    from prockd.tasks import commands
+
     commands(suite_task(args.suite, args.task)).demo(args)
     return 0
 
 
 def _cmd_bench_compare(args) -> int:
-    commands(suite_task(args.suite, args.task)).compare(args)
+    from prockd.bench.suites import suite_task
+
+    task = suite_task(args.suite, args.task)
+    if task != "classification":
+        from prockd.tasks import commands
+
+        commands(task).compare(args)
+        return 0
+    if getattr(args, "overrides", None):
+        raise ProckdError("--set applies to the detection comparison; a classification comparison's recipe is its "
+                          "YAML spec (--config FILE, keys 'base' / 'train')")
+    import prockd.api as api
+
+    api.compare(args.config, args.out, suite=args.suite, seeds=args.seeds, workers=args.workers,
+                tune=args.tune, tune_only=args.tune_only, probe_only=args.probe_only, tune_seeds=args.tune_seeds,
+                methods=args.methods, students=args.students, settings=args.settings,
+                train_teacher=args.train_teacher)
     return 0
 
 
 def _cmd_convert(args) -> int:
+    from prockd.detection.cityscapes import convert_cityscapes
+
     written = [str(convert_cityscapes(args.root, split, args.out, args.foggy_beta, args.workers))
                for split in args.splits]
     print(json.dumps({"written": written}, indent=2))
@@ -117,6 +132,8 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_bench_speed(args) -> int:
+    from prockd.tasks import commands
+
     commands(args.task).speed(args)
     return 0
 

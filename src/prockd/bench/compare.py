@@ -68,9 +68,15 @@ def proposed(label: str) -> bool:
     return method_of(label) == PROPOSED
 
 
-def load_spec(path: str | Path | None = None, overrides: dict | None = None, suite: str | None = None) -> dict:
-    """The comparison spec: the suite's defaults, replaced key by key by the YAML file and ``overrides``."""
-    loaded: dict = {}
+def load_spec(path: str | Path | None = None, overrides: dict | None = None, suite: str | None = None,
+              extra: dict | None = None) -> dict:
+    """The comparison spec: the suite's defaults, replaced key by key by the YAML file (or the mapping ``extra``,
+    the Python API's spec) and ``overrides``."""
+    loaded: dict = dict(extra or {})
+    if extra is not None:
+        unknown = set(loaded) - SPEC_KEYS
+        if unknown:
+            raise ProckdError(f"comparison spec: unknown key(s) {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -91,6 +97,7 @@ def load_spec(path: str | Path | None = None, overrides: dict | None = None, sui
     spec = {"suite": s.name, "seeds": s.seeds, "workers": None, "methods": s.methods, "students": s.students,
             "settings": s.settings, "data": s.data, "base": None, "tune_seeds": 2, "tune_factors": s.tune_factors}
     spec.update(loaded)
+    spec["source"] = str(path) if path is not None else ("a spec passed from Python" if extra is not None else None)
     for k, v in (overrides or {}).items():
         if v is not None:
             spec[k] = v
@@ -458,7 +465,10 @@ def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: 
     out, cache_root, log_path, log = output_dirs(out, cache_root, "compare.log")
     t0 = time.perf_counter()
     phases = Phases()
-    say(f"prockd bench compare: suite {spec['suite']}; logs in {log_path}")
+    workers = spec.get("workers") or default_workers()
+    say(f"prockd bench compare: {('spec ' + spec['source'] + ' over ') if spec.get('source') else ''}suite "
+        f"{spec['suite']}'s defaults; {workers} run{'s' if workers != 1 else ''} at a time, one thread each (--workers); "
+        f"logs in {log_path}")
     base, teacher_summary = _base(spec, cache_root, log, say, shipped_teacher)
     phases.lap("teacher")
     if teacher_summary:

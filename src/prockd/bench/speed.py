@@ -45,7 +45,7 @@ SCENARIOS = {
     # the embedded benchmark's networks (teacher ResNet 2.8 M at 56 px, ViT student 0.31 M at 28 px)
     "embedded": {
         "image": [1, 28, 28], "classes": 5, "batch_size": 32, "amp": "none",
-        "teacher": {"name": "resnet18", "in_chans": 1, "input_size": 56, "mean": [0.286], "std": [0.353],
+        "teacher": {"name": "resnet18", "pretrained": False, "in_chans": 1, "input_size": 56, "mean": [0.286], "std": [0.353],
                     "kwargs": {"channels": [32, 64, 128, 256], "stem_width": 32, "num_classes": 5},
                     "taps": ["layer1", "layer2", "layer3"], "fusion_size": [7, 7]},
         "student": {"name": "vit_tiny_patch16_224", "in_chans": 1, "input_size": 28, "mean": [0.286], "std": [0.353],
@@ -56,7 +56,8 @@ SCENARIOS = {
     # the paper's ViT-B/16 -> ViT-B depth 6 at 224 px, batch 64, bf16 (for GPUs)
     "paper": {
         "image": [3, 224, 224], "classes": 100, "batch_size": 64, "amp": "bf16",
-        "teacher": {"name": "vit_base_patch16_224", "input_size": 224, "kwargs": {"num_classes": 100}},
+        "teacher": {"name": "vit_base_patch16_224", "pretrained": False, "input_size": 224,
+                    "kwargs": {"num_classes": 100}},  # step time only: random weights on purpose
         "student": {"name": "vit_base_patch16_224", "input_size": 224, "kwargs": {"depth": 6}},
         "prockd": {"num_prototypes": 24, "variant": "B"},
     },

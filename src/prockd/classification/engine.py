@@ -22,6 +22,7 @@ from prockd.classification.models import (
     count_params,
     create_model,
     init_student_from_teacher,
+    weights_source,
 )
 from prockd.core import distributed as ddp
 from prockd.core.checkpoint import save_teacher, select_best
@@ -142,6 +143,22 @@ def mix_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
     return torch.where(box.unsqueeze(1), x[perm], x)
 
 
+def with_mixtures(distiller: Distiller, x: torch.Tensor, y: torch.Tensor, tf: dict | None, g: torch.Generator,
+                  device=None) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """A batch with the method's function-matching mixtures appended (:func:`mix_batch`, drawn from ``g``), their
+    targets :data:`~prockd.classification.data.IGNORE`; precomputed teacher features ``tf`` get the live teacher's
+    features of exactly those mixtures. The batch itself for methods without function matching. The training
+    loop and :func:`prockd.build_distiller`'s module both call it: one implementation of the method's inputs."""
+    mixing = distiller.function_matching()
+    if mixing == "none":
+        return x, y, tf
+    xm = mix_batch(x, mixing, g)
+    if tf is not None:  # Teacher.extract runs without autograd
+        live = distiller.teacher.extract(xm.to(device if device is not None else xm.device))
+        tf = {k: torch.cat([v, live[k].float()]) for k, v in tf.items()}
+    return torch.cat([x, xm]), torch.cat([y, torch.full((len(xm),), IGNORE, dtype=y.dtype, device=y.device)]), tf
+
+
 def unlabeled_batch(pools: StepPools, task: Task, t: TrainConfig, n: int, g: torch.Generator):
     """``n`` unlabelled images drawn with replacement (one stored view each, or augmented live): (images in
     [0, 1], targets :data:`~prockd.classification.data.IGNORE`, teacher-cache indices)."""
@@ -179,6 +196,7 @@ class Built:
     teacher: Teacher | None
     distiller: Distiller
     device: torch.device
+    weights: dict[str, str] | None = None  # where the teacher's and the student's weights come from, in words
 
 
 def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | None = None) -> Built:
@@ -187,8 +205,12 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
     device = resolve_device(cfg.train.device)
     task = task or build_task(cfg.data)
     cls, params = method_params(cfg)
+    weights = {"student": weights_source(cfg.student, "student")}
     if cls.needs_teacher and teacher is None:
+        weights["teacher"] = weights_source(cfg.teacher, "teacher")  # a teacher without weights fails here
         teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
+    elif cls.needs_teacher:
+        weights["teacher"] = "a teacher built by the caller"
     set_seed(cfg.seed)
     s_model = create_model(cfg.student, task.num_classes, "student")
     if cfg.student.init_from_teacher:
@@ -206,7 +228,7 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
             teacher.model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         compile_modules(distiller, cfg.train.compile_backend)
-    return Built(cfg, task, teacher, distiller, device)
+    return Built(cfg, task, teacher, distiller, device, weights)
 
 
 def compile_modules(distiller: Distiller, backend: str = "inductor") -> None:
@@ -301,13 +323,7 @@ def step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, cac
         xu, yu, iu = unlabeled_batch(pools, b.task, t, cfg.data.unlabeled.batch_size or t.batch_size, gu)
         x, y, idx = torch.cat([x, xu]), torch.cat([y, yu]), torch.cat([idx, iu])
     tf = cache.get(idx, device) if cache is not None else None
-    mixing = b.distiller.function_matching()
-    if mixing != "none":
-        xm = mix_batch(x, mixing, gu)
-        if tf is not None:  # Teacher.extract runs without autograd
-            live = b.teacher.extract(xm.to(device))
-            tf = {k: torch.cat([v, live[k].float()]) for k, v in tf.items()}
-        x, y = torch.cat([x, xm]), torch.cat([y, torch.full((len(xm),), IGNORE, dtype=torch.int64)])
+    x, y, tf = with_mixtures(b.distiller, x, y, tf, gu, device)
     share = 1.0
     if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
         part = ddp.shard(torch.arange(len(y)), info)
@@ -335,6 +351,12 @@ class ClassificationHooks(TaskHooks):
         """The resolved config as YAML."""
         return dump_config(self.cfg)
 
+    def teacher_reference(self) -> dict | None:
+        """The frozen teacher by reference (its weights' source and a digest of them) for the checkpoints."""
+        if self.b.teacher is None:
+            return None
+        return {"source": (self.b.weights or {}).get("teacher"), "digest": tensor_digest(self.b.teacher.model.state_dict())}
+
     def setup(self, info, log) -> None:
         """The teacher's own task (to check its accuracy), built before anything is written."""
         if self.teacher_task is None and self.cfg.teacher_eval.data is not None and self.b.teacher is not None:
@@ -344,6 +366,8 @@ class ClassificationHooks(TaskHooks):
         """The teacher's accuracy on its own task, the step pools, the teacher cache, the method's
         data-dependent initialisation."""
         b, cfg, device, t = self.b, self.cfg, self.device, self.cfg.train
+        for role, source in (b.weights or {}).items():
+            log(f"{role} weights: {source}")
         if b.teacher is not None and self.teacher_task is not None:
             self.teacher_metrics = teacher_accuracy(b.teacher, self.teacher_task, device,
                                                     cache_dir=cfg.cache.dir if cfg.cache.enabled else None)
@@ -443,7 +467,7 @@ class ClassificationHooks(TaskHooks):
         return {"method": cfg.method.name, "seed": cfg.seed, "final": final, "selected": selected, "best": best,
                 "student_params": count_params(dist.student),
                 "deployed_params": count_params(dist.export()),
-                "teacher": self.teacher_metrics, "train_counts": b.task.info.get("train_counts"),
+                "teacher": self.teacher_metrics, "weights": b.weights, "train_counts": b.task.info.get("train_counts"),
                 "world_size": info.world}
 
     def save_deployed(self, run_dir) -> None:

@@ -3,6 +3,7 @@ image files and folders."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,18 @@ class Predictor:
                     outs.append(self.model(x).float().numpy())
         return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names or [])), np.float32)
 
+    def predict(self, images: torch.Tensor | Sequence[str | Path], topk: int = 5) -> list[list[dict]]:
+        """Top-k classes of each image, best first: ``[{"class": name, "index": k, "prob": p}, ...]`` per image.
+        ``images``: raw ``N x C x H x W`` in [0, 1] (the file's input shape), or image files (read, converted to
+        the model's channels and resized as ``prockd predict`` does)."""
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([load_image(Path(f), self.input_shape) for f in images])
+        probs = torch.from_numpy(self.logits(images)).softmax(-1)
+        k = min(topk, probs.shape[-1])
+        val, idx = probs.topk(k, dim=-1)
+        return [[{"class": self.name(int(i)), "index": int(i), "prob": round(float(v), 5)} for v, i in zip(vr, ir)]
+                for vr, ir in zip(val, idx)]
+
     def name(self, k: int) -> str:
         """Class name of index ``k`` (the index itself when the file has no names)."""
         return self.class_names[k] if self.class_names else str(k)
@@ -91,11 +104,5 @@ def load_image(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def predict_files(pred: Predictor, files: list[Path], topk: int = 5) -> list[dict]:
-    """Top-k classes (name, index, probability) for each image file."""
-    x = torch.stack([load_image(f, pred.input_shape) for f in files])
-    logits = torch.from_numpy(pred.logits(x))
-    probs = logits.softmax(-1)
-    k = min(topk, probs.shape[-1])
-    val, idx = probs.topk(k, dim=-1)
-    return [{"image": str(f), "top": [{"class": pred.name(int(i)), "index": int(i), "prob": round(float(v), 5)}
-                                      for v, i in zip(val[n], idx[n])]} for n, f in enumerate(files)]
+    """Top-k classes (name, index, probability) for each image file (:meth:`Predictor.predict`)."""
+    return [{"image": str(f), "top": top} for f, top in zip(files, pred.predict(files, topk))]

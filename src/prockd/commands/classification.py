@@ -1,13 +1,12 @@
 """Classification's side of every ``prockd`` command that exists for both tasks (the CLI finds it through
 :mod:`prockd.tasks`): train, pretrain a teacher, evaluate a deployed student, analyse runs, the demo, the
-comparison and the speed benchmark."""
+speed benchmark (the comparison is :func:`prockd.compare`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from prockd.bench.compare import load_spec, run_compare
 from prockd.bench.demo import run_demo
 from prockd.bench.speed import SCENARIOS, run_speed
 from prockd.classification.analysis import run_analyze
@@ -61,23 +60,6 @@ def demo(args) -> None:
     """The embedded benchmark's core table (:func:`prockd.bench.demo.run_demo`)."""
     run_demo(out=Path(args.out or "runs/demo"), suite=args.suite or "glyphs", seeds=args.seeds, quick=args.quick,
              workers=args.workers, shipped_teacher=not args.train_teacher)
-
-
-def compare(args) -> None:
-    """A spec- or suite-driven comparison (:func:`prockd.bench.compare.run_compare`)."""
-    if getattr(args, "overrides", None):
-        raise ProckdError("--set applies to the detection comparison; a classification comparison's recipe is its "
-                          "YAML spec (--config FILE, keys 'base' / 'train')")
-    spec = load_spec(args.config, {"seeds": args.seeds, "workers": args.workers, "tune_seeds": args.tune_seeds},
-                     suite=args.suite)
-    for key, names in (("methods", args.methods), ("students", args.students), ("settings", args.settings)):
-        if names:
-            unknown = [n for n in names if n not in spec[key]]
-            if unknown:
-                raise ProckdError(f"--{key} {unknown} not in the comparison (known: {', '.join(spec[key])})")
-            spec[key] = {n: spec[key][n] for n in names}
-    run_compare(Path(args.out), spec, do_tune=args.tune, tune_only=args.tune_only, probe_only=args.probe_only,
-                shipped_teacher=not args.train_teacher)
 
 
 def speed(args) -> None:
