@@ -96,3 +96,26 @@ def test_stream_errors(folders):
     with pytest.raises(ProckdError, match=r"^image file \S*dog/001\.png is unreadable"):
         for ds in (st.train, st.val):  # ... and a broken one is named (one line) when its batch is read
             list(ds.batches(64))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_imagefolder_keeps_own_size_and_channels_and_reads_val_dir(tmp_path, stream):
+    """Grey 12 x 10 images stay 1 x 12 x 10 (no silent upscaling to 224 px RGB); ``val_dir`` is the validation
+    split (nothing carved from train); ``image_size`` still resizes when asked."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2), ("test", 3)):
+        for c in CLASSES:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (12, 10), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    raw = _raw(tmp_path, stream)
+    raw["data"].update(image_size=None, val_fraction=None, val_dir=str(tmp_path / "val"), corruptions=[])
+    task = build_task(build_config(raw).data)
+    assert task.image_shape == (1, 12, 10)
+    assert len(task.train) == 15 and len(task.val) == 6 and task.info["val_counts"] == [2, 2, 2]
+    assert tuple(task.val.take(torch.arange(1)).shape) == (1, 1, 12, 10)
+    raw["data"]["image_size"] = 16
+    assert build_task(build_config(raw).data).image_shape == (1, 16, 16)
+    raw["data"].update(val_fraction=0.2)
+    with pytest.raises(ProckdError, match="val_dir"):
+        build_config(raw)

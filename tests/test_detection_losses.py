@@ -132,7 +132,7 @@ def test_fbkd_paper_recipe_analytic_case():
     rss = math.sqrt(float(((t - s) ** 2).sum()))
     assert math.isclose(float(out["feat"]), rss, rel_tol=1e-5)
     assert float(out["att_channel"]) < 1e-6 and float(out["att_spatial"]) < 1e-6
-    assert math.isclose(float(out["nonlocal"]), rss, rel_tol=1e-5)
+    assert math.isclose(out["nonlocal"].item(), rss, rel_tol=1e-5)
 
 
 def test_fbkd_masks_and_attention_against_direct_formula():

@@ -168,7 +168,7 @@ def test_unlabeled_images_reach_distillation_but_not_cross_entropy(tiny, tmp_pat
     pools = step_pools(b.task, cfg.train)
     assert len(pools.cached) == 2 * len(b.task.train) + 2 * len(b.task.unlabeled) and pools.offset == 2 * len(b.task.train)
     lab = torch.arange(0, len(b.task.train), len(b.task.train) // 6)[:6]  # several classes
-    x = torch.cat([pools.views.images[lab], pools.unlabeled.images[:5]]).float() / 255
+    x = torch.cat([pools.views.images[lab], pools.unlabeled.take(torch.arange(5))]).float() / 255
     y = torch.cat([pools.views.labels[lab], pools.unlabeled.labels[:5]])
     assert len(torch.unique(y[:6])) > 1
     b.distiller.eval()

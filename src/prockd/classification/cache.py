@@ -1,4 +1,4 @@
-"""Frozen-teacher feature cache: computed once per deterministic teacher view, memory-mapped on disk.
+"""Frozen-teacher feature cache: computed once per deterministic teacher view, kept on disk, read row by row.
 
 The key hashes the teacher (name, kwargs, weights, taps, fusion grid, transform), the data (images and
 labels) and the storage dtype: any change gives a new key. A cache directory is built under a temporary
@@ -86,7 +86,7 @@ class TeacherCache:
                  "data": dataset.fingerprint(), "n": len(dataset), "dtype": dtype}
         self.key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
         self.dir = Path(root).expanduser() / self.key
-        self.arrays: dict[str, np.ndarray] = {}
+        self.files: dict[str, _RowFile] = {}
         self.built = False
 
     def _valid(self) -> bool:
@@ -115,7 +115,7 @@ class TeacherCache:
             self._build()
             self.built = True
         meta = json.loads((self.dir / "meta.json").read_text())
-        self.arrays = {name: np.load(self.dir / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+        self.files = {name: _RowFile.open(self.dir / f"{name}.npy") for name in meta["arrays"]}
         return self
 
     @torch.no_grad()
@@ -124,36 +124,103 @@ class TeacherCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         np_dtype = np.float16 if self.dtype == "float16" else np.float32
-        arrays: dict[str, np.ndarray] = {}
+        files: dict[str, _RowFile] = {}
         n = len(self.dataset)
         try:
             for images, _, idx in self.dataset.batches(self.batch_size):
                 feats = self.teacher.extract(images.to(self.device))
                 for name, t in feats.items():
-                    if name not in arrays:
-                        arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np_dtype,
-                                                                 shape=(n, *t.shape[1:]))
-                        reserve_blocks(tmp / f"{name}.npy")
-                    arrays[name][idx.numpy()] = t.cpu().numpy().astype(np_dtype)
+                    if name not in files:
+                        files[name] = _RowFile.create(tmp / f"{name}.npy", np_dtype, (n, *t.shape[1:]))
+                    files[name].write(idx.numpy(), t.cpu().numpy().astype(np_dtype))
             meta = {"key": self.key, "n": n, "arrays": {}}
-            for name, arr in arrays.items():
-                arr.flush()
-                meta["arrays"][name] = {"shape": list(arr.shape)}
-            del arrays
-            for name in meta["arrays"]:
-                meta["arrays"][name]["digest"] = file_digest(tmp / f"{name}.npy")
+            for name, f in files.items():
+                f.close()
+                meta["arrays"][name] = {"shape": list(f.shape), "digest": file_digest(tmp / f"{name}.npy")}
             atomic_write_json(tmp / "meta.json", meta)
             try:
                 os.rename(tmp, self.dir)
             except OSError:  # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
+            for f in files.values():
+                f.close()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.log(f"teacher cache built: {self.dir} ({n} items)")
 
     def get(self, indices: torch.Tensor, device=None) -> dict[str, torch.Tensor]:
-        """Features of the given dataset indices as float32 tensors."""
-        idx = np.asarray(indices)
-        return {name: torch.from_numpy(np.asarray(arr[idx], dtype=np.float32)).to(device or "cpu")
-                for name, arr in self.arrays.items()}
+        """Features of the given dataset indices as float32 tensors (rows read from the files: what stays in this
+        process's memory is the batch, however large the cache)."""
+        idx = np.asarray(indices).reshape(-1)
+        return {name: torch.from_numpy(f.read(idx).astype(np.float32)).to(device or "cpu")
+                for name, f in self.files.items()}
+
+
+class _RowFile:
+    """One ``.npy`` array of a cache, written and read row by row with positioned reads and writes (``pread`` /
+    ``pwrite``) rather than a memory map: the pages stay in the page cache, not in the process's resident memory,
+    so a run's peak RSS does not grow with the number of cached items."""
+
+    def __init__(self, path: Path, fd: int, dtype, shape: tuple[int, ...], offset: int):
+        self.path, self.fd, self.dtype, self.shape, self.offset = path, fd, np.dtype(dtype), tuple(shape), offset
+        self.row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    @classmethod
+    def create(cls, path: Path, dtype, shape: tuple[int, ...]) -> "_RowFile":
+        """A new array file of ``shape`` (header written, blocks reserved)."""
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                  "shape": tuple(int(v) for v in shape)}
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            offset = f.tell()
+            f.truncate(offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+        reserve_blocks(path)
+        return cls(path, os.open(path, os.O_RDWR), dtype, shape, offset)
+
+    @classmethod
+    def open(cls, path: Path) -> "_RowFile":
+        """An existing array file, for reading."""
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            if fortran:
+                raise ValueError(f"{path}: Fortran order")
+            offset = f.tell()
+        return cls(path, os.open(path, os.O_RDONLY), dtype, shape, offset)
+
+    def write(self, idx: np.ndarray, rows: np.ndarray) -> None:
+        """Rows at positions ``idx`` (one write per contiguous run)."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        start = 0
+        while start < len(idx):
+            end = start + 1
+            while end < len(idx) and idx[end] == idx[end - 1] + 1:
+                end += 1
+            data, pos = rows[start:end].tobytes(), self.offset + int(idx[start]) * self.row
+            while data:
+                k = os.pwrite(self.fd, data, pos)
+                data, pos = data[k:], pos + k
+            start = end
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        """Rows at positions ``idx``."""
+        out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        flat = out.reshape(len(idx), -1).view(np.uint8)
+        for k, i in enumerate(idx):
+            if not 0 <= int(i) < self.shape[0]:
+                raise IndexError(f"teacher cache {self.path}: row {int(i)} outside 0..{self.shape[0] - 1}")
+            got = os.preadv(self.fd, [flat[k]], self.offset + int(i) * self.row)
+            if got != self.row:
+                raise ProckdError(f"teacher cache {self.path} is truncated; delete its folder to rebuild it")
+        return out
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        self.close()

@@ -4,7 +4,8 @@ A task selects classes (relabelled 0..k-1), limits labels per class, makes long-
 (exponential profile) and adds shifted test domains (fog, contrast, noise corruptions). Images are held in
 memory as uint8 tensors, or, for an ImageFolder with ``data.stream: true``, stay on disk
 (:class:`ImageFiles`) and are decoded batch by batch by ``DataLoader`` workers: a 100k-image set does not
-have to fit in memory; the teacher cache (memory-mapped, on disk) and the engine work the same on both.
+have to fit in memory; the teacher cache (on disk, read row by row) and the engine work the same on both. An
+unlabelled folder (``data.unlabeled.dir``) always stays on disk.
 """
 from __future__ import annotations
 
@@ -141,8 +142,9 @@ class ArrayDataset:
 
     @property
     def streaming(self) -> bool:
-        """Whether the images stay on disk."""
-        return isinstance(self.images, ImageFiles)
+        """Whether the images stay on disk (anything with ``load``, ``digest`` and ``shape``, e.g.
+        :class:`ImageFiles`), decoded batch by batch."""
+        return not isinstance(self.images, torch.Tensor)
 
     def fingerprint(self) -> str:
         """SHA-1 of the images (or of the files' identities when streaming) and labels (the teacher-cache key)."""
@@ -171,14 +173,65 @@ class ArrayDataset:
             for b in chunks:
                 yield self.images[b].float().div_(255.0), self.labels[b], b
             return
-        loader = torch.utils.data.DataLoader(_Chunks(self.images, chunks), batch_size=None, shuffle=False,
-                                             num_workers=self.num_workers, persistent_workers=False,
-                                             multiprocessing_context=loader_context(self.num_workers))
+        for b, x in zip(chunks, chunk_loader(self.images, chunks, self.num_workers)):
+            yield x.float().div_(255.0), self.labels[b], b
+
+
+class _ListSampler(torch.utils.data.Sampler):
+    """The chunks a :class:`ChunkStream` reads next (set in the main process before each pass)."""
+
+    def __init__(self):
+        self.chunks: list = []
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+class _Items(torch.utils.data.Dataset):
+    """``images.load(chunk)`` for a chunk of positions handed over by the sampler."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, chunk) -> torch.Tensor:
+        return self.images.load(chunk)
+
+
+class ChunkStream:
+    """Loader workers that live for a whole run (started once, not every epoch), decoding the chunks of each
+    :meth:`read` ahead, in order: the per-epoch draws from an unlabelled folder left on disk."""
+
+    def __init__(self, images, num_workers: int):
+        self.sampler = _ListSampler()
+        self.loader = torch.utils.data.DataLoader(_Items(images), batch_size=None, sampler=self.sampler,
+                                                  num_workers=num_workers, persistent_workers=num_workers > 0,
+                                                  multiprocessing_context=loader_context(num_workers))
+
+    def read(self, chunks: list[torch.Tensor]):
+        """uint8 ``images.load(chunk)`` of each chunk, in order (errors as :func:`chunk_loader`'s)."""
+        self.sampler.chunks = [c.tolist() for c in chunks]
         try:
-            for b, x in zip(chunks, loader):
-                yield x.float().div_(255.0), self.labels[b], b
-        except ProckdError as e:  # from a loader worker: its message is the last line of the worker's report
+            yield from self.loader
+        except ProckdError as e:
             raise ProckdError(str(e).strip().splitlines()[-1].split("ProckdError: ", 1)[-1]) from None
+
+
+def chunk_loader(images, chunks: list[torch.Tensor], num_workers: int):
+    """uint8 ``images.load(chunk)`` of each chunk in order, decoded ahead by ``num_workers`` ``DataLoader``
+    processes (none: here); a worker's :class:`ProckdError` (an unreadable file, named) is raised here as one line."""
+    loader = torch.utils.data.DataLoader(_Chunks(images, chunks), batch_size=None, shuffle=False,
+                                         num_workers=num_workers, persistent_workers=False,
+                                         multiprocessing_context=loader_context(num_workers))
+    try:
+        yield from loader
+    except ProckdError as e:  # from a loader worker: its message is the last line of the worker's report
+        raise ProckdError(str(e).strip().splitlines()[-1].split("ProckdError: ", 1)[-1]) from None
 
 
 IGNORE = -100  # the target of an unlabelled image: every cross-entropy term skips it (PyTorch's ignore_index)
@@ -420,31 +473,33 @@ def _subsample(y: np.ndarray, counts: list[int], seed: int) -> np.ndarray:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")  # files read as images
 
 
-def unlabeled_files(path: str, limit: int | None = None) -> list[str]:
-    """Every image file under ``path`` (recursively, sorted; :data:`IMAGE_SUFFIXES`), at most ``limit``."""
+def unlabeled_files(path: str, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """(readable image files, unreadable ones) under ``path``: recursively, sorted, by suffix
+    (:data:`IMAGE_SUFFIXES`), at most ``limit`` readable ones. Each file's header is opened (not its pixels): a
+    file that is not an image (or whose header is broken) is skipped and listed, never met mid-epoch."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ProckdError(f"data.unlabeled.dir: folder not found: {root}")
-    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if limit:
-        files = files[:limit]
-    if not files:
-        raise ProckdError(f"data.unlabeled.dir: no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    return files
-
-
-def load_unlabeled_dir(path: str, shape: tuple[int, int, int], limit: int | None = None) -> torch.Tensor:
-    """Every image file under ``path`` (:func:`unlabeled_files`) as uint8 ``N x C x H x W`` in the training
-    images' ``shape`` (resized; converted to grey or RGB as the training images are)."""
-    c, h, w = shape
-    if c not in (1, 3):
-        raise ProckdError(f"data.unlabeled.dir: the training images have {c} channels; only 1 or 3 are supported")
-    files = unlabeled_files(path, limit)
-    return ImageFiles(files, (h, w), channels=c).load(torch.arange(len(files)))
+    good, bad = [], []
+    for f in sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        if limit and len(good) >= limit:
+            break
+        try:
+            with Image.open(f):
+                pass
+            good.append(f)
+        except (OSError, UnidentifiedImageError, ValueError):
+            bad.append(f)
+    if not good:
+        raise ProckdError(f"data.unlabeled.dir: no readable image files ({', '.join(IMAGE_SUFFIXES)}) under {root}"
+                          + (f" ({len(bad)} unreadable, e.g. {bad[0]})" if bad else ""))
+    return good, bad
 
 
 def _unlabeled(cfg: DataConfig, extra_info: dict, train: ArrayDataset) -> ArrayDataset | None:
-    """The unlabelled transfer set of ``cfg.unlabeled`` (labels :data:`IGNORE`), held in memory."""
+    """The unlabelled transfer set of ``cfg.unlabeled`` (labels :data:`IGNORE`): glyphs rendered in memory, or a
+    folder's images left on disk (:class:`ImageFiles`, decoded by loader workers at the training images' size and
+    channels), however many there are. Unreadable files are skipped, counted in ``info['unlabeled_skipped']``."""
     u = cfg.unlabeled
     if u is None:
         return None
@@ -452,8 +507,60 @@ def _unlabeled(cfg: DataConfig, extra_info: dict, train: ArrayDataset) -> ArrayD
         x = torch.from_numpy(np.ascontiguousarray(extra_info.pop("unlabeled_images")))
         x = x[:u.limit] if u.limit else x
     else:
-        x = load_unlabeled_dir(u.dir, tuple(int(v) for v in train.images.shape[1:]), u.limit)
-    return ArrayDataset(x, torch.full((len(x),), IGNORE, dtype=torch.int64), "unlabeled")
+        c, h, w = (int(v) for v in train.images.shape[1:])
+        if c not in (1, 3):
+            raise ProckdError(f"data.unlabeled.dir: the training images have {c} channels; only 1 or 3 are supported")
+        files, bad = unlabeled_files(u.dir, u.limit)
+        if bad:
+            extra_info["unlabeled_skipped"] = len(bad)
+            extra_info["unlabeled_skipped_files"] = bad[:5]
+        x = ImageFiles(files, (h, w), channels=c)
+    return ArrayDataset(x, torch.full((len(x),), IGNORE, dtype=torch.int64), "unlabeled", cfg.num_workers)
+
+
+class JoinedDataset:
+    """Datasets one after the other, as one (what the teacher cache holds: the labelled items, then the unlabelled
+    ones); each part in memory or streamed, batches in order."""
+
+    def __init__(self, parts: list[ArrayDataset], name: str | None = None):
+        self.parts = list(parts)
+        self.name = name or "+".join(p.name for p in self.parts)
+        self.labels = torch.cat([p.labels for p in self.parts])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether some part stays on disk."""
+        return any(p.streaming for p in self.parts)
+
+    def fingerprint(self) -> str:
+        """SHA-1 of the parts' fingerprints, in order."""
+        return hashlib.sha1("|".join(p.fingerprint() for p in self.parts).encode()).hexdigest()
+
+    def take(self, idx) -> torch.Tensor:
+        """uint8 images at positions ``idx`` of the joined order."""
+        idx = torch.as_tensor(idx).reshape(-1)
+        out, start = None, 0
+        for p in self.parts:
+            sel = ((idx >= start) & (idx < start + len(p))).nonzero().reshape(-1)
+            if len(sel):
+                x = p.take(idx[sel] - start)
+                out = x.new_zeros((len(idx), *x.shape[1:])) if out is None else out
+                out[sel] = x
+            start += len(p)
+        return out
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, indices=None):
+        """(images float [0, 1], labels, joined indices) of every part in order (no shuffling: the cache's pass)."""
+        if generator is not None or indices is not None:
+            raise ValueError("JoinedDataset.batches reads in order only")
+        start = 0
+        for p in self.parts:
+            for x, y, i in p.batches(batch_size):
+                yield x, y, i + start
+            start += len(p)
 
 
 def _balanced_head(y: np.ndarray, limit: int) -> np.ndarray:

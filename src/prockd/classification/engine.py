@@ -14,7 +14,16 @@ import torch
 
 from prockd.classification.cache import TeacherCache, tensor_digest
 from prockd.classification.config import ExperimentConfig, TrainConfig
-from prockd.classification.data import IGNORE, ArrayDataset, Task, build_task
+from prockd.classification.data import (
+    IGNORE,
+    ArrayDataset,
+    ChunkStream,
+    ImageFiles,
+    JoinedDataset,
+    Task,
+    build_task,
+    chunk_loader,
+)
 from prockd.classification.methods import Distiller, method_params
 from prockd.classification.models import (
     Student,
@@ -90,6 +99,42 @@ def uses_views(t: TrainConfig) -> bool:
     return t.augment != "none" and t.aug_views > 0
 
 
+class StreamedViews:
+    """``views`` deterministic augmented copies of images left on disk, decoded and augmented one by one when
+    loaded (by loader workers): item ``v * N + i`` is view ``v`` of file ``i``, drawn from a generator seeded by
+    (``v``, ``i``) alone, so the teacher cache and the student see the same pixels and nothing of size N stays in
+    memory. The streamed counterpart of :func:`make_views` (whose views of in-memory sets draw from one
+    sequential generator)."""
+
+    def __init__(self, files: ImageFiles, views: int, t: TrainConfig):
+        self.files, self.views, self.t = files, int(views), t
+
+    def __len__(self) -> int:
+        return self.views * len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(items, C, H, W)."""
+        return (len(self), *self.files.shape[1:])
+
+    def load(self, idx) -> torch.Tensor:
+        """uint8 items at positions ``idx``."""
+        idx = [int(i) for i in torch.as_tensor(idx).reshape(-1)]
+        n, out = len(self.files), []
+        for j in idx:
+            v, i = divmod(j, n)
+            x = self.files.load([i]).float().div_(255.0)
+            g = torch.Generator().manual_seed(VIEW_SEED * 1_000_003 + v * 100_000_007 + i)
+            out.append(augment_batch(x, self.t.augment, g, self.t).mul(255).round().clamp(0, 255).to(torch.uint8))
+        return torch.cat(out) if out else torch.zeros(0, *self.shape[1:], dtype=torch.uint8)
+
+    def digest(self, h) -> None:
+        """Feed the files' identity, the view count and the augmentation recipe to hash ``h``."""
+        t = self.t
+        h.update(f"views{self.views}|{VIEW_SEED}|{t.augment}|{t.aug_rotation}|{t.aug_scale}|{t.aug_shift}".encode())
+        self.files.digest(h)
+
+
 @dataclass
 class StepPools:
     """What training steps draw images from: the labelled set's stored views (None: the set itself), the
@@ -98,23 +143,50 @@ class StepPools:
 
     views: ArrayDataset | None
     unlabeled: ArrayDataset | None
-    cached: ArrayDataset
+    cached: ArrayDataset | JoinedDataset
     offset: int
 
 
 def step_pools(task: Task, t: TrainConfig) -> StepPools:
-    """The :class:`StepPools` of a task under a recipe (views made once, deterministically)."""
+    """The :class:`StepPools` of a task under a recipe (views made once, deterministically). An unlabelled set left
+    on disk stays there: its views are :class:`StreamedViews` and the cache's items a :class:`JoinedDataset`."""
     views = make_views(task.train, t) if uses_views(t) else None
     labelled = views if views is not None else task.train
     if task.unlabeled is None:
         return StepPools(views, None, labelled, len(labelled))
+    u = task.unlabeled
+    if u.streaming:
+        unl = u if views is None else ArrayDataset(StreamedViews(u.images, t.aug_views, t), u.labels.repeat(t.aug_views),
+                                                   f"{u.name}_views{t.aug_views}", u.num_workers)
+        return StepPools(views, unl, JoinedDataset([labelled, unl]), len(labelled))
     if labelled.streaming:
         raise ProckdError("data.unlabeled with data.stream needs stored views (train.augment and train.aug_views > 0)"
                           ": the labelled images must be in memory beside the unlabelled ones")
-    unl = make_views(task.unlabeled, t) if views is not None else task.unlabeled
+    unl = make_views(u, t) if views is not None else u
     cached = ArrayDataset(torch.cat([labelled.images, unl.images]), torch.cat([labelled.labels, unl.labels]),
                           f"{labelled.name}+{unl.name}")
     return StepPools(views, unl, cached, len(labelled))
+
+
+class UnlabeledDraws:
+    """An epoch's unlabelled draws from a set left on disk: ``steps`` batches of ``n`` images drawn with replacement
+    (and one stored view each) up front from a generator of their own, then decoded ahead by loader workers.
+    Iterating yields (uint8 images, item indices of ``pools.unlabeled``)."""
+
+    def __init__(self, pools: StepPools, m: int, views: int, n: int, steps: int, seed: int,
+                 stream: ChunkStream | None = None):
+        g = torch.Generator().manual_seed(seed)
+        i = torch.randint(m, (steps, n), generator=g)
+        if views:
+            i = torch.randint(views, (steps, n), generator=g) * m + i
+        self.items, self.pools, self.stream = list(i), pools, stream
+
+    def __iter__(self):
+        ds = self.pools.unlabeled
+        xs = self.stream.read(self.items) if self.stream is not None else \
+            chunk_loader(ds.images, self.items, ds.num_workers)
+        for b, x in zip(self.items, xs):
+            yield x, b
 
 
 def cached_dataset(task: Task, t: TrainConfig) -> ArrayDataset:
@@ -159,10 +231,20 @@ def with_mixtures(distiller: Distiller, x: torch.Tensor, y: torch.Tensor, tf: di
     return torch.cat([x, xm]), torch.cat([y, torch.full((len(xm),), IGNORE, dtype=y.dtype, device=y.device)]), tf
 
 
-def unlabeled_batch(pools: StepPools, task: Task, t: TrainConfig, n: int, g: torch.Generator):
+def unlabeled_batch(pools: StepPools, task: Task, t: TrainConfig, n: int, g: torch.Generator, draws=None):
     """``n`` unlabelled images drawn with replacement (one stored view each, or augmented live): (images in
-    [0, 1], targets :data:`~prockd.classification.data.IGNORE`, teacher-cache indices)."""
+    [0, 1], targets :data:`~prockd.classification.data.IGNORE`, teacher-cache indices). A set left on disk is drawn
+    from ``draws`` (an iterator of :class:`UnlabeledDraws`, decoded ahead by loader workers)."""
     m = len(task.unlabeled)
+    if pools.unlabeled.streaming:
+        if draws is None:  # outside an epoch's loop: decode here
+            draws = iter(UnlabeledDraws(pools, m, t.aug_views if pools.views is not None else 0, n, 1,
+                                        int(torch.randint(2**31, (1,), generator=g))))
+        x8, i = next(draws)
+        x = x8.float().div_(255.0)
+        if pools.views is None:
+            x = augment_batch(x, t.augment, g, t)
+        return x, torch.full((len(i),), IGNORE, dtype=torch.int64), pools.offset + i
     i = torch.randint(m, (n,), generator=g)
     if pools.views is not None:
         i = torch.randint(t.aug_views, (n,), generator=g) * m + i
@@ -308,7 +390,7 @@ def open_teacher_cache(b: Built, cfg: ExperimentConfig, pools: StepPools, info, 
     return cache if cache is not None else open_cache()
 
 
-def step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, cache, g, gu, info):
+def step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, cache, g, gu, info, draws=None):
     """The global batch of one step, each rank's shard of it, on the device: the labelled images (one stored
     view each, or augmented live), the unlabelled draws, function matching's mixtures; with their teacher
     features when a cache holds them (mixtures: a live teacher on exactly those pixels). Returns (images,
@@ -320,7 +402,7 @@ def step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, cac
     else:
         x = augment_batch(x, t.augment, g, t)
     if pools.unlabeled is not None:
-        xu, yu, iu = unlabeled_batch(pools, b.task, t, cfg.data.unlabeled.batch_size or t.batch_size, gu)
+        xu, yu, iu = unlabeled_batch(pools, b.task, t, cfg.data.unlabeled.batch_size or t.batch_size, gu, draws)
         x, y, idx = torch.cat([x, xu]), torch.cat([y, yu]), torch.cat([idx, iu])
     tf = cache.get(idx, device) if cache is not None else None
     x, y, tf = with_mixtures(b.distiller, x, y, tf, gu, device)
@@ -343,6 +425,8 @@ class ClassificationHooks(TaskHooks):
         self.b, self.teacher_task = b, teacher_task
         self.teacher_metrics: dict = {}
         self.pools: StepPools | None = None
+        self.draws = None  # the epoch's unlabelled draws from disk (UnlabeledDraws)
+        self.stream: ChunkStream | None = None  # their loader workers, started once
         self.cache = None
         # best.pt is chosen on the validation split when the task has one (never on a test set)
         self.primary = "val/deployed" if b.task.val is not None else f"{next(iter(b.task.tests))}/deployed"
@@ -368,6 +452,15 @@ class ClassificationHooks(TaskHooks):
         b, cfg, device, t = self.b, self.cfg, self.device, self.cfg.train
         for role, source in (b.weights or {}).items():
             log(f"{role} weights: {source}")
+        if b.task.unlabeled is not None:
+            u, info_ = b.task.unlabeled, b.task.info
+            by = (f"{u.num_workers} loader worker" + ("s" if u.num_workers > 1 else "")) if u.num_workers else \
+                "the training process"
+            log(f"unlabelled transfer set: {len(u)} images" + (f", left on disk under {cfg.data.unlabeled.dir} and "
+                f"decoded by {by}" if u.streaming else " in memory"))
+            if info_.get("unlabeled_skipped"):
+                log(f"data.unlabeled.dir: skipped {info_['unlabeled_skipped']} unreadable files (not images, or a "
+                    f"broken header), e.g. {', '.join(info_['unlabeled_skipped_files'][:3])}")
         if b.teacher is not None and self.teacher_task is not None:
             self.teacher_metrics = teacher_accuracy(b.teacher, self.teacher_task, device,
                                                     cache_dir=cfg.cache.dir if cfg.cache.enabled else None)
@@ -413,12 +506,21 @@ class ClassificationHooks(TaskHooks):
         seed = self.cfg.seed * 1_000_003 + epoch
         self.g = torch.Generator().manual_seed(seed)
         self.gu = torch.Generator().manual_seed(seed + 500_009)
+        self.draws = None
+        p, t = self.pools, self.cfg.train
+        if p is not None and p.unlabeled is not None and p.unlabeled.streaming:  # decoded ahead by loader workers
+            if self.stream is None:  # loader workers started once for the run
+                self.stream = ChunkStream(p.unlabeled.images, p.unlabeled.num_workers)
+            self.draws = iter(UnlabeledDraws(p, len(self.b.task.unlabeled), t.aug_views if p.views is not None else 0,
+                                             self.cfg.data.unlabeled.batch_size or t.batch_size,
+                                             self.steps_per_epoch(info), seed + 700_001, self.stream))
         return self.b.task.train.batches(self.cfg.train.batch_size, self.g)
 
     def step_inputs(self, batch, info):
         """(images, targets, teacher features) of this rank (:func:`step_batch`) and its share."""
         x, y, idx = batch
-        x, y, tf, share = step_batch(self.b, self.cfg, x, y, idx, self.pools, self.cache, self.g, self.gu, info)
+        x, y, tf, share = step_batch(self.b, self.cfg, x, y, idx, self.pools, self.cache, self.g, self.gu, info,
+                                     self.draws)
         return (x, y, tf), share
 
     def forward(self, model, inputs) -> dict:
@@ -468,6 +570,9 @@ class ClassificationHooks(TaskHooks):
                 "student_params": count_params(dist.student),
                 "deployed_params": count_params(dist.export()),
                 "teacher": self.teacher_metrics, "weights": b.weights, "train_counts": b.task.info.get("train_counts"),
+                "unlabeled": ({"count": len(b.task.unlabeled), "streamed": b.task.unlabeled.streaming,
+                               "skipped": b.task.info.get("unlabeled_skipped", 0)} if b.task.unlabeled is not None
+                              else None),
                 "world_size": info.world}
 
     def save_deployed(self, run_dir) -> None:
