@@ -4,7 +4,8 @@
 - :func:`build_distiller`: any method (ProC-KD, its baselines) as an ``nn.Module`` for one's own training loop;
 - :func:`evaluate` and :func:`export`: a run's deployed model on its test sets, to a file or ONNX (parity-checked);
 - :func:`load_student`: a deployed student (``student.pt`` or an exported ``.onnx``) that predicts top-k classes;
-- :func:`compare`: the paired-seed comparison (``prockd bench compare``) on one's own spec.
+- :func:`compare`: the paired-seed comparison (``prockd bench compare``) on one's own spec;
+- :func:`init_config`: a commented config written from one's own image folder (``prockd init``).
 
 ProC-KD: Li, Li, Wu, Han, "Prototype-guided cross-task knowledge distillation", FITEE 26(6), 2025
 (arXiv:2212.13180).
@@ -27,6 +28,7 @@ from prockd.classification.engine import with_mixtures
 from prockd.classification.methods import METHODS, Distiller
 from prockd.classification.models import Student, Teacher, create_model, weights_source
 from prockd.classification.export import export_onnx
+from prockd.classification.init import init_config_text, write_init_config
 from prockd.classification.predict import Predictor
 from prockd.classification.runs import load_run_student
 from prockd.core.config import apply_overrides, format_errors
@@ -278,6 +280,17 @@ def export(run: str | Path, out: str | Path | None = None, onnx: str | Path | No
         report["onnx"] = export_onnx(dep, onnx, images, opset=opset, atol=atol)
         report["onnx"]["test_set"] = name
     return report
+
+
+def init_config(data: str | Path, teacher: str, student: str, path: str | Path | None = None, *,
+                method: str = "prockd", preset: str | None = "transfer", force: bool = False) -> str:
+    """A commented config for the image folder ``data`` (``train/<class>/``, optional ``val/``, ``test/``, optional
+    ``unlabeled/``), as ``prockd init``: classes counted, the images' size and channels read, a validation split
+    proposed when there is no ``val/``; checked by loading it. Written to ``path`` when given (atomically; an
+    existing file only with ``force``). Returns the YAML text."""
+    if path is not None:
+        return write_init_config(path, data, teacher, student, method, preset, force).read_text()
+    return init_config_text(data, teacher, student, method, preset)
 
 
 def read_final(run: str | Path) -> dict:

@@ -1,5 +1,5 @@
-"""Command line: ``prockd train | eval | export | predict | analyze | pretrain-teacher | demo | convert |
-bench compare | bench speed | bench deploy``.
+"""Command line: ``prockd init | train | eval | export | predict | analyze | pretrain-teacher | demo | convert |
+bench compare | bench speed | bench deploy | bench memory``.
 
 Bad input (config, data, model name, tap path, checkpoint) prints one line naming the culprit and
 exits with code 2; nothing is written to the run directory.
@@ -25,6 +25,15 @@ def _cmd_train(args) -> int:
 
     run = api.train(cfg, args.out)
     print(json.dumps({"run": str(run), "final": api.read_final(run).get("final")}, indent=2))
+    return 0
+
+
+def _cmd_init(args) -> int:
+    import prockd.api as api
+
+    text = api.init_config(args.data, args.teacher, args.student, args.config, method=args.method,
+                           preset=args.preset or None, force=args.force)
+    print(f"wrote {args.config}:\n{text}" if args.config else text, end="")
     return 0
 
 
@@ -93,6 +102,14 @@ def _cmd_bench_deploy(args) -> int:
     return 0
 
 
+def _cmd_bench_memory(args) -> int:
+    from prockd.bench.memory import run_memory_bench
+
+    counts = tuple(int(v) for v in args.images.split(","))
+    run_memory_bench(counts, out=args.out, size=args.size, workers=args.workers)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from prockd.bench.suites import suite_task
     from prockd.tasks import commands
@@ -147,6 +164,16 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run directory (default: the config's 'out')")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=0.001")
     t.set_defaults(fn=_cmd_train)
+    it = sub.add_parser("init", help="write a commented config from your image folder (train/ val/ test/ unlabeled/)")
+    it.add_argument("--data", required=True, help="folder with train/<class>/ (or <class>/), test/, optional val/, "
+                                                  "unlabeled/")
+    it.add_argument("--teacher", required=True, help="e.g. builtin:efficientnet_lite0, timm/vit_base_patch16_224")
+    it.add_argument("--student", required=True, help="e.g. timm/resnet10t")
+    it.add_argument("--method", default="prockd")
+    it.add_argument("--preset", default="transfer", help="ProC-KD's preset (transfer, paper; '' for none)")
+    it.add_argument("--config", default=None, help="file to write (default: print the config)")
+    it.add_argument("--force", action="store_true", help="overwrite --config")
+    it.set_defaults(fn=_cmd_init)
     pt = sub.add_parser("pretrain-teacher", help="train a teacher on its own labelled task")
     pt.add_argument("--config", required=True)
     pt.add_argument("--out", default=None)
@@ -259,6 +286,12 @@ def make_parser() -> argparse.ArgumentParser:
     bd.add_argument("--no-onnx", action="store_true")
     bd.add_argument("--out", default="runs/bench_deploy.json")
     bd.set_defaults(fn=_cmd_bench_deploy)
+    bm = b.add_parser("memory", help="peak RSS of one epoch with a small and a large unlabelled folder, side by side")
+    bm.add_argument("--images", default="1000,10000", help="unlabelled-folder sizes, increasing (comma-separated)")
+    bm.add_argument("--size", type=int, default=64, help="image side in pixels (the folder is written at it)")
+    bm.add_argument("--workers", type=int, default=2, help="loader processes decoding the unlabelled images")
+    bm.add_argument("--out", default="runs/bench_memory")
+    bm.set_defaults(fn=_cmd_bench_memory)
     return p
 
 

@@ -1,0 +1,113 @@
+"""``prockd init``: a commented experiment config written from a user's image folder, so a run starts from their
+data (classes counted, the images' size and channels read, a validation split proposed) instead of a glyph config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from prockd.classification.config import build_config, canonical_model_name
+from prockd.classification.data import IMAGE_SUFFIXES, folder_geometry
+from prockd.core.io import atomic_write_text
+from prockd.errors import ProckdError
+
+VAL_NAMES, TEST_NAMES, UNLABELED_NAMES = ("val", "valid", "validation"), ("test",), ("unlabeled", "unlabelled")
+
+
+def _classes(folder: Path) -> dict[str, list[Path]]:
+    """Class sub-folder -> its image files (recursively)."""
+    out = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            out[d.name] = files
+    return out
+
+
+def _first(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def init_config_text(data: str | Path, teacher: str, student: str, method: str = "prockd",
+                     preset: str | None = "transfer", out: str | None = None) -> str:
+    """The YAML text of a run on the image folder ``data``: ``data/train/<class>/...`` (or ``data/<class>/...``),
+    an optional ``val/`` (else a stratified 10 % split of train is proposed), ``test/`` (required: held-out images
+    of the same classes) and an optional ``unlabeled/`` folder of images without labels. Checked by loading it."""
+    root = Path(data).expanduser().resolve()
+    if not root.is_dir():
+        raise ProckdError(f"init --data: folder not found: {root}")
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    classes = _classes(train_dir)
+    reserved = set(VAL_NAMES + TEST_NAMES + UNLABELED_NAMES)
+    if train_dir == root:
+        classes = {k: v for k, v in classes.items() if k not in reserved}
+    if len(classes) < 2:
+        raise ProckdError(f"init --data {root}: found {len(classes)} class folder(s) with images under {train_dir}; "
+                          "put one sub-folder of images per class in train/ (e.g. train/cat/1.png, train/dog/2.png)")
+    val_dir, test_dir, unl_dir = _first(root, VAL_NAMES), _first(root, TEST_NAMES), _first(root, UNLABELED_NAMES)
+    if test_dir is None:
+        raise ProckdError(f"init --data {root}: no test/ folder; put held-out images of the same classes in "
+                          f"{root / 'test'}/<class>/ (test accuracy is never measured on training images)")
+    for key, d in (("val", val_dir), ("test", test_dir)):
+        if d is not None and sorted(_classes(d)) != sorted(classes):
+            raise ProckdError(f"init --data: {d} has classes {sorted(_classes(d))[:4]}... unlike {train_dir} "
+                              f"({sorted(classes)[:4]}...): every split needs the same class sub-folders")
+    files = [f for v in classes.values() for f in v]
+    channels, (h, w) = folder_geometry([str(f) for f in files[:: max(1, len(files) // 500)]])
+    counts = {k: len(v) for k, v in classes.items()}
+    n_unl = sum(1 for f in unl_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) if unl_dir else 0
+    side = max(h, w)
+    t_name, s_name = canonical_model_name(teacher), canonical_model_name(student)
+    lines = [
+        f"# prockd config for {root} (written by prockd init; every key: docs/config.md)",
+        f"# {len(classes)} classes, {len(files)} training images "
+        f"({', '.join(f'{k}: {n}' for k, n in list(counts.items())[:8])}{', ...' if len(counts) > 8 else ''});"
+        f" images {h}x{w}, {'grey' if channels == 1 else 'RGB'}",
+        "seed: 0",
+        f"out: {out or 'runs/' + root.name}",
+        "teacher:  # frozen; its weights must be real: builtin: ships them, or checkpoint: FILE, or pretrained: true",
+        f"  name: {teacher}" + (f"  # = {t_name}" if t_name != teacher else ""),
+        f"  input_size: {224 if side < 224 else side}  # what the teacher sees (lower it for speed, e.g. 96)",
+        "student:  # what you deploy",
+        f"  name: {student}",
+        f"  in_chans: {channels}",
+        f"  input_size: {side}  # the images' own size",
+        "data:",
+        "  name: imagefolder",
+        f"  train_dir: {train_dir}",
+    ]
+    if val_dir is not None:
+        lines.append(f"  val_dir: {val_dir}  # checkpoints and settings are chosen on it, never on test")
+    else:
+        lines.append("  val_fraction: 0.1  # no val/ folder: a stratified 10 % of train selects the checkpoint")
+    lines += ["  test_dirs:", f"    test: {test_dir}"]
+    if unl_dir is not None:
+        lines += ["  unlabeled:  # images of your domain without labels: the distillation terms see them",
+                  f"    dir: {unl_dir}  # {n_unl} images, read from disk as training goes"]
+    lines += [
+        "method:",
+        f"  name: {method}",
+        "  params: {" + (f"preset: {preset}" if preset and method == "prockd" else "") + "}",
+        "train:",
+        "  epochs: 30",
+        "  batch_size: 64",
+        "  lr: 0.001",
+        "  augment: affine  # stored augmented views: the teacher's features of them are cached once",
+        "  aug_views: 4",
+        "cache:",
+        "  dir: ~/.cache/prockd/features  # the frozen teacher's features, computed once per data and teacher",
+        "",
+    ]
+    text = "\n".join(lines)
+    build_config(yaml.safe_load(text), "prockd init")  # checked before anything is written
+    return text
+
+
+def write_init_config(path: str | Path, data: str | Path, teacher: str, student: str, method: str = "prockd",
+                      preset: str | None = "transfer", force: bool = False) -> Path:
+    """Write :func:`init_config_text` to ``path`` (atomically; an existing file only with ``force``)."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise ProckdError(f"init: {path} exists; pick another --config file or pass --force")
+    atomic_write_text(path, init_config_text(data, teacher, student, method, preset))
+    return path
