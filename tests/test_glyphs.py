@@ -72,3 +72,47 @@ def test_stratified_validation_split_is_carved_from_training():
     assert task.info["train_counts"] == [15, 15, 15] and task.info["val_counts"] == [5, 5, 5]
     tr = {bytes(x.numpy()) for x in task.train.images}
     assert not tr & {bytes(x.numpy()) for x in task.val.images}
+
+
+@needs_fonts
+def test_font_design_agrees_with_the_rendered_widths_and_style_names():
+    """font_design (fontTools tables) against PIL's own reading of each DejaVu file: mono exactly when i, l, m
+    and W advance alike; a slanted style name (Oblique / Italic) is never 'upright'."""
+    from PIL import ImageFont
+
+    from prockd.glyphs import font_design
+
+    seen = set()
+    for f in find_fonts(DEJAVU):
+        font = ImageFont.truetype(str(f), 40)
+        widths = {round(font.getlength(c), 3) for c in "ilmW"}
+        design = font_design(f)
+        seen.add(design)
+        assert (design == "mono") == (len(widths) == 1), (f, design, widths)
+        style = font.getname()[1].lower()
+        if "oblique" in style or "italic" in style:
+            assert design in ("italic", "mono"), (f, design)
+        elif design != "mono":
+            assert design == "upright", (f, design, style)
+    assert {"mono", "italic", "upright"} <= seen
+
+
+@needs_fonts
+def test_cross_design_column_trains_on_one_design_and_tests_on_others(monkeypatch, tmp_path):
+    from prockd.glyphs import font_design
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = {"charset": "abc", "font_dirs": DEJAVU, "heldout_fonts": 10, "train_fonts": 3, "val_fonts": 1,
+            "copies": 1, "test_copies": 1}
+    plain = build_task(DataConfig(name="glyphs", glyphs=base))
+    cross = build_task(DataConfig(name="glyphs", glyphs={**base, "train_designs": ["upright"],
+                                                          "test_designs": ["italic", "mono"]}))
+    fonts = find_fonts(DEJAVU)
+    held, pool = font_roles(fonts, 10, seed=0)
+    d = cross.info["fonts"]["designs"]
+    assert sum(d["heldout"].values()) == 10 and sum(d["pool"].values()) == len(pool)
+    n_test = sum(font_design(f) in ("italic", "mono") for f in held)
+    assert cross.info["fonts"]["test"] == n_test and len(cross.tests["test"]) == 3 * n_test
+    assert 0 < n_test < plain.info["fonts"]["test"]
+    with pytest.raises(ProckdError, match="test_designs"):
+        build_task(DataConfig(name="glyphs", glyphs={**base, "test_designs": ["script"]}))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -58,6 +59,42 @@ def _cmap(path: Path) -> set[int]:
 def _covers(path: Path, chars: str) -> bool:
     cmap = _cmap(path)
     return all(ord(c) in cmap for c in chars)
+
+
+DESIGNS = ("upright", "italic", "mono", "script")  # families of design a font belongs to (font_design)
+_SCRIPT_WORDS = ("script", "chorus", "chancery", "hand", "brush", "calligr", "cursive")
+
+
+@functools.lru_cache(maxsize=4096)
+def font_design(path: Path) -> str:
+    """The family of design of a font file, read from its tables (fontTools): ``mono`` when ``i``, ``l``, ``m`` and
+    ``W`` advance alike (typewriter and code faces), ``script`` when its family name says so (script, chancery,
+    handwriting, brush ...), ``italic`` when it slants (a non-zero ``post.italicAngle``, the OS/2 or ``head``
+    italic bit, or an italic / oblique / slanted style name), else ``upright`` (roman text and display faces).
+    Test fonts of one design and training fonts of another make a cross-domain column (``data.glyphs.train_designs``
+    / ``test_designs``), the analogue of Office-Home's Real -> Art."""
+    quiet = logging.getLogger("fontTools")  # a font's odd 'head' timestamps are not the user's concern
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with TTFont(str(path), lazy=True, fontNumber=0) as f:
+            cmap = f.getBestCmap() or {}
+            widths = {f["hmtx"][cmap[ord(c)]][0] for c in "ilmW" if ord(c) in cmap}
+            names = " ".join(str(r) for r in f["name"].names if r.nameID in (1, 2, 4, 16, 17)).lower()
+            angle = float(getattr(f["post"], "italicAngle", 0) or 0) if "post" in f else 0.0
+            italic_bit = bool(f["OS/2"].fsSelection & 1) if "OS/2" in f else False
+            italic_bit = italic_bit or (bool(f["head"].macStyle & 2) if "head" in f else False)
+    except (TTLibError, OSError, KeyError, AssertionError, ValueError, AttributeError) as e:
+        raise ProckdError(f"font file {path} is unreadable ({e}); remove it or set data.glyphs.font_dirs") from None
+    finally:
+        quiet.setLevel(level)
+    if len(widths) == 1:
+        return "mono"
+    if any(w in names for w in _SCRIPT_WORDS):
+        return "script"
+    if angle != 0 or italic_bit or any(w in names for w in ("italic", "oblique", "slanted", "kursiv")):
+        return "italic"
+    return "upright"
 
 
 def coverage(fonts: list[Path], chars: str) -> dict[str, int]:

@@ -105,6 +105,11 @@ GLYPHS = Suite(
               # the same labelled fonts plus an unlabelled transfer set: the lowercase letters of 40 further pool
               # fonts (1,040 images, labels dropped); every method sees them, CE only the labelled images
               "standard+unlabeled": {"corruptions": _CORRUPT, "unlabeled": {"glyph_fonts": 40, "copies": 1}},
+              # a real cross-domain column (Office-Home's Real -> Art): the labelled and validation fonts only
+              # upright text faces, the test fonts only the held-out italic / oblique and monospace faces (65 of
+              # the 99); "upright" is its in-domain reference (the same labelled fonts, the 34 upright test fonts)
+              "cross_design": {"glyphs": {"train_designs": ["upright"], "test_designs": ["italic", "mono"]}},
+              "upright": {"glyphs": {"train_designs": ["upright"], "test_designs": ["upright"]}},
               "long_tailed_10": {"glyphs": {"train_fonts": 13}, "imbalance": 10},
               "long_tailed_100": {"glyphs": {"train_fonts": 13}, "imbalance": 100}},
     train={"epochs": 60, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 2, "eval_every": 2,

@@ -83,6 +83,10 @@ class GlyphConfig(Strict):
     scale: float = Field(0.15, ge=0, lt=1)  # jitter: relative scale
     shift: float = Field(0.10, ge=0, lt=0.5)  # jitter: fraction of the image
     handwriting_test: bool = False  # digits only: also test on scikit-learn's handwritten digits
+    # cross-domain columns (families of design: upright, italic, mono, script; prockd.glyphs.font_design): the
+    # labelled, validation and unlabelled fonts only of train_designs, the test fonts only of test_designs
+    train_designs: list[Literal["upright", "italic", "mono", "script"]] | None = None
+    test_designs: list[Literal["upright", "italic", "mono", "script"]] | None = None
 
 
 class UnlabeledConfig(Strict):

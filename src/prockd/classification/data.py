@@ -395,6 +395,18 @@ def load_glyphs(cfg: DataConfig):
                           "scripts/get_fonts.sh (Debian font packages) or set data.glyphs.font_dirs")
     held_n = G.heldout_count(len(fonts), g.heldout_fonts)
     heldout, pool = G.font_roles(fonts, held_n, g.font_seed)
+    designs = None
+    if g.train_designs or g.test_designs:  # a cross-domain column: roles first, then each role's designs
+        designs = {"pool": {}, "heldout": {}}
+        for role, fs in (("pool", pool), ("heldout", heldout)):
+            for f in fs:
+                d = G.font_design(f)
+                designs[role][d] = designs[role].get(d, 0) + 1
+        pool = [f for f in pool if not g.train_designs or G.font_design(f) in g.train_designs]
+        heldout = [f for f in heldout if not g.test_designs or G.font_design(f) in g.test_designs]
+        if not heldout or not pool:
+            raise ProckdError(f"data.glyphs: train_designs={g.train_designs} / test_designs={g.test_designs} leave "
+                              f"{len(pool)} pool and {len(heldout)} held-out fonts (designs found: {designs})")
     n_lab = g.train_fonts or len(pool)
     if n_lab > len(pool) or g.val_fonts >= n_lab or not heldout:
         raise ProckdError(f"data.glyphs: {len(fonts)} eligible fonts give {len(heldout)} held-out and {len(pool)} "
@@ -421,6 +433,8 @@ def load_glyphs(cfg: DataConfig):
         hw = F.pad(hw, (pad, g.size - inner - pad, pad, g.size - inner - pad))
         tests["handwriting"] = ((hw.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), d.target.astype(np.int64))
     info = {"fonts": {"eligible": len(fonts), "train": len(train_f), "val": len(val_f), "test": len(heldout)}}
+    if designs is not None:
+        info["fonts"]["designs"] = designs
     u = cfg.unlabeled
     if u is not None and u.glyph_fonts:
         extra = pool[n_lab:n_lab + u.glyph_fonts]
