@@ -80,3 +80,39 @@ def test_transfer_preset_is_the_paper_preset_plus_function_matching():
     assert diff == {"preset", "function_matching"} and transfer["function_matching"] == "cutmix"
     assert paper["function_matching"] == "none" and paper["lambda_feat"] == 0 and not paper["fa_on_student"]
     assert paper["assign_temperature"] == 1.0 and paper["proto_scale"] == 1.0  # the paper's PL, unchanged
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_logit_adjustment_is_menon_et_als_ce_on_the_teacher_path(tiny, variant):
+    """ce_aug with logit_adjust τ equals λ_aug · CE(z_pro + τ log π, y) (variant B: plus the plain CE of z_aug),
+    π the class frequencies given by set_class_counts, computed here directly; τ = 0 is the paper's CE."""
+    import torch.nn.functional as F
+
+    raw = tiny()
+    raw["method"]["params"].update(variant=variant, logit_adjust=0.7, lambda_aug=1.3)
+    b = build(build_config(raw))
+    d = b.distiller
+    counts = torch.tensor([40, 20, 10, 5, 1])
+    d.set_class_counts(counts)
+    assert torch.allclose(d.log_prior, torch.log(counts.double() / counts.sum()).float())
+    assert d.tail.tolist() == [False, False, False, False, True]  # the rarest third (5 // 3 = 1 class)
+    d.eval()
+    pick = torch.arange(0, len(b.task.train), 7)  # every class, class 4 (the tail) included
+    x = b.task.train.take(pick).float() / 255
+    y = b.task.train.labels[pick]
+    assert bool((y == 4).any())
+    torch.manual_seed(0)
+    _, losses = d(x, y)
+    with torch.no_grad():
+        tok, lay, _ = d.student.features(x)
+        z_pro = d.teacher_path(d.teacher_features(x, None)["taps"].to(tok.dtype))[0]
+        prior = torch.log(counts.float() / counts.sum())
+        direct = F.cross_entropy(z_pro + 0.7 * prior, y)
+        if variant == "B":
+            direct = direct + F.cross_entropy(d.student.head(d.fa(tok, d.prototypes), lay), y)
+    assert losses["ce_aug"].item() == pytest.approx(1.3 * float(direct), rel=1e-5)
+    stats = d.diagnostics(x, y)
+    live = d.teacher_path(d.teacher.extract_heldout(x, ("taps",))["taps"])[0]
+    assert stats["tail_acc_pro"] == pytest.approx(100 * float((live.argmax(-1) == y)[y == 4].float().mean()))
+    d.set_class_counts(torch.tensor([5, 5, 5, 5, 5]))  # balanced: no tail
+    assert not d.tail.any() and "tail_acc_pro" not in d.diagnostics(x, y)

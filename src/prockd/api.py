@@ -135,6 +135,9 @@ class DistillerModule(nn.Module):
         merged = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
         first = {k: v[:256] for k, v in merged.items()}
         labels = targets.to(dev) if targets is not None else None
+        if labels is not None:
+            lab = labels[labels >= 0].long().cpu()
+            self.distiller.set_class_counts(torch.bincount(lab, minlength=self.distiller.num_classes))
         self.distiller.prepare(lambda: first, seed, (lambda: (merged, labels)) if labels is not None else None)
 
     @torch.no_grad()

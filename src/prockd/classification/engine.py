@@ -465,6 +465,7 @@ class ClassificationHooks(TaskHooks):
             self.teacher_metrics = teacher_accuracy(b.teacher, self.teacher_task, device,
                                                     cache_dir=cfg.cache.dir if cfg.cache.enabled else None)
             log(f"teacher accuracy on its own task: {self.teacher_metrics}")
+        b.distiller.set_class_counts(torch.bincount(b.task.train.labels, minlength=b.task.num_classes))
         pools = self.pools = step_pools(b.task, t)
         cache = self.cache = open_teacher_cache(b, cfg, pools, info, log)
         if b.teacher is None:

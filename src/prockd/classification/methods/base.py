@@ -79,6 +79,10 @@ class Distiller(DistillerBase):
         images, ``labelled()`` (teacher features, labels) of every labelled training item (each stored view);
         each is only called by methods that need it (default: nothing to do)."""
 
+    def set_class_counts(self, counts: torch.Tensor) -> None:
+        """The labelled training set's images per class (``num_classes`` counts), given before :meth:`prepare`;
+        methods that use class priors keep them (default: nothing to do)."""
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_feats: dict | None = None):
         """Training forward: (student logits, dict of named losses)."""
         raise NotImplementedError

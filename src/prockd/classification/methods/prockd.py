@@ -94,6 +94,10 @@ class ProCKDParams(BaseModel):
     lambda_feat: float = Field(0.0, ge=0)
     # function matching (Beyer et al., CVPR 2022): the KL also on mixup / cutmix mixtures of the batch's images
     function_matching: Literal["none", "mixup", "cutmix"] = "none"
+    # logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021) of the teacher path's CE:
+    # CE(z_pro + τ log π, y) with π the labelled set's class frequencies, so z_pro itself (the KL's target) is fitted
+    # to balanced classes instead of the training set's long tail; 0: off (the paper)
+    logit_adjust: float = Field(0.0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -138,9 +142,23 @@ class ProCKD(Distiller):
         self.pl = PrototypeLearning(c, k, params.assign_temperature)
         self.feat_connector = nn.Linear(c, c) if params.lambda_feat > 0 else None
         self.fa = FeatureAugmentation(c, scale=params.fa_scale)
+        # class log-frequencies of the labelled set (logit_adjust) and its rarest third (the tail diagnostics)
+        self.register_buffer("log_prior", torch.zeros(num_classes))
+        self.register_buffer("tail", torch.zeros(num_classes, dtype=torch.bool))
         self.emb = None
         if params.lambda_emb > 0 and teacher.embed_path and student.embed_path:
             self.emb = EmbeddingDistill(student.embed_width, teacher.embed_width)
+
+    @torch.no_grad()
+    def set_class_counts(self, counts: torch.Tensor) -> None:
+        """The labelled set's images per class: its log-frequencies for ``logit_adjust``, and, when it is imbalanced,
+        its rarest third of classes for the tail diagnostics (``tail_acc_pro``, ``tail_acc_deployed``)."""
+        counts = counts.double().clamp_min(1).cpu()
+        self.log_prior.copy_((counts / counts.sum()).log().to(self.log_prior))
+        self.tail.zero_()
+        if counts.max() > counts.min():
+            rare = counts.argsort(stable=True)[: max(1, self.num_classes // 3)]
+            self.tail[rare.to(self.tail.device)] = True
 
     @torch.no_grad()
     def prepare(self, teacher_feats, seed: int = 0, labelled=None) -> None:
@@ -165,9 +183,10 @@ class ProCKD(Distiller):
         z_pro, assign, attn_pro, o_pro = self.teacher_path(tf["taps"].to(tok.dtype))
         losses = {"ce": F.cross_entropy(z_s, targets)}
         attn_s, z_fa = None, None
+        adj = p.logit_adjust * self.log_prior.to(z_pro.dtype)  # zero unless logit_adjust (Menon et al. 2021)
         if p.variant == "A":
             z_aug = z_pro
-            losses["ce_aug"] = p.lambda_aug * F.cross_entropy(z_aug, targets)
+            losses["ce_aug"] = p.lambda_aug * F.cross_entropy(z_aug + adj, targets)
             target = z_aug
             if p.fa_on_student:
                 o_fa, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
@@ -176,7 +195,7 @@ class ProCKD(Distiller):
         else:
             o_aug, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
             z_aug = self.student.head(o_aug, lay)
-            losses["ce_aug"] = p.lambda_aug * (F.cross_entropy(z_aug, targets) + F.cross_entropy(z_pro, targets))
+            losses["ce_aug"] = p.lambda_aug * (F.cross_entropy(z_aug, targets) + F.cross_entropy(z_pro + adj, targets))
             target = z_pro
         with torch.no_grad():
             self._stats = self._batch_stats(z_s, z_pro, z_aug if p.variant == "B" else z_fa, targets, assign,
@@ -253,6 +272,11 @@ class ProCKD(Distiller):
         deployed = self._outputs(z_s, z_aug)["deployed"]
         # the conduit: how far the deployed student is below what the teacher path knows
         out["conduit_gap"] = out["acc_pro"] - (deployed.argmax(-1) == targets).float().mean() * 100
+        if bool(self.tail.any()):  # an imbalanced training set: the rarest third of its classes, on their own
+            rare = self.tail[targets.clamp_min(0)] & (targets != IGNORE)
+            if bool(rare.any()):
+                out["tail_acc_pro"] = (z_pro.argmax(-1) == targets)[rare].float().mean() * 100
+                out["tail_acc_deployed"] = (deployed.argmax(-1) == targets)[rare].float().mean() * 100
         return {k: float(v) for k, v in out.items()}
 
     @torch.no_grad()
