@@ -116,3 +116,40 @@ def test_logit_adjustment_is_menon_et_als_ce_on_the_teacher_path(tiny, variant):
     assert stats["tail_acc_pro"] == pytest.approx(100 * float((live.argmax(-1) == y)[y == 4].float().mean()))
     d.set_class_counts(torch.tensor([5, 5, 5, 5, 5]))  # balanced: no tail
     assert not d.tail.any() and "tail_acc_pro" not in d.diagnostics(x, y)
+
+
+def test_student_only_logit_adjustment_matches_a_direct_computation(tiny):
+    import torch.nn.functional as F
+
+    raw = tiny("student_only")
+    raw["method"]["params"] = {"logit_adjust": 1.0}
+    b = build(build_config(raw))
+    counts = torch.tensor([30, 10, 5, 2, 1])
+    b.distiller.set_class_counts(counts)
+    x = b.task.train.take(torch.arange(0, 100, 9)).float() / 255
+    y = b.task.train.labels[torch.arange(0, 100, 9)]
+    b.distiller.eval()
+    logits, losses = b.distiller(x, y)
+    direct = F.cross_entropy(logits.detach() + torch.log(counts.float() / counts.sum()), y)
+    assert losses["ce"].item() == pytest.approx(float(direct), rel=1e-5)
+    plain = build(build_config(tiny("student_only"))).distiller
+    plain.set_class_counts(counts)
+    plain.eval()
+    lp, lo = plain(x, y)
+    assert lo["ce"].item() == pytest.approx(float(F.cross_entropy(lp.detach(), y)), rel=1e-6)
+
+
+def test_logit_adjustment_of_prockds_student_ce(tiny):
+    import torch.nn.functional as F
+
+    raw = tiny()
+    raw["method"]["params"].update(logit_adjust_student=0.5)
+    b = build(build_config(raw))
+    counts = torch.tensor([40, 20, 10, 5, 1])
+    b.distiller.set_class_counts(counts)
+    b.distiller.eval()
+    pick = torch.arange(0, len(b.task.train), 7)
+    x, y = b.task.train.take(pick).float() / 255, b.task.train.labels[pick]
+    z_s, losses = b.distiller(x, y)
+    direct = F.cross_entropy(z_s.detach() + 0.5 * torch.log(counts.float() / counts.sum()), y)
+    assert losses["ce"].item() == pytest.approx(float(direct), rel=1e-5)

@@ -98,6 +98,9 @@ class ProCKDParams(BaseModel):
     # CE(z_pro + τ log π, y) with π the labelled set's class frequencies, so z_pro itself (the KL's target) is fitted
     # to balanced classes instead of the training set's long tail; 0: off (the paper)
     logit_adjust: float = Field(0.0, ge=0)
+    # the same adjustment of the student's own CE terms (z_s; variant B: z_aug too; with fa_on_student: z_fa), the
+    # control measured beside it: student-only with a logit-adjusted CE (docs/method.md, "The long tail")
+    logit_adjust_student: float = Field(0.0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -181,9 +184,10 @@ class ProCKD(Distiller):
         z_s = self.student.head(tok, lay)
         tf = self.teacher_features(images, teacher_feats)
         z_pro, assign, attn_pro, o_pro = self.teacher_path(tf["taps"].to(tok.dtype))
-        losses = {"ce": F.cross_entropy(z_s, targets)}
-        attn_s, z_fa = None, None
         adj = p.logit_adjust * self.log_prior.to(z_pro.dtype)  # zero unless logit_adjust (Menon et al. 2021)
+        adj_s = p.logit_adjust_student * self.log_prior.to(z_s.dtype)
+        losses = {"ce": F.cross_entropy(z_s + adj_s, targets)}
+        attn_s, z_fa = None, None
         if p.variant == "A":
             z_aug = z_pro
             losses["ce_aug"] = p.lambda_aug * F.cross_entropy(z_aug + adj, targets)
@@ -191,11 +195,11 @@ class ProCKD(Distiller):
             if p.fa_on_student:
                 o_fa, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
                 z_fa = self.student.head(o_fa, lay)
-                losses["ce_fa"] = p.lambda_aug * F.cross_entropy(z_fa, targets)
+                losses["ce_fa"] = p.lambda_aug * F.cross_entropy(z_fa + adj_s, targets)
         else:
             o_aug, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
             z_aug = self.student.head(o_aug, lay)
-            losses["ce_aug"] = p.lambda_aug * (F.cross_entropy(z_aug, targets) + F.cross_entropy(z_pro + adj, targets))
+            losses["ce_aug"] = p.lambda_aug * (F.cross_entropy(z_aug + adj_s, targets) + F.cross_entropy(z_pro + adj, targets))
             target = z_pro
         with torch.no_grad():
             self._stats = self._batch_stats(z_s, z_pro, z_aug if p.variant == "B" else z_fa, targets, assign,
