@@ -140,3 +140,30 @@ def test_probe_only_stops_after_the_teacher_and_the_probes(tmp_path, capsys):
     assert "standard" in json.dumps(probes) and "teacher features" in capsys.readouterr().out
     assert not (out / "runs" / "final").exists() and not (out / "runs" / "tune").exists()
     assert not (out / "results.json").exists()
+
+
+def _death_signal_after_initializer() -> int:
+    import ctypes
+
+    from prockd.bench.common import die_with_parent
+
+    die_with_parent()
+    sig = ctypes.c_int(0)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(sig))  # PR_GET_PDEATHSIG
+    return sig.value
+
+
+def test_run_workers_die_with_the_comparison():
+    """A comparison's run workers ask the kernel for SIGTERM when their parent dies (PR_SET_PDEATHSIG), so
+    killing ``prockd bench compare`` leaves no worker running on (read back with PR_GET_PDEATHSIG)."""
+    import multiprocessing as mp
+    import signal
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        assert ex.submit(_death_signal_after_initializer).result() == int(signal.SIGTERM)
