@@ -1,6 +1,7 @@
 """Engine: exact resume after a kill, run-directory contents, schedule, seeding."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from prockd.classification.data import build_task
 from prockd.classification.deploy import load_deployed
 from prockd.classification.engine import build, teacher_accuracy, train
 from prockd.core.loop import KILL_ENV, warmup_cosine
+from prockd.errors import ProckdError
 
 
 def _cli(cfg_path: Path, out: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -184,3 +186,30 @@ def test_with_a_validation_split_the_test_sets_are_read_once_for_the_chosen_chec
     with torch.no_grad():
         acc = 100.0 * float((model(x).argmax(-1) == y).float().mean())
     assert acc == pytest.approx(s["selected"]["test/deployed"], abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["prockd", "student_only"])
+def test_a_checkpoint_without_the_derived_buffers_still_resumes(tiny, tmp_path, method):
+    """An earlier prockd's last.pt lacks the class-prior buffers (recomputed from the data before every run): the
+    run resumes, says so, and ends as an uninterrupted one; any other missing key is still an error."""
+    raw = tiny(method)
+    raw["train"]["epochs"] = 2
+    logs = []
+    ref = train(build_config(copy.deepcopy(raw)), tmp_path / "ref", log=lambda m: None)
+    raw1 = copy.deepcopy(raw)
+    raw1["train"]["epochs"] = 1
+    train(build_config(raw1), tmp_path / "run", log=lambda m: None)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    derived = [k for k in state["distiller"] if k in ("log_prior", "tail")]
+    assert derived
+    for k in derived:
+        del state["distiller"][k]
+    torch.save(state, last)
+    out = train(build_config(copy.deepcopy(raw)), tmp_path / "run", log=logs.append)
+    assert any("not in the checkpoint" in m and "recomputed" in m for m in logs)
+    assert out["final"]["test/deployed"] == ref["final"]["test/deployed"]
+    del state["distiller"][next(k for k in state["distiller"] if k.startswith("student."))]
+    torch.save(state, last)
+    with pytest.raises(ProckdError, match="does not fit this config"):
+        train(build_config(copy.deepcopy(raw)), tmp_path / "run", log=lambda m: None)

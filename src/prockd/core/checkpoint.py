@@ -89,7 +89,13 @@ def resume_state(last: Path, dist, opt, sched, scaler, log=print, teacher: dict 
                           f"weights {state['teacher'].get('digest')}) than this config's ({teacher.get('source')}, "
                           f"{teacher.get('digest')}): use a new run directory (--out) or the original teacher")
     try:
-        dist.load_state_dict(state["distiller"])
+        sd = state["distiller"]
+        own = dist.state_dict()
+        missing = {k for k in own if k not in sd}
+        if missing and missing <= set(getattr(dist, "derived_buffers", ())):  # a checkpoint from before they existed
+            sd = {**sd, **{k: own[k] for k in missing}}  # recomputed for every run before the resume
+            log(f"{last}: {', '.join(sorted(missing))} not in the checkpoint (an earlier prockd's): recomputed")
+        dist.load_state_dict(sd)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

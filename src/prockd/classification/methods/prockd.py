@@ -125,6 +125,8 @@ class ProCKD(Distiller):
     uses_student_embed = True
     # deployed: backbone, FA and prototypes (PL's 18.9 M-parameter projection at K 72, C 512 is training-only)
     deployed_prefixes = ("student.", "fa.", "prototypes")
+    # buffers set from the data before every run (set_class_counts): a checkpoint without them still resumes
+    derived_buffers = ("log_prior", "tail")
 
     def __init__(self, student, teacher, params: ProCKDParams, num_classes: int):
         super().__init__(student, teacher, params, num_classes)

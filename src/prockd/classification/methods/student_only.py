@@ -25,6 +25,7 @@ class StudentOnly(Distiller):
 
     needs_teacher = False
     Params = StudentOnlyParams
+    derived_buffers = ("log_prior",)  # set from the data before every run: a checkpoint without it still resumes
 
     def __init__(self, student, teacher, params: StudentOnlyParams, num_classes: int):
         super().__init__(student, teacher, params, num_classes)
