@@ -114,19 +114,6 @@ class ImageFiles:
             h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
 
 
-class _Chunks(torch.utils.data.Dataset):
-    """Batch ``i`` of a fixed order, loaded by a ``DataLoader`` worker."""
-
-    def __init__(self, images: ImageFiles, chunks: list[torch.Tensor]):
-        self.images, self.chunks = images, chunks
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images.load(self.chunks[i])
-
-
 @dataclass
 class ArrayDataset:
     """Images ``N x C x H x W`` uint8 (a tensor in memory, or :class:`ImageFiles` streamed from disk by
@@ -204,34 +191,30 @@ class _Items(torch.utils.data.Dataset):
 
 
 class ChunkStream:
-    """Loader workers that live for a whole run (started once, not every epoch), decoding the chunks of each
-    :meth:`read` ahead, in order: the per-epoch draws from an unlabelled folder left on disk."""
+    """``DataLoader`` workers decoding ``images.load(chunk)`` for the chunks of each :meth:`read`, ahead and in
+    order. ``persistent``: the workers live for the whole stream (started once, not every pass: the per-epoch
+    draws from an unlabelled folder left on disk); otherwise each pass starts its own (:func:`chunk_loader`)."""
 
-    def __init__(self, images, num_workers: int):
+    def __init__(self, images, num_workers: int, persistent: bool = True):
         self.sampler = _ListSampler()
         self.loader = torch.utils.data.DataLoader(_Items(images), batch_size=None, sampler=self.sampler,
-                                                  num_workers=num_workers, persistent_workers=num_workers > 0,
+                                                  num_workers=num_workers,
+                                                  persistent_workers=persistent and num_workers > 0,
                                                   multiprocessing_context=loader_context(num_workers))
 
     def read(self, chunks: list[torch.Tensor]):
-        """uint8 ``images.load(chunk)`` of each chunk, in order (errors as :func:`chunk_loader`'s)."""
+        """uint8 ``images.load(chunk)`` of each chunk, in order; a worker's :class:`ProckdError` (an unreadable file,
+        named) is raised here as one line."""
         self.sampler.chunks = [c.tolist() for c in chunks]
         try:
             yield from self.loader
-        except ProckdError as e:
+        except ProckdError as e:  # from a loader worker: its message is the last line of the worker's report
             raise ProckdError(str(e).strip().splitlines()[-1].split("ProckdError: ", 1)[-1]) from None
 
 
 def chunk_loader(images, chunks: list[torch.Tensor], num_workers: int):
-    """uint8 ``images.load(chunk)`` of each chunk in order, decoded ahead by ``num_workers`` ``DataLoader``
-    processes (none: here); a worker's :class:`ProckdError` (an unreadable file, named) is raised here as one line."""
-    loader = torch.utils.data.DataLoader(_Chunks(images, chunks), batch_size=None, shuffle=False,
-                                         num_workers=num_workers, persistent_workers=False,
-                                         multiprocessing_context=loader_context(num_workers))
-    try:
-        yield from loader
-    except ProckdError as e:  # from a loader worker: its message is the last line of the worker's report
-        raise ProckdError(str(e).strip().splitlines()[-1].split("ProckdError: ", 1)[-1]) from None
+    """One pass of :class:`ChunkStream` over ``chunks`` (``num_workers`` processes started for it; none: here)."""
+    return ChunkStream(images, num_workers, persistent=False).read(chunks)
 
 
 IGNORE = -100  # the target of an unlabelled image: every cross-entropy term skips it (PyTorch's ignore_index)
