@@ -223,3 +223,12 @@ def test_import_prockd_and_config_errors_do_not_load_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["2", "False", "False"], out.stdout + out.stderr
     assert "'train.lr'" in out.stderr
+
+
+def test_prepare_gives_class_priors_without_a_teacher_too():
+    """build_distiller's prepare hands the labels' class counts to the method even with no teacher (student-only's
+    logit adjustment)."""
+    d = prockd.build_distiller("student_only", None, {"name": "resnet10t", "pretrained": False, "in_chans": 1,
+                                                     "input_size": 16}, num_classes=3, logit_adjust=1.0)
+    d.prepare(torch.zeros(7, 1, 8, 8), torch.tensor([0, 0, 0, 0, 1, 1, 2]))
+    assert torch.allclose(d.distiller.log_prior, torch.log(torch.tensor([4, 2, 1]) / 7.0))

@@ -127,18 +127,28 @@ class DistillerModule(nn.Module):
     def prepare(self, images: torch.Tensor, targets: torch.Tensor | None = None, seed: int = 0) -> None:
         """The data-dependent initialisation some methods need before training (ProC-KD's k-means prototypes,
         probe-then-distil's probe, OFD's margins): the teacher's features of these labelled training images."""
+        if targets is not None:  # class priors (logit adjustment), with or without a teacher
+            lab = targets[targets >= 0].long().cpu()
+            self.distiller.set_class_counts(torch.bincount(lab, minlength=self.distiller.num_classes))
         teacher = self.distiller.teacher
         if teacher is None:
             return
         dev = next(self.distiller.parameters()).device
-        feats = [teacher.extract(images[s:s + 256].to(dev)) for s in range(0, len(images), 256)]
-        merged = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
-        first = {k: v[:256] for k, v in merged.items()}
+        memo: dict = {}
+
+        def labelled_feats() -> dict:  # every image's teacher features, computed once and only if a method asks
+            if "all" not in memo:
+                parts = [teacher.extract(images[s:s + 256].to(dev)) for s in range(0, len(images), 256)]
+                memo["all"] = {k: torch.cat([f[k] for f in parts]) for k in parts[0]}
+            return memo["all"]
+
+        def first_feats() -> dict:  # the first 256 images' (all of them when already computed)
+            if "all" in memo:
+                return {k: v[:256] for k, v in memo["all"].items()}
+            return teacher.extract(images[:256].to(dev))
+
         labels = targets.to(dev) if targets is not None else None
-        if labels is not None:
-            lab = labels[labels >= 0].long().cpu()
-            self.distiller.set_class_counts(torch.bincount(lab, minlength=self.distiller.num_classes))
-        self.distiller.prepare(lambda: first, seed, (lambda: (merged, labels)) if labels is not None else None)
+        self.distiller.prepare(first_feats, seed, (lambda: (labelled_feats(), labels)) if labels is not None else None)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
