@@ -79,3 +79,23 @@ def test_compile_option_trains_and_keeps_state_dict_keys(tiny, tmp_path):
     assert not any("_orig_mod" in k for k in keys)
     s = train(build_config(raw), tmp_path / "run", built=b, log=lambda m: None)
     assert s["final"]["loss/ce"] == s["final"]["loss/ce"]
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_methods_ce_is_logit_adjusted_by_one_key(tiny, method):
+    """``method.params.logit_adjust: τ`` is every method's: its "ce" term is CE(z_s + τ log π, y) (Menon et al., ICLR
+    2021), π the class frequencies given by set_class_counts, computed here directly (the long tail's fair budget)."""
+    import torch.nn.functional as F
+
+    raw = _raw(tiny, method)
+    raw["method"]["params"]["logit_adjust"] = 0.6
+    d = build(build_config(raw)).distiller
+    counts = torch.tensor([30, 10, 5, 2, 1])
+    d.set_class_counts(counts)
+    d.eval()
+    d.set_epoch(2, 3)  # ReFilled's second stage (its stage-1 CE is weighted)
+    b = build(build_config(_raw(tiny, method)))
+    x, y = b.task.train.images[:12].float() / 255, b.task.train.labels[:12]
+    z, losses = d(x, y)
+    direct = F.cross_entropy(z.detach().float() + 0.6 * torch.log(counts.float() / counts.sum()), y)
+    assert losses["ce"].item() == pytest.approx(getattr(d.params, "alpha_ce", 1.0) * float(direct), rel=1e-5)

@@ -10,6 +10,7 @@ import torch
 from prockd.classification.config import build_config, load_config
 from prockd.classification.engine import build, train
 from prockd.classification.methods.prockd import PRESETS, ProCKDParams
+from prockd.errors import ProckdError
 from prockd.prototypes import entropy, prototype_usage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -84,7 +85,7 @@ def test_transfer_preset_is_the_paper_preset_plus_function_matching():
 
 @pytest.mark.parametrize("variant", ["A", "B"])
 def test_logit_adjustment_is_menon_et_als_ce_on_the_teacher_path(tiny, variant):
-    """ce_aug with logit_adjust τ equals λ_aug · CE(z_pro + τ log π, y) (variant B: plus the plain CE of z_aug),
+    """ce_aug with logit_adjust τ equals λ_aug · CE(z_pro + τ log π, y) (variant B: plus CE(z_aug + τ log π, y)),
     π the class frequencies given by set_class_counts, computed here directly; τ = 0 is the paper's CE."""
     import torch.nn.functional as F
 
@@ -94,7 +95,8 @@ def test_logit_adjustment_is_menon_et_als_ce_on_the_teacher_path(tiny, variant):
     d = b.distiller
     counts = torch.tensor([40, 20, 10, 5, 1])
     d.set_class_counts(counts)
-    assert torch.allclose(d.log_prior, torch.log(counts.double() / counts.sum()).float())
+    lp = torch.log(counts.double() / counts.sum())
+    assert torch.allclose(d.log_prior, (lp - lp.mean()).float())  # centred: a softmax ignores a constant
     assert d.tail.tolist() == [False, False, False, False, True]  # the rarest third (5 // 3 = 1 class)
     d.eval()
     pick = torch.arange(0, len(b.task.train), 7)  # every class, class 4 (the tail) included
@@ -109,7 +111,7 @@ def test_logit_adjustment_is_menon_et_als_ce_on_the_teacher_path(tiny, variant):
         prior = torch.log(counts.float() / counts.sum())
         direct = F.cross_entropy(z_pro + 0.7 * prior, y)
         if variant == "B":
-            direct = direct + F.cross_entropy(d.student.head(d.fa(tok, d.prototypes), lay), y)
+            direct = direct + F.cross_entropy(d.student.head(d.fa(tok, d.prototypes), lay) + 0.7 * prior, y)
     assert losses["ce_aug"].item() == pytest.approx(1.3 * float(direct), rel=1e-5)
     stats = d.diagnostics(x, y)
     live = d.teacher_path(d.teacher.extract_heldout(x, ("taps",))["taps"])[0]
@@ -118,32 +120,13 @@ def test_logit_adjustment_is_menon_et_als_ce_on_the_teacher_path(tiny, variant):
     assert not d.tail.any() and "tail_acc_pro" not in d.diagnostics(x, y)
 
 
-def test_student_only_logit_adjustment_matches_a_direct_computation(tiny):
-    import torch.nn.functional as F
-
-    raw = tiny("student_only")
-    raw["method"]["params"] = {"logit_adjust": 1.0}
-    b = build(build_config(raw))
-    counts = torch.tensor([30, 10, 5, 2, 1])
-    b.distiller.set_class_counts(counts)
-    x = b.task.train.take(torch.arange(0, 100, 9)).float() / 255
-    y = b.task.train.labels[torch.arange(0, 100, 9)]
-    b.distiller.eval()
-    logits, losses = b.distiller(x, y)
-    direct = F.cross_entropy(logits.detach() + torch.log(counts.float() / counts.sum()), y)
-    assert losses["ce"].item() == pytest.approx(float(direct), rel=1e-5)
-    plain = build(build_config(tiny("student_only"))).distiller
-    plain.set_class_counts(counts)
-    plain.eval()
-    lp, lo = plain(x, y)
-    assert lo["ce"].item() == pytest.approx(float(F.cross_entropy(lp.detach(), y)), rel=1e-6)
-
-
 def test_logit_adjustment_of_prockds_student_ce(tiny):
+    """logit_adjust adjusts ProC-KD's student CE too (one key for every CE of the method); the key it replaced is an
+    error that says so."""
     import torch.nn.functional as F
 
     raw = tiny()
-    raw["method"]["params"].update(logit_adjust_student=0.5)
+    raw["method"]["params"].update(logit_adjust=0.5)
     b = build(build_config(raw))
     counts = torch.tensor([40, 20, 10, 5, 1])
     b.distiller.set_class_counts(counts)
@@ -153,3 +136,47 @@ def test_logit_adjustment_of_prockds_student_ce(tiny):
     z_s, losses = b.distiller(x, y)
     direct = F.cross_entropy(z_s.detach() + 0.5 * torch.log(counts.float() / counts.sum()), y)
     assert losses["ce"].item() == pytest.approx(float(direct), rel=1e-5)
+    raw["method"]["params"].update(logit_adjust_student=0.5)
+    with pytest.raises(ProckdError, match="logit_adjust_student was folded into logit_adjust"):
+        build(build_config(raw))
+
+
+@pytest.mark.parametrize("space", ["adjusted", "raw"])
+def test_prockds_kl_under_logit_adjustment_is_taken_where_kl_space_says(tiny, space):
+    """With logit_adjust τ the KL towards z_pro is λ_kl · KL(softmax(z_pro + τ log π) ‖ softmax(z_s + τ log π))
+    (``adjusted``, the soft-label form of the adjusted CE) or on the raw logits (``raw``): checked directly."""
+    import torch.nn.functional as F
+
+    raw = tiny()
+    raw["method"]["params"].update(logit_adjust=0.8, lambda_kl=1.7, kl_space=space)
+    d = build(build_config(raw)).distiller
+    counts = torch.tensor([40, 20, 10, 5, 1])
+    d.set_class_counts(counts)
+    d.eval()
+    b = build(build_config(tiny()))
+    x, y = b.task.train.take(torch.arange(0, 60, 3)).float() / 255, b.task.train.labels[torch.arange(0, 60, 3)]
+    z_s, losses = d(x, y)
+    with torch.no_grad():
+        tok, _, _ = d.student.features(x)
+        z_pro = d.teacher_path(d.teacher_features(x, None)["taps"].to(tok.dtype))[0]
+        shift = 0.8 * torch.log(counts.float() / counts.sum()) if space == "adjusted" else torch.zeros(5)
+        p_t = F.softmax(z_pro + shift, -1)
+        direct = (p_t * (p_t.log() - F.log_softmax(z_s + shift, -1))).sum(-1).mean()
+    assert losses["kl"].item() == pytest.approx(1.7 * float(direct), rel=1e-4)
+
+
+def test_transfer_lt_is_bit_identical_to_transfer_on_a_balanced_set(tiny, tmp_path):
+    """``preset: transfer_lt`` = ``transfer`` + logit_adjust 1 (adjusted KL); on a balanced training set the centred
+    log-prior is exactly zero, so the two runs end with the same floats."""
+    assert PRESETS["transfer_lt"] == {**PRESETS["transfer"], "logit_adjust": 1.0, "kl_space": "adjusted"}
+    out = {}
+    for preset in ("transfer", "transfer_lt"):
+        raw = tiny()
+        raw["method"]["params"] = {"preset": preset, "num_prototypes": 4}
+        raw["train"]["epochs"] = 2
+        out[preset] = train(build_config(raw), tmp_path / preset, log=lambda m: None)["final"]
+    assert out["transfer"]["test/deployed"] == out["transfer_lt"]["test/deployed"]
+    assert out["transfer"]["loss/kl"] == out["transfer_lt"]["loss/kl"]
+    d = build(build_config(tiny())).distiller
+    d.set_class_counts(torch.tensor([9, 9, 9, 9, 9]))
+    assert bool((d.log_prior == 0).all())

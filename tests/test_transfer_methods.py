@@ -278,3 +278,18 @@ def test_prockd_options_against_direct_computations(tiny):
         z_fa = d.student.head(d.fa(tok, d.prototypes), lay)
         assert float(losses["ce_fa"]) == pytest.approx(float(F.cross_entropy(z_fa, y)), rel=1e-5)
         assert float(losses["kl_fa"]) == pytest.approx(float(kl_div(z_pro, z_fa, 1.0)), rel=1e-5)
+
+
+def test_a_logit_adjusted_probe_is_the_plain_probe_with_its_bias_shifted():
+    """With its bias free and unpenalised, CE(x W + b + o, y) is minimised by the plain fit's W and b − o: the
+    logit-adjusted probe (probe_distil with ``logit_adjust``) checked against that direct consequence."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=g)
+    y = torch.cat([torch.zeros(80), torch.ones(30), torch.full((10,), 2)]).long()
+    x[y == 1] += 1.0
+    x[y == 2] -= 1.0
+    o = 0.8 * torch.log(torch.tensor([80.0, 30.0, 10.0]) / 120)
+    w0, b0 = fit_linear_probe(x, y, 3, l2=0.05, iters=300)
+    w1, b1 = fit_linear_probe(x, y, 3, l2=0.05, iters=300, offset=o)
+    assert torch.allclose(w1, w0, atol=1e-5)
+    assert torch.allclose(b1 - b1.mean(), (b0 - o.double()) - (b0 - o.double()).mean(), atol=1e-5)

@@ -11,15 +11,14 @@ trained jointly with CE, as in the benchmark the ProC-KD paper reports ("ABLoss"
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, FeatureDistiller
+from prockd.classification.methods.base import METHODS, FeatureDistiller, MethodParams
 
 
-class ABParams(BaseModel):
+class ABParams(MethodParams):
     """AB weight and margin."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
     margin: float = Field(1.0, ge=0)
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, Distiller
+from prockd.classification.methods.base import METHODS, Distiller, MethodParams
 
 
-class AFTParams(BaseModel):
+class AFTParams(MethodParams):
     """AFT weight β (not fixed by the paper: a per-dataset hyper-parameter) and whether ρ is learned."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(10.0, ge=0)
     learn_weights: bool = True
 
@@ -55,7 +53,7 @@ class AFT(Distiller):
         """(z_s, {"ce", "aft"})."""
         z_s, s, t = self.pooled_features(images, teacher_feats)
         loss = aft_loss(s, t, torch.sigmoid(self.feature_logits).float())
-        return z_s, {"ce": F.cross_entropy(z_s, targets), "aft": self.params.weight * loss}
+        return z_s, {"ce": self.ce(z_s, targets), "aft": self.params.weight * loss}
 
     def epoch_stats(self) -> dict[str, float]:
         """Mean and spread of the learned feature weights ρ."""

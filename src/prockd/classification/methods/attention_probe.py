@@ -14,17 +14,16 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, Distiller
+from prockd.classification.methods.base import METHODS, Distiller, MethodParams
 from prockd.connectors import VectorConnector
 from prockd.features import Layout, resample_tokens
 
 
-class AttentionProbeParams(BaseModel):
+class AttentionProbeParams(MethodParams):
     """Weights of the probe-attention and probe-response terms, probe temperature."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
     weight_attention: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
@@ -60,5 +59,5 @@ class AttentionProbe(Distiller):
         att = (a_t * (a_t.clamp_min(1e-12).log() - a_s.clamp_min(1e-12).log())).sum(-1).mean()
         r_s = self.connector(torch.einsum("bn,bnc->bc", a_t, tok[:, lay.prefix:]))
         r_t = torch.einsum("bn,bnc->bc", a_t, t[:, t_lay.prefix:])
-        return z_s, {"ce": F.cross_entropy(z_s, targets), "probe_att": p.weight_attention * att,
+        return z_s, {"ce": self.ce(z_s, targets), "probe_att": p.weight_attention * att,
                      "probe_feat": p.weight * F.mse_loss(r_s, r_t)}

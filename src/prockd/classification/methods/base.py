@@ -6,21 +6,34 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from prockd.classification.deploy import DeployedStudent
 from prockd.connectors import MapConnector, pooled, student_map, teacher_map
 from prockd.core.distiller import DistillerBase
 from prockd.core.registry import Registry
 from prockd.errors import ProckdError
+from prockd.losses import kl_div
 
 METHODS: Registry = Registry("method")
 
 
-class NoParams(BaseModel):
-    """A method without parameters."""
+class MethodParams(BaseModel):
+    """What every classification method's ``method.params`` holds, beside its own keys.
+
+    ``logit_adjust: τ`` replaces every cross-entropy the method fits on the labels, the student's and any classifier
+    it fits on the teacher's features (ProC-KD's teacher path ``z_pro``, probe-then-distil's probe), with Menon et
+    al.'s logit-adjusted CE(z + τ log π, y) (Menon, Jayasumana, Rawat, Jain, Veit, Kumar, "Long-tail learning via
+    logit adjustment", ICLR 2021), π the labelled training set's class frequencies; predictions stay the plain
+    logits, so the fitted classifiers estimate balanced-class posteriors. 0: the plain CE (default). One key for
+    all methods, so a long-tail comparison gives every method the same option (docs/method.md, "The long tail")."""
 
     model_config = ConfigDict(extra="forbid")
+    logit_adjust: float = Field(0.0, ge=0)
+
+
+class NoParams(MethodParams):
+    """A method without parameters of its own."""
 
 
 class Distiller(DistillerBase):
@@ -40,6 +53,8 @@ class Distiller(DistillerBase):
     # what a live teacher pass must produce (None: taps, logits and embedding)
     teacher_keys: ClassVar[tuple[str, ...] | None] = None
     deployed_prefixes: ClassVar[tuple[str, ...] | None] = ("student.",)  # :meth:`export`: the student alone
+    # buffers set from the data before every run (set_class_counts): a checkpoint without them still resumes
+    derived_buffers: ClassVar[tuple[str, ...]] = ("log_prior",)
 
     def __init__(self, student, teacher, params: BaseModel, num_classes: int):
         super().__init__(student, teacher, params, num_classes)
@@ -51,6 +66,8 @@ class Distiller(DistillerBase):
                     f"{t_classes} classes, the student task {num_classes}); this is a cross-task config: use "
                     "prockd or a feature/relation baseline (fitnets, rkd, ab, ofd, ...), or set "
                     "method.params.shared_label_space=true when teacher class i is student class i")
+        # the labelled set's class log-frequencies (set_class_counts), for the logit-adjusted CE (logit_adjust)
+        self.register_buffer("log_prior", torch.zeros(num_classes))
 
     def function_matching(self) -> str:
         """``none``, ``mixup`` or ``cutmix``: whether every step also feeds mixtures of the batch's images with
@@ -79,9 +96,36 @@ class Distiller(DistillerBase):
         images, ``labelled()`` (teacher features, labels) of every labelled training item (each stored view);
         each is only called by methods that need it (default: nothing to do)."""
 
+    @torch.no_grad()
     def set_class_counts(self, counts: torch.Tensor) -> None:
-        """The labelled training set's images per class (``num_classes`` counts), given before :meth:`prepare`;
-        methods that use class priors keep them (default: nothing to do)."""
+        """The labelled training set's images per class (``num_classes`` counts), given before :meth:`prepare`:
+        their log-frequencies ``log π`` for the logit-adjusted CE (:meth:`ce`), centred (a softmax ignores a constant,
+        so a balanced set gets exact zeros: logit adjustment leaves its run bit-identical); a class without images
+        counts 1."""
+        counts = counts.double().clamp_min(1).cpu()
+        log_prior = (counts / counts.sum()).log()
+        self.log_prior.copy_((log_prior - log_prior.mean()).to(self.log_prior))
+
+    def logit_adjustment(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | float:
+        """``τ log π`` (``num_classes``) of ``logit_adjust``, or ``0.0`` when it is off."""
+        tau = getattr(self.params, "logit_adjust", 0.0)
+        return tau * self.log_prior.to(dtype) if tau else 0.0
+
+    def ce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The method's cross-entropy on labels: ``CE(z + τ log π, y)`` with ``τ = logit_adjust`` (Menon et al.,
+        ICLR 2021; the plain CE when 0); targets ``IGNORE`` (unlabelled images) are left out."""
+        return F.cross_entropy(logits + self.logit_adjustment(logits.dtype), targets)
+
+    def fitted_kl(self, target: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``T² KL(softmax(target / T) ‖ softmax(student / T))`` towards a classifier the method fitted on the labels
+        (ProC-KD's ``z_pro``, probe-then-distil's probe). With ``logit_adjust`` and ``kl_space: adjusted`` both sides
+        are first shifted by ``τ log π``: the soft-label form of the logit-adjusted CE, whose gradient on a class's
+        logit is damped by that class's frequency just as the adjusted CE's is (with ``kl_space: raw`` the head
+        classes' images push the rare classes' logits down at full strength)."""
+        if getattr(self.params, "logit_adjust", 0.0) and getattr(self.params, "kl_space", "raw") == "adjusted":
+            adj = self.logit_adjustment(torch.float32)
+            target, student = target.float() + adj, student.float() + adj
+        return kl_div(target, student, temperature)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_feats: dict | None = None):
         """Training forward: (student logits, dict of named losses)."""
@@ -135,5 +179,5 @@ class FeatureDistiller(Distiller):
     def forward(self, images, targets, teacher_feats=None):
         """(z_s, {"ce", loss_name})."""
         z_s, s, t = self.feature_maps(images, teacher_feats)
-        return z_s, {"ce": F.cross_entropy(z_s, targets),
+        return z_s, {"ce": self.ce(z_s, targets),
                      self.loss_name: self.params.weight * self.feature_loss(s, t)}

@@ -6,16 +6,15 @@ Each channel is turned into a distribution over positions, ``φ(y_c) = softmax(y
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, FeatureDistiller
+from prockd.classification.methods.base import METHODS, FeatureDistiller, MethodParams
 from prockd.losses import cwd_loss
 
 
-class CWDParams(BaseModel):
+class CWDParams(MethodParams):
     """CWD weight and temperature."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
     temperature: float = Field(4.0, gt=0)
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, Distiller
+from prockd.classification.methods.base import METHODS, Distiller, MethodParams
 
 
-class DKDParams(BaseModel):
+class DKDParams(MethodParams):
     """DKD weights (paper: α = 1, β = 8, T = 4); ``shared_label_space`` must be set."""
 
-    model_config = ConfigDict(extra="forbid")
     alpha: float = Field(1.0, ge=0)
     beta: float = Field(8.0, ge=0)
     temperature: float = Field(4.0, gt=0)
@@ -52,5 +51,5 @@ class DKD(Distiller):
         z_s = self.student(images)
         z_t = self.teacher_features(images, teacher_feats)["logits"].to(z_s.dtype)
         tckd, nckd = dkd_terms(z_s, z_t, targets, self.params.temperature)
-        return z_s, {"ce": F.cross_entropy(z_s, targets), "tckd": self.params.alpha * tckd,
+        return z_s, {"ce": self.ce(z_s, targets), "tckd": self.params.alpha * tckd,
                      "nckd": self.params.beta * nckd}

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, FeatureDistiller
+from prockd.classification.methods.base import METHODS, FeatureDistiller, MethodParams
 
 
-class FBKDParams(BaseModel):
+class FBKDParams(MethodParams):
     """FBKD weights and attention temperature."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)  # α, feature loss
     gamma: float = Field(1.0, ge=0)  # attention loss
     temperature: float = Field(0.5, gt=0)
@@ -55,5 +54,5 @@ class FBKD(FeatureDistiller):
         """(z_s, {"ce", "fbkd_feat", "fbkd_att"})."""
         z_s, s, t = self.feature_maps(images, teacher_feats)
         feat, att = fbkd_losses(s, t, self.params.temperature)
-        return z_s, {"ce": F.cross_entropy(z_s, targets), "fbkd_feat": self.params.weight * feat,
+        return z_s, {"ce": self.ce(z_s, targets), "fbkd_feat": self.params.weight * feat,
                      "fbkd_att": self.params.gamma * att}

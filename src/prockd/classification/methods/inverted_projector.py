@@ -13,18 +13,16 @@ projector paper's ``log Σ |·|^α`` distance is not used here: with both sides 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, Distiller
+from prockd.classification.methods.base import METHODS, Distiller, MethodParams
 from prockd.classification.methods.pkd_projector import batch_whiten
 from prockd.connectors import VectorConnector
 
 
-class InvertedProjectorParams(BaseModel):
+class InvertedProjectorParams(MethodParams):
     """Weight of the projected-feature distance."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
 
 
@@ -48,4 +46,4 @@ class InvertedProjector(Distiller):
         """(z_s, {"ce", "proj"})."""
         z_s, s, t = self.pooled_features(images, teacher_feats)
         loss = inverted_projector_loss(s, self.projector(batch_whiten(t)).float())
-        return z_s, {"ce": F.cross_entropy(z_s, targets), "proj": self.params.weight * loss}
+        return z_s, {"ce": self.ce(z_s, targets), "proj": self.params.weight * loss}

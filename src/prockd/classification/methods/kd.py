@@ -6,17 +6,15 @@ a cross-task config is refused.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, Distiller
+from prockd.classification.methods.base import METHODS, Distiller, MethodParams
 from prockd.losses import kl_div
 
 
-class KDParams(BaseModel):
+class KDParams(MethodParams):
     """KD weights; ``shared_label_space`` must be set: teacher class i is student class i."""
 
-    model_config = ConfigDict(extra="forbid")
     temperature: float = Field(4.0, gt=0)
     alpha_ce: float = Field(1.0, ge=0)
     alpha_kd: float = Field(1.0, ge=0)
@@ -37,5 +35,5 @@ class KD(Distiller):
         z_s = self.student(images)
         z_t = self.teacher_features(images, teacher_feats)["logits"]
         p = self.params
-        return z_s, {"ce": p.alpha_ce * F.cross_entropy(z_s, targets),
+        return z_s, {"ce": p.alpha_ce * self.ce(z_s, targets),
                      "kd": p.alpha_kd * kl_div(z_t.to(z_s.dtype), z_s, p.temperature)}

@@ -8,16 +8,15 @@ Yang, Li, Zeng, Yuan, Li, "Masked Generative Distillation", ECCV 2022. Random po
 from __future__ import annotations
 
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, FeatureDistiller
+from prockd.classification.methods.base import METHODS, FeatureDistiller, MethodParams
 from prockd.losses import mgd_loss, mgd_mask
 
 
-class MGDParams(BaseModel):
+class MGDParams(MethodParams):
     """MGD weight and mask ratio."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
     mask_ratio: float = Field(0.5, ge=0, lt=1)
 

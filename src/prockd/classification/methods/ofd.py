@@ -10,16 +10,15 @@ images, which needs no BN before the tap. Mean over elements (authors: sum / bat
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, FeatureDistiller
+from prockd.classification.methods.base import METHODS, FeatureDistiller, MethodParams
 from prockd.connectors import teacher_map
 
 
-class OFDParams(BaseModel):
+class OFDParams(MethodParams):
     """OFD weight."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
 
 

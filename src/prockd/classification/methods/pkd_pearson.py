@@ -7,16 +7,15 @@ correlation per channel), so the loss ignores each channel's scale and shift. 1x
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, FeatureDistiller
+from prockd.classification.methods.base import METHODS, FeatureDistiller, MethodParams
 from prockd.losses import pearson_loss
 
 
-class PKDPearsonParams(BaseModel):
+class PKDPearsonParams(MethodParams):
     """PKD weight."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
 
 

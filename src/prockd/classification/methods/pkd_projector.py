@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, Distiller
+from prockd.classification.methods.base import METHODS, Distiller, MethodParams
 from prockd.connectors import VectorConnector
 
 
-class PKDProjectorParams(BaseModel):
+class PKDProjectorParams(MethodParams):
     """Projector-KD weight and exponent."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
     exponent: float = Field(4.0, gt=0)
 
@@ -48,4 +47,4 @@ class PKDProjector(Distiller):
         """(z_s, {"ce", "proj"})."""
         z_s, s, t = self.pooled_features(images, teacher_feats)
         loss = projector_loss(self.projector(s).float(), batch_whiten(t), self.params.exponent)
-        return z_s, {"ce": F.cross_entropy(z_s, targets), "proj": self.params.weight * loss}
+        return z_s, {"ce": self.ce(z_s, targets), "proj": self.params.weight * loss}

@@ -16,31 +16,33 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, Distiller
+from prockd.classification.methods.base import METHODS, Distiller, MethodParams
 from prockd.connectors import pooled
-from prockd.losses import kl_div
 from prockd.prototypes import entropy
 
 
-class ProbeDistilParams(BaseModel):
+class ProbeDistilParams(MethodParams):
     """KL weight, temperature and the probe's fit."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
     probe_l2: float = Field(1e-3, ge=0)  # L2 penalty of the probe's weights (on standardised features)
     probe_iters: int = Field(200, ge=1)  # L-BFGS iterations of the full-batch fit
     # function matching (Beyer et al., CVPR 2022): the KL also on mixup / cutmix mixtures of the batch's images
     function_matching: Literal["none", "mixup", "cutmix"] = "none"
+    # with logit_adjust: whether the KL towards the probe is taken on the adjusted logits (z + τ log π, both sides: the
+    # soft-label form of the adjusted CE, docs/method.md "The long tail") or on the raw ones
+    kl_space: Literal["adjusted", "raw"] = "adjusted"
 
 
 def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
-                     iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight ``K x D``, bias ``K``) minimising ``CE(x W^T + b, y) + l2 · ||W||²`` by full-batch L-BFGS
-    (float64, zero start: deterministic)."""
+                     iters: int, offset: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight ``K x D``, bias ``K``) minimising ``CE(x W^T + b + offset, y) + l2 · ||W||²`` by full-batch L-BFGS
+    (float64, zero start: deterministic); ``offset`` (``K``): the logit adjustment ``τ log π`` (0: the plain CE)."""
     x, y = x.double(), y.long()
+    offset = torch.as_tensor(offset, dtype=torch.float64)
     w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, tolerance_grad=1e-9, tolerance_change=1e-12,
@@ -48,7 +50,7 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: flo
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w.t() + b, y) + l2 * (w * w).sum()
+        loss = F.cross_entropy(x @ w.t() + b + offset, y) + l2 * (w * w).sum()
         loss.backward()
         return loss
 
@@ -77,12 +79,14 @@ class ProbeDistil(Distiller):
 
     @torch.no_grad()
     def prepare(self, teacher_feats, seed: int = 0, labelled=None) -> None:
-        """Fit the probe on the standardised pooled teacher features of every labelled training item."""
+        """Fit the probe on the standardised pooled teacher features of every labelled training item (with
+        ``logit_adjust``, by the logit-adjusted CE: the probe, the KL's target, estimates balanced posteriors)."""
         feats, labels = labelled()
         t = pooled(feats["taps"].float(), self.teacher.tap_layout).cpu()
         mean, std = t.mean(0), t.std(0).clamp_min(1e-6)
+        adj = self.logit_adjustment(torch.float64)
         w, b = fit_linear_probe((t - mean) / std, labels.cpu(), self.num_classes, self.params.probe_l2,
-                                self.params.probe_iters)
+                                self.params.probe_iters, adj.cpu() if torch.is_tensor(adj) else adj)
         dev = self.probe.weight.device
         self.feat_mean.copy_(mean.to(dev))
         self.feat_std.copy_(std.to(dev))
@@ -100,8 +104,8 @@ class ProbeDistil(Distiller):
         z_p = self.probe_logits(self.teacher_features(images, teacher_feats)["taps"])
         with torch.no_grad():
             self._stats = {"kl_target_entropy": entropy(F.softmax(z_p / self.params.temperature, -1))}
-        return z_s, {"ce": F.cross_entropy(z_s, targets),
-                     "kl": self.params.weight * kl_div(z_p, z_s.float(), self.params.temperature)}
+        return z_s, {"ce": self.ce(z_s, targets),
+                     "kl": self.params.weight * self.fitted_kl(z_p, z_s.float(), self.params.temperature)}
 
     def step_stats(self) -> dict[str, float]:
         """Entropy of the probe's soft labels on the last batch (the conduit's informativeness)."""

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from prockd.classification.data import IGNORE
-from prockd.classification.methods.base import METHODS, Distiller
+from prockd.classification.methods.base import METHODS, Distiller, MethodParams
 
 
-class ReFilledParams(BaseModel):
+class ReFilledParams(MethodParams):
     """ReFilled stages and weights."""
 
-    model_config = ConfigDict(extra="forbid")
     stage1_fraction: float = Field(0.3, ge=0, le=1)
     lambda_rel: float = Field(1.0, ge=0)
     tau_rel: float = Field(0.1, gt=0)
@@ -80,7 +79,7 @@ class ReFilled(Distiller):
         """Stage 1: (z_s, {"ce", "relation"}); stage 2: (z_s, {"ce", "refilled_kd"})."""
         z_s, s, t = self.pooled_features(images, teacher_feats)
         p = self.params
-        ce = F.cross_entropy(z_s, targets)
+        ce = self.ce(z_s, targets)
         if self.stage == 1:
             return z_s, {"ce": p.ce_stage1 * ce, "relation": p.lambda_rel * relation_kl(s, t, p.tau_rel)}
         classes, q = centre_soft_labels(t, targets, p.tau_centre)

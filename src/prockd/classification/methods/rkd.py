@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, Distiller
+from prockd.classification.methods.base import METHODS, Distiller, MethodParams
 
 
-class RKDParams(BaseModel):
+class RKDParams(MethodParams):
     """RKD weights."""
 
-    model_config = ConfigDict(extra="forbid")
     lambda_dist: float = Field(25.0, ge=0)
     lambda_angle: float = Field(50.0, ge=0)
 
@@ -53,5 +52,5 @@ class RKD(Distiller):
         """(z_s, {"ce", "rkd_dist", "rkd_angle"})."""
         z_s, s, t = self.pooled_features(images, teacher_feats)
         p = self.params
-        return z_s, {"ce": F.cross_entropy(z_s, targets), "rkd_dist": p.lambda_dist * rkd_distance(s, t),
+        return z_s, {"ce": self.ce(z_s, targets), "rkd_dist": p.lambda_dist * rkd_distance(s, t),
                      "rkd_angle": p.lambda_angle * rkd_angle(s, t)}

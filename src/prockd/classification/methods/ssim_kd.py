@@ -11,16 +11,15 @@ distillation for detection), which this method is not; the name ``skd`` is kept 
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, FeatureDistiller
+from prockd.classification.methods.base import METHODS, FeatureDistiller, MethodParams
 from prockd.losses import ssim
 
 
-class SSIMKDParams(BaseModel):
+class SSIMKDParams(MethodParams):
     """SSIM-KD weight and SSIM constants."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
     window: int = Field(5, ge=1)
     sigma: float = Field(1.5, gt=0)

@@ -13,15 +13,14 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, FeatureDistiller
+from prockd.classification.methods.base import METHODS, FeatureDistiller, MethodParams
 
 
-class VIDParams(BaseModel):
+class VIDParams(MethodParams):
     """VID weight, initial variance and minimum variance."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
     init_var: float = Field(5.0, gt=0)
     eps: float = Field(1e-5, gt=0)
