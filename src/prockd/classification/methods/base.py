@@ -1,7 +1,7 @@
 """The distiller interface shared by every method."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,15 @@ class MethodParams(BaseModel):
 
 class NoParams(MethodParams):
     """A method without parameters of its own."""
+
+
+class FittedKLParams(MethodParams):
+    """The parameters of a method that distils, by a KL, a classifier it fits on the labels
+    (:meth:`Distiller.fitted_kl`: ProC-KD's teacher path, probe-then-distil's probe)."""
+
+    # with logit_adjust: whether the KL towards the fitted classifier is taken on the adjusted logits (z + τ log π,
+    # both sides: the soft-label form of the adjusted CE, docs/method.md "The long tail") or on the raw ones
+    kl_space: Literal["adjusted", "raw"] = "adjusted"
 
 
 class Distiller(DistillerBase):
@@ -122,8 +131,8 @@ class Distiller(DistillerBase):
         are first shifted by ``τ log π``: the soft-label form of the logit-adjusted CE, whose gradient on a class's
         logit is damped by that class's frequency just as the adjusted CE's is (with ``kl_space: raw`` the head
         classes' images push the rare classes' logits down at full strength)."""
-        if getattr(self.params, "logit_adjust", 0.0) and getattr(self.params, "kl_space", "raw") == "adjusted":
-            adj = self.logit_adjustment(torch.float32)
+        adj = self.logit_adjustment(torch.float32)
+        if torch.is_tensor(adj) and getattr(self.params, "kl_space", "raw") == "adjusted":
             target, student = target.float() + adj, student.float() + adj
         return kl_div(target, student, temperature)
 

@@ -18,12 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from prockd.classification.methods.base import METHODS, Distiller, MethodParams
+from prockd.classification.methods.base import METHODS, Distiller, FittedKLParams
 from prockd.connectors import pooled
 from prockd.prototypes import entropy
 
 
-class ProbeDistilParams(MethodParams):
+class ProbeDistilParams(FittedKLParams):
     """KL weight, temperature and the probe's fit."""
 
     weight: float = Field(1.0, ge=0)
@@ -32,9 +32,6 @@ class ProbeDistilParams(MethodParams):
     probe_iters: int = Field(200, ge=1)  # L-BFGS iterations of the full-batch fit
     # function matching (Beyer et al., CVPR 2022): the KL also on mixup / cutmix mixtures of the batch's images
     function_matching: Literal["none", "mixup", "cutmix"] = "none"
-    # with logit_adjust: whether the KL towards the probe is taken on the adjusted logits (z + τ log π, both sides: the
-    # soft-label form of the adjusted CE, docs/method.md "The long tail") or on the raw ones
-    kl_space: Literal["adjusted", "raw"] = "adjusted"
 
 
 def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,

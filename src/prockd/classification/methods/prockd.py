@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from prockd.classification.data import IGNORE
 from prockd.classification.deploy import DeployedStudent
-from prockd.classification.methods.base import METHODS, Distiller, MethodParams
+from prockd.classification.methods.base import METHODS, Distiller, FittedKLParams
 from prockd.features import resample_tokens
 from prockd.prototypes import (
     EmbeddingDistill,
@@ -57,7 +57,7 @@ PRESETS: dict[str, dict] = {
 PRESETS["transfer_lt"] = {**PRESETS["transfer"], "logit_adjust": 1.0, "kl_space": "adjusted"}
 
 
-class ProCKDParams(MethodParams):
+class ProCKDParams(FittedKLParams):
     """ProC-KD hyper-parameters (method.md: fixed parts are not parameters; these are defaults).
 
     ``preset: paper`` starts from :data:`PRESETS` ``["paper"]`` (the authors' code), ``preset: transfer`` from the
@@ -99,9 +99,7 @@ class ProCKDParams(MethodParams):
     lambda_feat: float = Field(0.0, ge=0)
     # function matching (Beyer et al., CVPR 2022): the KL also on mixup / cutmix mixtures of the batch's images
     function_matching: Literal["none", "mixup", "cutmix"] = "none"
-    # with logit_adjust: whether the KL towards z_pro is taken on the adjusted logits (z + τ log π, both sides: the
-    # soft-label form of the adjusted CE, docs/method.md "The long tail") or on the raw ones
-    kl_space: Literal["adjusted", "raw"] = "adjusted"
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data):

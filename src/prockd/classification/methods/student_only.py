@@ -3,11 +3,7 @@ method's option, :class:`~prockd.classification.methods.base.MethodParams`) Meno
 cross-entropy (ICLR 2021), the long-tail reference."""
 from __future__ import annotations
 
-from prockd.classification.methods.base import METHODS, Distiller, MethodParams
-
-
-class StudentOnlyParams(MethodParams):
-    """Student-only has no options of its own (``logit_adjust`` is every method's)."""
+from prockd.classification.methods.base import METHODS, Distiller
 
 
 @METHODS.register("student_only")
@@ -16,7 +12,6 @@ class StudentOnly(Distiller):
     main_weights = ()
 
     needs_teacher = False
-    Params = StudentOnlyParams
 
     def forward(self, images, targets, teacher_feats=None):
         """(logits, {"ce": CE(z_s + τ log π, y)}); τ = 0: the plain CE."""
