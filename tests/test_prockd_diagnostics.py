@@ -180,3 +180,77 @@ def test_transfer_lt_is_bit_identical_to_transfer_on_a_balanced_set(tiny, tmp_pa
     d = build(build_config(tiny())).distiller
     d.set_class_counts(torch.tensor([9, 9, 9, 9, 9]))
     assert bool((d.log_prior == 0).all())
+
+
+def _fusion_grad(d, x, y, tf):
+    """The KL term's gradient on the teacher path's first layer (fusion), which only z_pro reaches."""
+    d.zero_grad()
+    _, losses = d(x, y, teacher_feats=tf)
+    losses["kl"].backward()
+    g = d.fusion.proj.weight.grad
+    return losses["kl"].detach(), (torch.zeros_like(d.fusion.proj.weight) if g is None else g.clone())
+
+
+def test_cotrain_unlabeled_lets_the_kl_train_the_teacher_path_on_unlabelled_rows_only(tiny):
+    """``cotrain_unlabeled``: the KL towards z_pro keeps its value, and its gradient reaches the teacher path from the
+    unlabelled rows alone (not labelled ones, not function matching's mixtures): checked against the gradient of
+    λ_kl · (1/B) Σ_{unlabelled r} KL(z_pro,r ‖ z_s,r) computed directly; without the key that gradient is zero."""
+    import torch.nn.functional as F
+
+    from prockd.classification.data import IGNORE, MIXTURE_KEY
+
+    raw = tiny()
+    raw["method"]["params"].update(lambda_kl=1.7, lambda_emb=0.0, cotrain_unlabeled=True)
+    d = build(build_config(raw)).distiller
+    raw["method"]["params"]["cotrain_unlabeled"] = False
+    off = build(build_config(raw)).distiller
+    off.load_state_dict(d.state_dict())
+    d.eval(), off.eval()
+    b = build(build_config(tiny()))
+    idx = torch.arange(0, 48, 4)
+    x, y = b.task.train.take(idx).float() / 255, b.task.train.labels[idx].clone()
+    y[4:] = IGNORE  # rows 4-11 without a label; 8-11 marked as mixtures
+    tf = {**d.teacher_features(x, None), MIXTURE_KEY: torch.arange(12) >= 8}
+    kl_on, g_on = _fusion_grad(d, x, y, tf)
+    kl_off, g_off = _fusion_grad(off, x, y, tf)
+    assert kl_on.item() == pytest.approx(kl_off.item(), rel=1e-6)
+    assert float(g_off.abs().max()) == 0.0 and float(g_on.abs().max()) > 0
+    d.zero_grad()
+    tok, lay, _ = d.student.features(x)
+    z_s = d.student.head(tok, lay).detach()
+    z_pro = d.teacher_path(tf["taps"].to(tok.dtype))[0]
+    p_t = F.softmax(z_pro[4:8], -1)
+    direct = 1.7 * (p_t * (p_t.log() - F.log_softmax(z_s[4:8], -1))).sum(-1).sum() / 12
+    direct.backward()
+    assert torch.allclose(g_on, d.fusion.proj.weight.grad, rtol=1e-4, atol=1e-7)
+    assert d.unlabeled_rows(y, tf).tolist() == [False] * 4 + [True] * 4 + [False] * 4
+    assert d.unlabeled_rows(y, None).tolist() == [False] * 4 + [True] * 8  # no mixtures: every IGNORE row
+
+
+def test_cotrain_unlabeled_is_bit_identical_without_an_unlabelled_set(tiny, tmp_path):
+    """On a labelled-only set (function matching's mixtures included) ``cotrain_unlabeled`` changes nothing: the two
+    runs end with the same floats; ``with_mixtures`` marks the mixtures only for a method that reads the marks."""
+    from prockd.classification.data import MIXTURE_KEY
+    from prockd.classification.engine import with_mixtures
+
+    assert PRESETS["transfer_cotrain"] == {**PRESETS["transfer_lt"], "cotrain_unlabeled": True}
+    assert ProCKDParams(preset="transfer_cotrain").cotrain_unlabeled
+    out = {}
+    for on in (False, True):
+        raw = tiny()
+        raw["method"]["params"] = {"preset": "transfer", "num_prototypes": 4, "cotrain_unlabeled": on}
+        raw["train"]["epochs"] = 2
+        out[on] = train(build_config(raw), tmp_path / str(on), log=lambda m: None)["final"]
+    assert out[False]["test/deployed"] == out[True]["test/deployed"]
+    assert out[False]["loss/kl"] == out[True]["loss/kl"]
+    for on in (False, True):
+        raw = tiny()
+        raw["method"]["params"] = {"preset": "transfer", "num_prototypes": 4, "cotrain_unlabeled": on}
+        d = build(build_config(raw)).distiller
+        x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
+        _, y2, tf = with_mixtures(d, x, y, None, torch.Generator().manual_seed(0))
+        assert len(y2) == 12
+        if on:
+            assert tf[MIXTURE_KEY].tolist() == [False] * 6 + [True] * 6
+        else:
+            assert tf is None

@@ -218,6 +218,9 @@ def chunk_loader(images, chunks: list[torch.Tensor], num_workers: int):
 
 
 IGNORE = -100  # the target of an unlabelled image: every cross-entropy term skips it (PyTorch's ignore_index)
+# the teacher-feature key under which function matching's mixtures are marked (a bool per row) for a method that
+# must tell them from unlabelled images (both have the target IGNORE): Distiller.wants_mixture_rows
+MIXTURE_KEY = "mixture"
 
 
 @dataclass

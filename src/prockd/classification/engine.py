@@ -16,6 +16,7 @@ from prockd.classification.cache import TeacherCache, tensor_digest
 from prockd.classification.config import ExperimentConfig, TrainConfig
 from prockd.classification.data import (
     IGNORE,
+    MIXTURE_KEY,
     ArrayDataset,
     ChunkStream,
     ImageFiles,
@@ -228,6 +229,10 @@ def with_mixtures(distiller: Distiller, x: torch.Tensor, y: torch.Tensor, tf: di
     if tf is not None:  # Teacher.extract runs without autograd
         live = distiller.teacher.extract(xm.to(device if device is not None else xm.device))
         tf = {k: torch.cat([v, live[k].float()]) for k, v in tf.items()}
+    if distiller.wants_mixture_rows():  # which rows are mixtures (sharded with the features under DDP)
+        on = next(iter(tf.values())).device if tf else (device if device is not None else y.device)
+        mark = torch.cat([torch.zeros(len(x), dtype=torch.bool), torch.ones(len(xm), dtype=torch.bool)]).to(on)
+        tf = {**(tf or {}), MIXTURE_KEY: mark}
     return torch.cat([x, xm]), torch.cat([y, torch.full((len(xm),), IGNORE, dtype=y.dtype, device=y.device)]), tf
 
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from prockd.classification.data import MIXTURE_KEY
 from prockd.classification.deploy import DeployedStudent
 from prockd.connectors import MapConnector, pooled, student_map, teacher_map
 from prockd.core.distiller import DistillerBase
@@ -85,11 +86,19 @@ class Distiller(DistillerBase):
         exactly those pixels. The ``function_matching`` parameter of the methods that distil logits."""
         return getattr(self.params, "function_matching", "none")
 
+    def wants_mixture_rows(self) -> bool:
+        """Whether :func:`~prockd.classification.engine.with_mixtures` should mark which rows of a batch are function
+        matching's mixtures (``teacher_feats["mixture"]``, so that a method can tell them from unlabelled images:
+        both have the target ``IGNORE``); off for every method but the one option that reads it."""
+        return False
+
     def teacher_features(self, images: torch.Tensor, teacher_feats: dict | None) -> dict:
-        """Precomputed features when given, else a live frozen-teacher forward."""
-        if teacher_feats is not None:
+        """Precomputed features when given, else a live frozen-teacher forward (a dict holding only the row marks
+        of :meth:`wants_mixture_rows` gets the live features added)."""
+        if teacher_feats is not None and set(teacher_feats) - {MIXTURE_KEY}:
             return teacher_feats
-        return self.teacher.extract(images, self.teacher_keys)
+        live = self.teacher.extract(images, self.teacher_keys)
+        return {**live, **teacher_feats} if teacher_feats is not None else live
 
     def pooled_features(self, images: torch.Tensor, teacher_feats: dict | None):
         """(student logits, student pre-logits features ``B x D_s``, teacher taps averaged over the grid
