@@ -230,9 +230,7 @@ def with_mixtures(distiller: Distiller, x: torch.Tensor, y: torch.Tensor, tf: di
         live = distiller.teacher.extract(xm.to(device if device is not None else xm.device))
         tf = {k: torch.cat([v, live[k].float()]) for k, v in tf.items()}
     if distiller.wants_mixture_rows():  # which rows are mixtures (sharded with the features under DDP)
-        on = next(iter(tf.values())).device if tf else (device if device is not None else y.device)
-        mark = torch.cat([torch.zeros(len(x), dtype=torch.bool), torch.ones(len(xm), dtype=torch.bool)]).to(on)
-        tf = {**(tf or {}), MIXTURE_KEY: mark}
+        tf = {**(tf or {}), MIXTURE_KEY: torch.arange(len(x) + len(xm)) >= len(x)}
     return torch.cat([x, xm]), torch.cat([y, torch.full((len(xm),), IGNORE, dtype=y.dtype, device=y.device)]), tf
 
 
