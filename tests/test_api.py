@@ -154,12 +154,59 @@ def test_safetensors_teacher_checkpoint_loads_strictly(tmp_path):
 
 
 def test_hub_weights_offline_are_one_line_exit_2(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without internet meets, at once
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set after huggingface_hub's import: prockd reads it at call time
     raw = tiny("student_only", student={"name": "resnet10t", "pretrained": True, "in_chans": 1, "input_size": 16})
     assert main(["train", "--config", str(_write(tmp_path / "c.yaml", raw)), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "student: the pretrained weights of 'resnet10t' could not be fetched" in err[0]
+    assert "the hub is unreachable: HF_HUB_OFFLINE is set" in err[0]
     assert "student.checkpoint: FILE" in err[0] and not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def hub_without_network(monkeypatch, tmp_path):
+    """The hub's endpoint on a closed local port (refused at once, as on a machine without internet) and an empty
+    hub cache of this test's own; offline mode not set."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_unreachable_hub_fails_at_once_without_retries(hub_without_network, monkeypatch):
+    """Without a network, huggingface_hub retries with back-off (about 45 s); prockd asks the endpoint once and
+    then lets the download fail at once: no sleep is reached, and offline mode is put back as it was."""
+    import time
+
+    from huggingface_hub import constants
+
+    def no_sleep(s):
+        raise AssertionError(f"a hub retry slept {s} s")
+
+    monkeypatch.setattr(time, "sleep", no_sleep)
+    cfg = ModelConfig(name="resnet10t", pretrained=True, in_chans=1)
+    with pytest.raises(ProckdError) as e:
+        create_model(cfg, 5, "student")
+    assert "the hub is unreachable: http://127.0.0.1:9 did not answer (ConnectError" in str(e.value)
+    assert "they are not in the local cache" in str(e.value) and constants.HF_HUB_OFFLINE is False
+
+
+def test_unreachable_hub_still_loads_weights_from_the_local_cache(hub_without_network):
+    """Weights downloaded earlier (here: a file written into the hub cache's layout) load without a network."""
+    import timm
+
+    ref = timm.create_model("resnet10t", pretrained=False, in_chans=3)
+    snap = hub_without_network / "models--timm--resnet10t.c3_in1k" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(snap / "model.safetensors"))
+    (hub_without_network / "models--timm--resnet10t.c3_in1k" / "refs").mkdir()
+    (hub_without_network / "models--timm--resnet10t.c3_in1k" / "refs" / "main").write_text("0" * 40)
+    model = create_model(ModelConfig(name="resnet10t", pretrained=True), None, "teacher")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
 
 
 # --- config keys --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 from collections import OrderedDict
@@ -33,7 +34,7 @@ from prockd.features import (
     to_tokens,
     tokens_to_map,
 )
-from prockd.pretrained import builtin_efficientnet_lite0
+from prockd.pretrained import builtin_efficientnet_lite0, hub_error, hub_fail_fast
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,13 +80,6 @@ def _wants_hub(cfg: ModelConfig) -> bool:
     return bool(cfg.pretrained)
 
 
-def _hub_error(what: str, name: str, e: Exception) -> ProckdError:
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    return ProckdError(f"{what}: the pretrained weights of '{name}' could not be fetched ({type(e).__name__}: {first}). "
-                       "Offline, save them on a machine with internet (docs/usage.md, 'Hub weights on an offline "
-                       f"machine') and set {what}.checkpoint: FILE with {what}.pretrained: false")
-
-
 def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Module:
     """Create the network described by ``cfg``; ``num_classes=None`` keeps the model's own head. A failure to fetch
     hub weights is one :class:`~prockd.errors.ProckdError` saying how to bring them over."""
@@ -115,7 +109,7 @@ def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Mod
         except Exception as e:  # noqa: BLE001 - any download failure (URLError, OSError, HTTP errors)
             if not hub:
                 raise
-            raise _hub_error(what, name, e) from None
+            raise hub_error(what, name, e) from None
     else:
         if not timm.is_model(name):
             near = difflib.get_close_matches(name, timm.list_models(), n=3)
@@ -123,14 +117,15 @@ def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Mod
                               + (f"; did you mean {', '.join(near)}?" if near else ""))
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
-        try:
-            model = timm.create_model(name, pretrained=hub, **kwargs)
-        except TypeError as e:
-            raise ProckdError(f"{what}: timm model '{name}' rejected kwargs {kwargs}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - hub failures: offline, no such weights, HTTP errors
-            if not hub or isinstance(e, ProckdError):
-                raise
-            raise _hub_error(what, name, e) from None
+        with hub_fail_fast() if hub else contextlib.nullcontext() as why:
+            try:
+                model = timm.create_model(name, pretrained=hub, **kwargs)
+            except TypeError as e:
+                raise ProckdError(f"{what}: timm model '{name}' rejected kwargs {kwargs}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - hub failures: offline, no such weights, HTTP errors
+                if not hub or isinstance(e, ProckdError):
+                    raise
+                raise hub_error(what, name, e, why) from None
     if cfg.checkpoint:
         load_checkpoint_into(model, cfg.checkpoint, what)
     return model

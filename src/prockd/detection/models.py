@@ -30,7 +30,7 @@ from torchvision.ops.feature_pyramid_network import (
 from prockd.core.checkpoint import load_checkpoint_into
 from prockd.detection.config import DetectorConfig
 from prockd.errors import ProckdError
-from prockd.pretrained import builtin_efficientnet_lite0
+from prockd.pretrained import builtin_efficientnet_lite0, hub_error, hub_fail_fast
 
 LEVELS = ("0", "1", "2", "3", "pool")  # P2..P6 as torchvision names them
 _MBV2_STAGES = {"3": "0", "6": "1", "13": "2", "18": "3"}  # torchvision MobileNetV2 features: strides 4..32
@@ -47,7 +47,16 @@ class TimmBody(nn.Module):
         except RuntimeError as e:
             raise ProckdError(f"timm backbone '{name}' cannot be built with features_only ({e})") from None
         idx = tuple(range(len(probe.feature_info)))[-4:]
-        self.model = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=idx)
+        if not pretrained:
+            self.model = timm.create_model(name, pretrained=False, features_only=True, out_indices=idx)
+        else:
+            with hub_fail_fast() as why:
+                try:
+                    self.model = timm.create_model(name, pretrained=True, features_only=True, out_indices=idx)
+                except Exception as e:  # noqa: BLE001 - hub failures: offline, no such weights, HTTP errors
+                    raise hub_error("backbone", f"timm:{name}", e, why,
+                                    "set backbone_weights: none with checkpoint: FILE (a whole detector), or "
+                                    "backbone: builtin:efficientnet_lite0 (ImageNet weights shipped offline)") from None
         self.channels = self.model.feature_info.channels()
 
     def forward(self, x: torch.Tensor) -> OrderedDict:
