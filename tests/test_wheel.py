@@ -79,7 +79,23 @@ def test_detection_demo_runs_from_the_wheel(installed):
 
 
 def test_classification_demo_runs_from_the_wheel(installed):
+    """The main job end to end at smoke size, as installed: real rendered glyphs, a teacher pretrained by prockd
+    (the quick demo trains its own), the core table, probes and plots; a second call keeps the finished runs."""
     exe, env, work = installed
-    res = _run([str(exe), "demo", "--quick", "--seeds", "1", "--out", "cls", "--workers", "1"], work, env)
-    assert "student_only" in res.stdout
-    assert (work / "cls" / "results.json").is_file()
+    res = _run([str(exe), "demo", "--quick", "--out", "cls", "--workers", "1"], work, env)
+    res_json = json.loads((work / "cls" / "results.json").read_text())
+    std = res_json["settings"]["standard"]
+    assert set(res_json["settings"]) == {"standard"}
+    assert std["probe"]["teacher"] > std["probe"]["pixels"] - 30  # both probes ran on the real glyphs
+    cells = std["wrn16-1"]
+    assert set(cells) == {"student_only", "pkd_projector", "prockd@transfer"}
+    assert all(0 <= c["mean"] <= 100 and c["seeds"] == [0, 1] for c in cells.values())
+    assert "ci95" in cells["prockd@transfer"]["vs_student_only"]
+    printed = res.stdout
+    assert "pretraining the benchmark teacher" in printed and "epoch 1/1" in printed  # teacher progress shown
+    assert "| wrn16-1 | prockd@transfer |" in printed and "curves.png" in printed and "prototypes.png" in printed
+    assert "time by phase: teacher" in printed and "final runs (6, 1 at a time)" in printed
+    assert all((work / "cls" / f).is_file() for f in ("results.md", "results.csv", "curves.png", "prototypes.png"))
+    again = _run([str(exe), "demo", "--quick", "--out", "cls", "--workers", "1"], work, env)
+    assert "final runs (" not in again.stdout  # nothing left to run: no run phase
+    assert json.loads((work / "cls" / "results.json").read_text())["settings"] == res_json["settings"]
