@@ -80,7 +80,7 @@ def test_detection_demo_runs_from_the_wheel(installed):
 
 def test_classification_demo_runs_from_the_wheel(installed):
     """The main job end to end at smoke size, as installed: real rendered glyphs, a teacher pretrained by prockd
-    (the quick demo trains its own), the core table, probes and plots; a second call keeps the finished runs."""
+    (the quick demo trains its own), the core table, probes and plots."""
     exe, env, work = installed
     res = _run([str(exe), "demo", "--quick", "--out", "cls", "--workers", "1"], work, env)
     res_json = json.loads((work / "cls" / "results.json").read_text())
@@ -96,6 +96,4 @@ def test_classification_demo_runs_from_the_wheel(installed):
     assert "| wrn16-1 | prockd@transfer |" in printed and "curves.png" in printed and "prototypes.png" in printed
     assert "time by phase: teacher" in printed and "final runs (6, 1 at a time)" in printed
     assert all((work / "cls" / f).is_file() for f in ("results.md", "results.csv", "curves.png", "prototypes.png"))
-    again = _run([str(exe), "demo", "--quick", "--out", "cls", "--workers", "1"], work, env)
-    assert "final runs (" not in again.stdout  # nothing left to run: no run phase
-    assert json.loads((work / "cls" / "results.json").read_text())["settings"] == res_json["settings"]
+    # a second call keeping the finished runs: tests/test_bench_compare.py (the same run_compare, in-process)
