@@ -16,25 +16,34 @@ from huggingface_hub.utils import get_session
 from prockd.errors import ProckdError
 
 
+def _first_line(e: Exception, limit: int) -> str:
+    """An exception's first message line, cut to ``limit`` characters (for one-line errors)."""
+    return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
 def hub_unreachable(timeout: float = 5.0) -> str | None:
     """Why the Hugging Face hub (timm's weights) cannot be reached, in words, or ``None`` when it answers: offline
     mode set (``HF_HUB_OFFLINE``, read here at call time, not only at import), or one request to the hub's endpoint
     failing (through huggingface_hub's own session, so proxies apply; at most ``timeout`` seconds)."""
-    if hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    if hub_constants.HF_HUB_OFFLINE or env in hub_constants.ENV_VARS_TRUE_VALUES:
         return "HF_HUB_OFFLINE is set"
     try:
         get_session().head(hub_constants.ENDPOINT, timeout=timeout)
     except Exception as e:  # noqa: BLE001 - any transport failure means: not reachable now
-        first = (str(e).strip().splitlines() or [""])[0][:120]
-        return f"{hub_constants.ENDPOINT} did not answer ({type(e).__name__}: {first})"
+        return f"{hub_constants.ENDPOINT} did not answer ({type(e).__name__}: {_first_line(e, 120)})"
     return None
 
 
 @contextlib.contextmanager
-def hub_fail_fast():
+def hub_fail_fast(download: bool = True):
     """Around a timm hub download: when the hub cannot be reached, switch huggingface_hub to offline mode for the
     call, so that weights already in the local cache load and missing ones fail at once, instead of after
-    huggingface_hub's retries with back-off (about 45 s without a network). Yields the reason, or ``None``."""
+    huggingface_hub's retries with back-off (about 45 s without a network). Yields the reason, or ``None``
+    (always ``None``, asking nothing, when ``download`` is false: a model built without hub weights)."""
+    if not download:
+        yield None
+        return
     why = hub_unreachable()
     before = hub_constants.HF_HUB_OFFLINE
     if why is not None:
@@ -49,8 +58,8 @@ def hub_error(what: str, name: str, e: Exception, why: str | None = None, fix: s
     """The one-line error for hub weights of ``name`` (config section ``what``) that could not be fetched, saying
     how to bring them over (``why``: the hub's unreachability from :func:`hub_unreachable`, when known; ``fix``:
     the keys to set instead, by default ``what.checkpoint`` with ``what.pretrained: false``)."""
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    cause = f"the hub is unreachable: {why}; they are not in the local cache" if why else f"{type(e).__name__}: {first}"
+    cause = (f"the hub is unreachable: {why}; they are not in the local cache" if why
+             else f"{type(e).__name__}: {_first_line(e, 200)}")
     fix = fix or f"set {what}.checkpoint: FILE with {what}.pretrained: false"
     return ProckdError(f"{what}: the pretrained weights of '{name}' could not be fetched ({cause}). "
                        "Offline, save them on a machine with internet (docs/usage.md, 'Hub weights on an offline "

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 from collections import OrderedDict
@@ -117,7 +116,7 @@ def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Mod
                               + (f"; did you mean {', '.join(near)}?" if near else ""))
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
-        with hub_fail_fast() if hub else contextlib.nullcontext() as why:
+        with hub_fail_fast(hub) as why:
             try:
                 model = timm.create_model(name, pretrained=hub, **kwargs)
             except TypeError as e:

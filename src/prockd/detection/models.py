@@ -47,16 +47,15 @@ class TimmBody(nn.Module):
         except RuntimeError as e:
             raise ProckdError(f"timm backbone '{name}' cannot be built with features_only ({e})") from None
         idx = tuple(range(len(probe.feature_info)))[-4:]
-        if not pretrained:
-            self.model = timm.create_model(name, pretrained=False, features_only=True, out_indices=idx)
-        else:
-            with hub_fail_fast() as why:
-                try:
-                    self.model = timm.create_model(name, pretrained=True, features_only=True, out_indices=idx)
-                except Exception as e:  # noqa: BLE001 - hub failures: offline, no such weights, HTTP errors
-                    raise hub_error("backbone", f"timm:{name}", e, why,
-                                    "set backbone_weights: none with checkpoint: FILE (a whole detector), or "
-                                    "backbone: builtin:efficientnet_lite0 (ImageNet weights shipped offline)") from None
+        with hub_fail_fast(pretrained) as why:
+            try:
+                self.model = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=idx)
+            except Exception as e:  # noqa: BLE001 - hub failures: offline, no such weights, HTTP errors
+                if not pretrained:
+                    raise
+                raise hub_error("backbone", f"timm:{name}", e, why,
+                                "set backbone_weights: none with checkpoint: FILE (a whole detector), or "
+                                "backbone: builtin:efficientnet_lite0 (ImageNet weights shipped offline)") from None
         self.channels = self.model.feature_info.channels()
 
     def forward(self, x: torch.Tensor) -> OrderedDict:
