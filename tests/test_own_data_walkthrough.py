@@ -23,7 +23,7 @@ QUICK = ["teacher.input_size=64", "train.epochs=2", "train.aug_views=2", "train.
 def test_own_folder_api_and_cli_give_the_same_numbers(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
 
-    def _cli(*args, cwd):
+    def _cli(*args):
         """``prockd ARGS`` in this process (the console script's own entry point; the wheel test starts the
         installed script itself): its stdout."""
         capsys.readouterr()
@@ -43,7 +43,7 @@ def test_own_folder_api_and_cli_give_the_same_numbers(tmp_path, monkeypatch, cap
     over = QUICK + [f"cache.dir={tmp_path / 'cache'}"]
 
     api_run = prockd.train(tmp_path / "my_config.yaml", out=tmp_path / "api_run", overrides=over)
-    _cli("train", "--config", tmp_path / "my_config.yaml", "--out", tmp_path / "cli_run", *over, cwd=tmp_path)
+    _cli("train", "--config", tmp_path / "my_config.yaml", "--out", tmp_path / "cli_run", *over)
     cli_run = tmp_path / "cli_run"
     fa, fc = (json.loads((r / "final.json").read_text()) for r in (api_run, cli_run))
     assert fa["weights"]["teacher"].startswith("ImageNet weights shipped")
@@ -53,20 +53,19 @@ def test_own_folder_api_and_cli_give_the_same_numbers(tmp_path, monkeypatch, cap
     assert fa["selected"] == pytest.approx(fc["selected"], rel=1e-6)
 
     ev_api = prockd.evaluate(api_run)
-    ev_cli = json.loads(_cli("eval", "--run", cli_run, cwd=tmp_path))
+    ev_cli = json.loads(_cli("eval", "--run", cli_run))
     assert ev_api["top1"] == pytest.approx(ev_cli["top1"], rel=1e-6)
     assert ev_api["top1"]["test"] == pytest.approx(fa["selected"]["test/deployed"], abs=1e-6)
 
     rep = prockd.export(api_run, onnx=tmp_path / "api.onnx", say=lambda *_: None)
     assert rep["onnx"]["ok"] and rep["onnx"]["max_abs_diff"] <= 1e-3
-    _cli("export", "--run", cli_run, "--onnx", tmp_path / "cli.onnx", cwd=tmp_path)
+    _cli("export", "--run", cli_run, "--onnx", tmp_path / "cli.onnx")
     assert sorted(p.name for p in tmp_path.iterdir() if ".onnx" in p.name) == ["api.onnx", "cli.onnx"]  # no sidecar
 
     images = sorted(str(p) for p in (data / "test").rglob("*.png"))[::10]
     top_pt = prockd.load_student(api_run / "student.pt").predict(images, topk=2)
     top_onnx = prockd.load_student(tmp_path / "api.onnx").predict(images, topk=2)
-    top_cli = json.loads(_cli("predict", "--model", tmp_path / "cli.onnx", "--topk", "2", "--json", *images,
-                              cwd=tmp_path))
+    top_cli = json.loads(_cli("predict", "--model", tmp_path / "cli.onnx", "--topk", "2", "--json", *images))
     classes = lambda top: [t[0]["class"] for t in top]  # noqa: E731
     assert classes(top_pt) == classes(top_onnx)
     cli_classes = [r["top"][0]["class"] for r in top_cli]
