@@ -68,6 +68,17 @@ def test_compare_tunes_on_validation_runs_fresh_seeds_and_continues(tmp_path, ca
     assert "5 runs, 5 already finished" in printed and "= 24 runs, 23 already finished" in printed
     again = json.loads((out / "results.json").read_text())
     assert again["settings"] == res["settings"]  # exact resume
+    # fresh seeds only: --first-seed k runs seeds k.. and reuses the runs it shares with the earlier table
+    assert main(["bench", "compare", "--config", str(cfg), "--out", str(out), "--tune", "--seeds", "1",
+                 "--first-seed", "1", "--settings", "standard", "--students", "vit-d2"]) == 0
+    printed = capsys.readouterr().out
+    assert "x 1 seeds (1-1) = 3 runs, 3 already finished" in printed
+    one = json.loads((out / "results.json").read_text())["settings"]["standard"]["vit-d2"]
+    for m in ("student_only", "prockd", "rkd"):
+        assert one[m]["seeds"] == [1] and one[m]["values"] == [res["settings"]["standard"]["vit-d2"][m]["values"][1]]
+    cfg.write_text(yaml.safe_dump(dict(_spec(tmp_path), first_seed=-1), sort_keys=False))
+    assert main(["bench", "compare", "--config", str(cfg), "--out", str(out)]) == 2
+    assert "'first_seed' must be a non-negative integer, not -1" in capsys.readouterr().err
 
 
 def _row(**seeds):

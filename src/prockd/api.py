@@ -229,18 +229,19 @@ def load_student(path: str | Path, threads: int | None = None) -> Predictor:
 
 
 def compare(spec: str | Path | Mapping[str, Any] | None = None, out: str | Path = "runs/compare", *,
-            suite: str | None = None, seeds: int | None = None, workers: int | None = None, tune: bool = False,
+            suite: str | None = None, seeds: int | None = None, first_seed: int | None = None,
+            workers: int | None = None, tune: bool = False,
             tune_seeds: int | None = None, tune_only: bool = False, probe_only: bool = False,
             methods: Sequence[str] | None = None, students: Sequence[str] | None = None,
             settings: Sequence[str] | None = None, train_teacher: bool = False) -> dict:
     """The paired-seed comparison of ``prockd bench compare``: methods x students x settings x seeds, the same
-    student seeds for every method, mean ± std and the 95 % interval of each method's paired differences to
-    student-only. ``spec``: a YAML path or a dict with the spec keys of docs/usage.md ("Compare methods on your own
+    student seeds for every method (``first_seed`` .. ``first_seed + seeds - 1``), mean ± std and the 95 % interval
+    of each method's paired differences to student-only. ``spec``: a YAML path or a dict with the spec keys of docs/usage.md ("Compare methods on your own
     data"), or None for an embedded suite (``suite``, default glyphs). ``workers``: runs at a time (one thread
     each); ``tune``: first choose every method's main loss weights on validation, the same budget for all. Writes
     ``results.{md,csv,json}`` under ``out`` (or ``tuning.json`` / the probes with ``tune_only`` / ``probe_only``)
     and returns what it wrote to JSON."""
-    overrides = {"seeds": seeds, "workers": workers, "tune_seeds": tune_seeds}
+    overrides = {"seeds": seeds, "first_seed": first_seed, "workers": workers, "tune_seeds": tune_seeds}
     if isinstance(spec, Mapping):
         loaded = load_spec(None, overrides, suite=suite or spec.get("suite"), extra=dict(spec))
     else:

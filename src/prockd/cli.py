@@ -125,6 +125,9 @@ def _cmd_bench_compare(args) -> int:
     if task != "classification":
         from prockd.tasks import commands
 
+        if args.first_seed:
+            raise ProckdError("--first-seed applies to the classification comparison; the detection suite's seeds "
+                              "are 0..--seeds-1")
         commands(task).compare(args)
         return 0
     if getattr(args, "overrides", None):
@@ -132,7 +135,8 @@ def _cmd_bench_compare(args) -> int:
                           "YAML spec (--config FILE, keys 'base' / 'train')")
     import prockd.api as api
 
-    api.compare(args.config, args.out, suite=args.suite, seeds=args.seeds, workers=args.workers,
+    api.compare(args.config, args.out, suite=args.suite, seeds=args.seeds, first_seed=args.first_seed,
+                workers=args.workers,
                 tune=args.tune, tune_only=args.tune_only, probe_only=args.probe_only, tune_seeds=args.tune_seeds,
                 methods=args.methods, students=args.students, settings=args.settings,
                 train_teacher=args.train_teacher)
@@ -243,6 +247,8 @@ def make_parser() -> argparse.ArgumentParser:
     bc.add_argument("--config", default=None, help="YAML comparison spec (keys replace the suite's)")
     bc.add_argument("--out", default="runs/compare")
     bc.add_argument("--seeds", type=int, default=None, help="final seeds per cell (default 5)")
+    bc.add_argument("--first-seed", type=int, default=None,
+                    help="the final table's first seed (default 0): fresh seeds without rerunning earlier ones")
     bc.add_argument("--workers", type=int, default=None)
     bc.add_argument("--methods", nargs="*", default=None, help="a subset of the spec's methods")
     bc.add_argument("--students", nargs="*", default=None, help="a subset of the spec's students")

@@ -9,7 +9,8 @@ with an honest protocol (``../shared/spec/benchmark.md``):
 - **equal tuning** (``--tune``): every method gets the same budget — one configuration per factor of
   ``tune_factors`` multiplying its main loss weights together (``Distiller.main_weights``) — run on
   ``tune_seeds`` seeds of their own (1000, 1001, ...) on the first student and the first setting, scored by
-  the mean validation accuracy over the last fifth of the epochs (validation only); the final table then runs each method's chosen configuration on fresh seeds 0..n-1;
+  the mean validation accuracy over the last fifth of the epochs (validation only); the final table then runs each method's chosen configuration on fresh seeds 0..n-1
+  (``first_seed`` k: k..k+n-1);
 - **knowledge gap**: per setting, linear probes on the frozen teacher's pooled taps and on pixels
   (:mod:`prockd.classification.probe`), and the student-only convergence evidence (validation gain over the last fifth of the
   epochs, student-only test accuracy against the pixel probe).
@@ -57,7 +58,7 @@ from prockd.core.config import deep_merge
 from prockd.core.io import atomic_write_json, atomic_write_text
 from prockd.errors import ProckdError
 
-SPEC_KEYS = {"suite", "seeds", "workers", "methods", "students", "settings", "data", "base", "tune_seeds",
+SPEC_KEYS = {"suite", "seeds", "first_seed", "workers", "methods", "students", "settings", "data", "base", "tune_seeds",
              "tune_factors"}
 REFERENCE = "student_only"
 PROPOSED = "prockd"
@@ -94,7 +95,7 @@ def load_spec(path: str | Path | None = None, overrides: dict | None = None, sui
     if s.task != "classification":
         raise ProckdError(f"suite '{s.name}' is a {s.task} benchmark: run it with 'prockd bench compare --suite "
                           f"{s.name}' (its methods, seeds and weights come from the suite, not from a spec file)")
-    spec = {"suite": s.name, "seeds": s.seeds, "workers": None, "methods": s.methods, "students": s.students,
+    spec = {"suite": s.name, "seeds": s.seeds, "first_seed": 0, "workers": None, "methods": s.methods, "students": s.students,
             "settings": s.settings, "data": s.data, "base": None, "tune_seeds": 2, "tune_factors": s.tune_factors}
     spec.update(loaded)
     spec["source"] = str(path) if path is not None else ("a spec passed from Python" if extra is not None else None)
@@ -106,7 +107,20 @@ def load_spec(path: str | Path | None = None, overrides: dict | None = None, sui
             raise ProckdError(f"comparison config: '{key}' must be a non-empty mapping")
     if not isinstance(spec["seeds"], int) or spec["seeds"] < 1:
         raise ProckdError(f"comparison config: 'seeds' must be a positive integer, not {spec['seeds']!r}")
+    if not isinstance(spec["first_seed"], int) or spec["first_seed"] < 0:
+        raise ProckdError(f"comparison config: 'first_seed' must be a non-negative integer, not {spec['first_seed']!r}")
     return spec
+
+
+def _seed_span(spec: dict) -> str:
+    seeds = final_seeds(spec)
+    return f" ({seeds[0]}-{seeds[-1]})" if seeds[0] else ""
+
+
+def final_seeds(spec: dict) -> range:
+    """The final table's paired seeds: ``first_seed`` .. ``first_seed + seeds - 1`` (fresh seeds whose test sets no
+    earlier choice read, without rerunning the earlier ones)."""
+    return range(spec.get("first_seed", 0), spec.get("first_seed", 0) + spec["seeds"])
 
 
 def _base(spec: dict, cache_root: Path, log, say, shipped_teacher: bool = True) -> tuple[dict, dict]:
@@ -233,7 +247,7 @@ def collect(spec: dict, out: Path, methods: dict) -> dict:
         for method, params in methods.items():
             row = {"params": None, "columns": {}, "curves": {}, "selected_epochs": []}
             for setting in spec["settings"]:
-                for seed in range(spec["seeds"]):
+                for seed in final_seeds(spec):
                     rd = out / "runs" / "final" / student / setting / f"{method}-{_tag(params)}" / f"seed{seed}"
                     f = rd / "final.json"
                     if not f.is_file():
@@ -490,13 +504,13 @@ def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: 
     todo, n = [], 0
     for student in spec["students"]:
         for setting in spec["settings"]:
-            for seed in range(spec["seeds"]):
+            for seed in final_seeds(spec):
                 for method, params in methods.items():
                     rd = out / "runs" / "final" / student / setting / f"{method}-{_tag(params)}" / f"seed{seed}"
                     _queue(run_config(spec, base, student, setting, method, params, seed), rd, log_path, todo)
                     n += 1
     say(f"final table: {len(methods)} methods x {len(spec['students'])} students x {len(spec['settings'])} settings x "
-        f"{spec['seeds']} seeds = {n} runs, {n - len(todo)} already finished")
+        f"{spec['seeds']} seeds{_seed_span(spec)} = {n} runs, {n - len(todo)} already finished")
     _execute(todo, spec, log, "final runs", phases)
     table = collect(spec, out, methods)
     stats = statistics_table(table)
