@@ -248,6 +248,58 @@ def test_function_matching_feeds_mixtures_with_the_teachers_features_of_those_pi
     assert torch.allclose(xs[6:], ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_student_noise_gives_the_teacher_the_clean_pixels_and_the_student_the_noisy_ones(tiny, tmp_path, cached):
+    """Asymmetric views (train.student_noise): the teacher's features are those of the clean batch (mixtures
+    included), the student's images are the clean ones plus the drawn Gaussian noise, clamped; 0 draws nothing."""
+    from prockd.classification.cache import TeacherCache
+    from prockd.classification.engine import step_batch
+    from prockd.core import distributed as ddp
+
+    raw = tiny("probe_distil")
+    raw["method"]["params"]["function_matching"] = "mixup"
+    raw["train"].update(augment="affine", aug_views=2 if cached else 0)
+
+    def batch(noise):
+        r = copy.deepcopy(raw)
+        r["train"]["student_noise"] = noise
+        cfg = build_config(r)
+        b = build(cfg)
+        pools = step_pools(b.task, cfg.train)
+        cache = TeacherCache(b.teacher, pools.cached, tmp_path / f"c{noise}", "float32").prepare() if cached else None
+        x, y, idx = next(b.task.train.batches(6, torch.Generator().manual_seed(1)))
+        gu = torch.Generator().manual_seed(3)
+        out = step_batch(b, cfg, x, y, idx, pools, cache, torch.Generator().manual_seed(2), gu, ddp.DistInfo())
+        return b, out, gu
+
+    b, (xc, yc, tfc, _), gc = batch(0.0)
+    _, (xn, yn, tfn, _), _ = batch(0.25)
+    assert torch.equal(yn, yc) and len(xn) == 12
+    live = b.teacher.extract(xc)  # the clean batch (views and mixtures) as the run without noise has it
+    for k in live:
+        assert torch.allclose(tfn[k].float(), live[k].float(), atol=1e-4), k
+    if cached:
+        assert tfc is not None
+    # the student's copy: the same generator state after the mixtures, then one randn draw of the batch's shape
+    noise = torch.randn(xc.shape, generator=gc)
+    ref = (xc + 0.25 * noise).clamp(0, 1)
+    assert torch.allclose(xn, ref, atol=1e-6) and not torch.equal(xn, xc)
+    assert 0.2 < float((xn - xc)[(ref > 0) & (ref < 1)].std()) < 0.3
+
+
+def test_a_comparison_column_may_set_the_recipe_of_every_method_in_it():
+    from prockd.bench.compare import run_config
+
+    spec = {"students": {"s": {"name": "wrn"}}, "data": {"name": "glyphs"},
+            "settings": {"plain": {}, "noisy": {"corruptions": [], "train": {"student_noise": 0.1}}}}
+    base = {"train": {"epochs": 3, "student_noise": 0.0}}
+    a = run_config(spec, base, "s", "plain", "kd", {}, 0)
+    n = run_config(spec, base, "s", "noisy", "kd", {}, 0)
+    assert a["train"] == {"epochs": 3, "student_noise": 0.0} and "train" not in n["data"]
+    assert n["train"] == {"epochs": 3, "student_noise": 0.1} and n["data"] == {"name": "glyphs", "corruptions": []}
+    assert spec["settings"]["noisy"]["train"] == {"student_noise": 0.1}  # the spec is left as it was
+
+
 def test_prockd_options_against_direct_computations(tiny):
     """assign_temperature, the feature channel and FA on the student's tokens, each against its equation."""
     from prockd.features import resample_tokens
@@ -293,3 +345,24 @@ def test_a_logit_adjusted_probe_is_the_plain_probe_with_its_bias_shifted():
     w1, b1 = fit_linear_probe(x, y, 3, l2=0.05, iters=300, offset=o)
     assert torch.allclose(w1, w0, atol=1e-5)
     assert torch.allclose(b1 - b1.mean(), (b0 - o.double()) - (b0 - o.double()).mean(), atol=1e-5)
+
+
+def test_a_run_scores_its_chosen_checkpoint_on_the_shifted_copies_of_its_validation_split(tiny):
+    """``selected["val_fog3/deployed"]``: the deployed student.pt on the fog copy of the validation images, against
+    a direct computation from the file and :func:`prockd.shifts.corrupt`; no test set enters it."""
+    from prockd.api import load_student
+    from prockd.core.config import CorruptionConfig
+    from prockd.shifts import corrupt
+
+    raw = tiny("student_only")
+    raw["data"].update(val_fraction=0.25, corruptions=[{"kind": "fog", "severity": 4}])
+    cfg = build_config(raw)
+    summary = train(cfg)
+    sel = summary["selected"]
+    val = build_task(cfg.data).val
+    x = corrupt(val.images, CorruptionConfig(kind="fog", severity=4)).float() / 255
+    assert not torch.equal(x, val.images.float() / 255)
+    pred = load_student(f"{cfg.out}/student.pt").logits(x).argmax(-1)
+    ref = 100.0 * int((torch.from_numpy(pred) == val.labels).sum()) / len(val)
+    assert sel["val_fog4/deployed"] == pytest.approx(ref, abs=1e-9) and 0 < ref < 100
+    assert "test_fog4/deployed" in sel and not any(k.startswith("val_fog4") for k in summary["final"])

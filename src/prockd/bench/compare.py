@@ -17,8 +17,9 @@ with an honest protocol (``../shared/spec/benchmark.md``):
 
 The spec is a benchmark suite (:mod:`prockd.bench.suites`, ``--suite``; default ``glyphs``) whose keys a YAML file
 (``--config``) may replace: ``seeds``, ``workers``, ``methods`` (name -> params), ``students`` (label -> model
-config), ``settings`` (label -> data overrides), ``data``, ``base`` (teacher, train, cache: your own teacher and
-data), ``tune_seeds``, ``tune_factors``. Every run is a resumable run directory: an interrupted comparison
+config), ``settings`` (label -> data overrides; a ``train`` key in one overrides the training recipe of every
+method in that column), ``data``, ``base`` (teacher, train, cache: your own teacher and data), ``tune_seeds``,
+``tune_factors``. Every run is a resumable run directory: an interrupted comparison
 continues where it stopped. Writes ``results.json``, ``results.md``, ``results.csv``, ``curves.png`` and, when
 ProC-KD ran, ``prototypes.png``.
 """
@@ -138,9 +139,12 @@ def _base(spec: dict, cache_root: Path, log, say, shipped_teacher: bool = True) 
 def run_config(spec: dict, base: dict, student: str, setting: str, method: str, params: dict, seed: int) -> dict:
     """The experiment config of one comparison run."""
     raw = copy.deepcopy(base)
-    raw.update(seed=seed, student=copy.deepcopy(spec["students"][student]),
-               data=deep_merge(spec["data"], spec["settings"][setting] or {}),
+    column = copy.deepcopy(spec["settings"][setting] or {})
+    train = column.pop("train", None)  # a column's recipe for every method in it (e.g. train.student_noise)
+    raw.update(seed=seed, student=copy.deepcopy(spec["students"][student]), data=deep_merge(spec["data"], column),
                method={"name": method_of(method), "params": copy.deepcopy(params or {})})
+    if train:
+        raw["train"] = deep_merge(raw.get("train") or {}, train)
     return raw
 
 

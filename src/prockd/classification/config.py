@@ -173,6 +173,10 @@ class TrainConfig(Strict):
     # (the teacher cache holds the teacher's features of every view, so teacher and student see one view);
     # 0: fresh augmentation every step (the teacher then runs live on the augmented batch)
     aug_views: int = Field(0, ge=0)
+    # > 0: Gaussian pixel noise of this std on the student's copy of every training image (labelled, unlabelled,
+    # mixtures) after the teacher's features are fixed on the clean pixels (asymmetric views, docs/method.md,
+    # "Robustness through the teacher"); without a teacher, plain noise augmentation
+    student_noise: float = Field(0.0, ge=0, le=1)
     eval_every: int = Field(1, ge=1)
     progress: bool = True
     num_threads: int | None = None

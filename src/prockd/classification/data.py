@@ -583,6 +583,17 @@ def _carve_val(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
 
 
+def shifted_copies(base: ArrayDataset, corruptions) -> dict[str, ArrayDataset]:
+    """``base`` under each corruption (:func:`prockd.shifts.corrupt`, per image when it is left on disk), named
+    ``<base name>_<kind><severity>``: a setting's shifted test sets, and the same shifts of its validation split."""
+    out = {}
+    for c in corruptions:
+        nm = f"{base.name}_{c.kind}{c.severity}"
+        shifted = base.images.with_corruption(c) if base.streaming else corrupt(base.images, c)
+        out[nm] = ArrayDataset(shifted, base.labels, nm, base.num_workers)
+    return out
+
+
 def build_task(cfg: DataConfig) -> Task:
     """Load and shape the task described by ``cfg``."""
     raw_val, extra_info = None, {}
@@ -626,10 +637,7 @@ def build_task(cfg: DataConfig) -> Task:
             xte, yte = _rows(xte, keep), yte[keep]
         base = ArrayDataset(_images(xte), torch.from_numpy(yte), tname, nw)
         tests[tname] = base
-        for c in cfg.corruptions:
-            nm = f"{tname}_{c.kind}{c.severity}"
-            shifted = base.images.with_corruption(c) if base.streaming else corrupt(base.images, c)
-            tests[nm] = ArrayDataset(shifted, base.labels, nm, nw)
+        tests.update(shifted_copies(base, cfg.corruptions))
     unlabeled = _unlabeled(cfg, extra_info, train)
     info = {"train_counts": [int(v) for v in np.bincount(train.labels.numpy(), minlength=k)], **extra_info}
     if val is not None:

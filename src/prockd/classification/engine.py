@@ -24,6 +24,7 @@ from prockd.classification.data import (
     Task,
     build_task,
     chunk_loader,
+    shifted_copies,
 )
 from prockd.classification.methods import Distiller, method_params
 from prockd.classification.models import (
@@ -234,6 +235,23 @@ def with_mixtures(distiller: Distiller, x: torch.Tensor, y: torch.Tensor, tf: di
     return torch.cat([x, xm]), torch.cat([y, torch.full((len(xm),), IGNORE, dtype=y.dtype, device=y.device)]), tf
 
 
+def noisy_student_view(distiller: Distiller, x: torch.Tensor, tf: dict | None, std: float, g: torch.Generator,
+                       device=None) -> tuple[torch.Tensor, dict | None]:
+    """Asymmetric views (``train.student_noise``): the teacher's features are fixed on the clean pixels first (read
+    from the cache, or a live forward here), then the student's copy of the batch gets Gaussian pixel noise of
+    standard deviation ``std`` (clamped to [0, 1]), so every distillation term asks the student to map a noisy
+    image to the teacher's view of the clean one. A method without a teacher (student-only) gets the noise as plain
+    augmentation. ``std`` 0 returns the batch as it is and draws nothing."""
+    if std <= 0:
+        return x, tf
+    teacher = getattr(distiller, "teacher", None)
+    if teacher is not None and (tf is None or not set(tf) - {MIXTURE_KEY}):
+        live = teacher.extract(x.to(device if device is not None else x.device), distiller.teacher_keys)
+        tf = {**live, **(tf or {})}
+    noise = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype)
+    return (x + std * noise).clamp_(0.0, 1.0), tf
+
+
 def unlabeled_batch(pools: StepPools, task: Task, t: TrainConfig, n: int, g: torch.Generator, draws=None):
     """``n`` unlabelled images drawn with replacement (one stored view each, or augmented live): (images in
     [0, 1], targets :data:`~prockd.classification.data.IGNORE`, teacher-cache indices). A set left on disk is drawn
@@ -409,6 +427,7 @@ def step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, cac
         x, y, idx = torch.cat([x, xu]), torch.cat([y, yu]), torch.cat([idx, iu])
     tf = cache.get(idx, device) if cache is not None else None
     x, y, tf = with_mixtures(b.distiller, x, y, tf, gu, device)
+    x, tf = noisy_student_view(b.distiller, x, tf, t.student_noise, gu, device)
     share = 1.0
     if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
         part = ddp.shard(torch.arange(len(y)), info)
@@ -560,7 +579,8 @@ class ClassificationHooks(TaskHooks):
 
     def finish(self, run_dir, history: list, best: float, info, log) -> dict:
         """The last epoch's results and the test results of the checkpoint chosen on validation (also the last
-        epoch's when it is the chosen one)."""
+        epoch's when it is the chosen one), with that checkpoint's accuracy on the setting's shifted copies of the
+        validation split (``val_<kind><severity>/...``: what a choice of robustness recipe may read)."""
         b, cfg = self.b, self.cfg
         dist, device, t = b.distiller, b.device, cfg.train
         final = history[-1] if history else {}
@@ -570,6 +590,9 @@ class ClassificationHooks(TaskHooks):
                                    lambda: evaluate(dist, b.task.tests, device, t.amp, info=info))
             if selected is not None and selected["epoch"] == final.get("epoch"):
                 final.update({k: v for k, v in selected.items() if k.split("/")[0] in b.task.tests})
+            shifted_val = shifted_copies(b.task.val, cfg.data.corruptions)
+            if selected is not None and shifted_val:  # the distiller holds the chosen checkpoint now
+                selected.update(evaluate(dist, shifted_val, device, t.amp, info=info))
         return {"method": cfg.method.name, "seed": cfg.seed, "final": final, "selected": selected, "best": best,
                 "student_params": count_params(dist.student),
                 "deployed_params": count_params(dist.export()),
