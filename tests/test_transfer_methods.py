@@ -251,7 +251,8 @@ def test_function_matching_feeds_mixtures_with_the_teachers_features_of_those_pi
 @pytest.mark.parametrize("cached", [True, False])
 def test_student_noise_gives_the_teacher_the_clean_pixels_and_the_student_the_noisy_ones(tiny, tmp_path, cached):
     """Asymmetric views (train.student_noise): the teacher's features are those of the clean batch (mixtures
-    included), the student's images are the clean ones plus the drawn Gaussian noise, clamped; 0 draws nothing."""
+    included), the student's images are the clean ones plus the drawn Gaussian noise, clamped; 0 draws nothing;
+    with student_noise_teacher "noisy" the teacher's features are those of the student's noisy copy."""
     from prockd.classification.cache import TeacherCache
     from prockd.classification.engine import step_batch
     from prockd.core import distributed as ddp
@@ -260,9 +261,9 @@ def test_student_noise_gives_the_teacher_the_clean_pixels_and_the_student_the_no
     raw["method"]["params"]["function_matching"] = "mixup"
     raw["train"].update(augment="affine", aug_views=2 if cached else 0)
 
-    def batch(noise):
+    def batch(noise, sees="clean"):
         r = copy.deepcopy(raw)
-        r["train"]["student_noise"] = noise
+        r["train"].update(student_noise=noise, student_noise_teacher=sees)
         cfg = build_config(r)
         b = build(cfg)
         pools = step_pools(b.task, cfg.train)
@@ -285,6 +286,13 @@ def test_student_noise_gives_the_teacher_the_clean_pixels_and_the_student_the_no
     ref = (xc + 0.25 * noise).clamp(0, 1)
     assert torch.allclose(xn, ref, atol=1e-6) and not torch.equal(xn, xc)
     assert 0.2 < float((xn - xc)[(ref > 0) & (ref < 1)].std()) < 0.3
+    # the symmetric control: the same noisy pixels, the teacher's features are those of the noisy copy
+    _, (xs, _, tfs, _), _ = batch(0.25, "noisy")
+    assert torch.equal(xs, xn)
+    on_noisy = b.teacher.extract(xn)
+    for k in on_noisy:
+        assert torch.allclose(tfs[k].float(), on_noisy[k].float(), atol=1e-4), k
+        assert not torch.allclose(tfs[k].float(), live[k].float(), atol=1e-2), k
 
 
 def test_a_comparison_column_may_set_the_recipe_of_every_method_in_it():

@@ -177,6 +177,9 @@ class TrainConfig(Strict):
     # mixtures) after the teacher's features are fixed on the clean pixels (asymmetric views, docs/method.md,
     # "Robustness through the teacher"); without a teacher, plain noise augmentation
     student_noise: float = Field(0.0, ge=0, le=1)
+    # what the teacher sees under student_noise: "clean" (asymmetric views) or "noisy", the student's noisy copy
+    # (the symmetric control: the teacher then runs live on it and the cache's features are not used)
+    student_noise_teacher: Literal["clean", "noisy"] = "clean"
     eval_every: int = Field(1, ge=1)
     progress: bool = True
     num_threads: int | None = None
