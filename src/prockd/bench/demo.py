@@ -3,7 +3,7 @@
 The default suite is ``glyphs`` (:mod:`prockd.bench.suites`): a ResNet teacher trained by prockd on digits and
 uppercase letters over 150 real typefaces teaches WRN students the 26 lowercase letters from 3 labelled fonts;
 every student is tested on 99 held-out fonts (and on fog / contrast shifted copies of them). The demo runs
-student-only, the two strongest baselines of the tuned comparison and ProC-KD on 5 paired seeds with the
+student-only, the strongest tuned baseline and ProC-KD on the suite's demo seeds (6 for glyphs) with the
 honest protocol of ``prockd bench compare`` (validation-selected checkpoints, paired 95 % intervals, linear
 probes of the knowledge gap), prints the table and the paths of the plots. ``--suite fmnist`` runs the earlier
 Fashion-MNIST benchmark, whose measured knowledge gap is zero.

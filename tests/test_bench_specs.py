@@ -1,0 +1,63 @@
+"""Every comparison spec shipped in ``configs/bench`` loads and every one of its runs' configs validates (the
+students, columns with their recipe keys, and methods with their parameters), before anyone spends an hour on it."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+import prockd
+from prockd.bench import compare
+from prockd.bench.suites import get_suite
+from prockd.classification.config import build_config
+from prockd.errors import ProckdError
+
+SPECS = sorted((Path(prockd.__file__).parent / "configs" / "bench").glob("*.yaml"))
+
+
+def _base(spec: dict) -> dict:
+    s = get_suite(spec["suite"])
+    return {"teacher": dict(copy.deepcopy(s.teacher), checkpoint="teacher.pt"), "teacher_eval": s.teacher_eval,
+            "train": dict(s.train), "cache": {"dir": "cache", "dtype": "float16"}}
+
+
+def _validate(spec: dict, name: str) -> int:
+    base, n = _base(spec), 0
+    for student in spec["students"]:
+        for setting in spec["settings"]:
+            for method, params in spec["methods"].items():
+                raw = compare.run_config(spec, base, student, setting, method, params, compare.final_seeds(spec)[0])
+                compare.method_params(build_config(raw, f"{name} {student}/{setting}/{method}"))
+                n += 1
+    return n
+
+
+def test_the_shipped_specs_are_there():
+    names = {p.name for p in SPECS}
+    assert {"robust.yaml", "robust_screen.yaml", "robust_control.yaml", "cross_design.yaml", "long_tail.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_run_of_a_shipped_spec_validates(path):
+    spec = compare.load_spec(path)
+    assert _validate(spec, path.name) == len(spec["students"]) * len(spec["settings"]) * len(spec["methods"])
+
+
+def test_the_robustness_columns_carry_their_recipe_into_every_method():
+    spec = compare.load_spec(Path(prockd.__file__).parent / "configs" / "bench" / "robust_control.yaml")
+    base = _base(spec)
+    for method, params in spec["methods"].items():
+        noisy = compare.run_config(spec, base, "wrn16-1", "standard+noise0.2sym", method, params, 20)
+        clean = compare.run_config(spec, base, "wrn16-1", "standard", method, params, 20)
+        assert noisy["train"]["student_noise"] == 0.2 and noisy["train"]["student_noise_teacher"] == "noisy"
+        assert "student_noise" not in clean["train"]
+        assert {k: v for k, v in noisy["train"].items() if not k.startswith("student_noise")} == clean["train"]
+        assert noisy["data"] == clean["data"]  # the recipe key is not a data key
+
+
+def test_a_misspelt_recipe_key_in_a_column_is_an_error_naming_it():
+    spec = compare.load_spec(extra={"settings": {"standard+noise": {"train": {"student_nois": 0.2}}},
+                                    "methods": {"student_only": {}}, "students": {"wrn16-1": get_suite("glyphs").students["wrn16-1"]}})
+    with pytest.raises(ProckdError, match="student_nois"):
+        _validate(spec, "spec")
