@@ -2,7 +2,6 @@
 students, columns with their recipe keys, and methods with their parameters), before anyone spends an hour on it."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,7 @@ SPECS = sorted((Path(prockd.__file__).parent / "configs" / "bench").glob("*.yaml
 
 
 def _base(spec: dict) -> dict:
-    s = get_suite(spec["suite"])
-    return {"teacher": dict(copy.deepcopy(s.teacher), checkpoint="teacher.pt"), "teacher_eval": s.teacher_eval,
-            "train": dict(s.train), "cache": {"dir": "cache", "dtype": "float16"}}
+    return compare.suite_base(spec, "teacher.pt", Path("cache"))  # the compare's own base; no teacher is loaded
 
 
 def _validate(spec: dict, name: str) -> int:

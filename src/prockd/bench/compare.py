@@ -131,9 +131,15 @@ def _base(spec: dict, cache_root: Path, log, say, shipped_teacher: bool = True) 
         return copy.deepcopy(spec["base"]), {}
     s = get_suite(spec["suite"])
     ckpt, summary = pretrained_teacher(s.teacher_run, cache_root, log, say, shipped=shipped_teacher)
-    base = {"teacher": dict(copy.deepcopy(s.teacher), checkpoint=str(ckpt)), "teacher_eval": s.teacher_eval,
+    return suite_base(spec, ckpt, cache_root), summary
+
+
+def suite_base(spec: dict, checkpoint: str | Path, cache_root: Path) -> dict:
+    """The experiment base of the spec's suite (teacher, its evaluation, the training recipe, the feature cache)
+    around a teacher checkpoint, without student / data / method / seed."""
+    s = get_suite(spec["suite"])
+    return {"teacher": dict(copy.deepcopy(s.teacher), checkpoint=str(checkpoint)), "teacher_eval": s.teacher_eval,
             "train": dict(s.train), "cache": {"dir": str(cache_root / "features"), "dtype": "float16"}}
-    return base, summary
 
 
 def run_config(spec: dict, base: dict, student: str, setting: str, method: str, params: dict, seed: int) -> dict:
