@@ -178,3 +178,19 @@ def test_run_workers_die_with_the_comparison():
         pytest.skip("PR_SET_PDEATHSIG is Linux's")
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         assert ex.submit(_death_signal_after_initializer).result() == int(signal.SIGTERM)
+
+
+def test_a_comparison_queues_its_longest_runs_first(tmp_path):
+    """ProC-KD, then distillers with function matching (a live teacher every step), then other distillers, then
+    student-only; within a rank the seeds keep their order (a stable sort)."""
+    from prockd.bench.compare import expected_cost, run_config
+
+    spec = _spec(tmp_path)
+    spec["methods"] = {"student_only": {}, "rkd": {}, "probe_distil": {"function_matching": "cutmix"},
+                       "prockd": {"num_prototypes": 4}}
+    jobs = [(run_config(spec, spec["base"], "vit-d2", "standard", m, p, seed), m, seed)
+            for seed in (0, 1) for m, p in spec["methods"].items()]
+    assert [expected_cost(raw) for raw, _, _ in jobs[:4]] == [0, 1, 2, 3]
+    jobs.sort(key=lambda j: expected_cost(j[0]), reverse=True)
+    assert [(m, s) for _, m, s in jobs] == [("prockd", 0), ("prockd", 1), ("probe_distil", 0), ("probe_distil", 1),
+                                            ("rkd", 0), ("rkd", 1), ("student_only", 0), ("student_only", 1)]
