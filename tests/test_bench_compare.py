@@ -39,6 +39,10 @@ def test_compare_tunes_on_validation_runs_fresh_seeds_and_continues(tmp_path, ca
     tuned = res["tuning"]
     assert set(tuned) == {"student_only", "prockd", "rkd"} and set(tuned["rkd"]["scores"]) == {"0.5", "2"}
     assert tuned["rkd"]["params"]["lambda_dist"] == 25.0 * tuned["rkd"]["factor"]
+    # the tuning column has a shift: its validation copy's accuracy and the robustness screen's score are reported
+    rs = tuned["rkd"]
+    assert set(rs["shifted_val"]) == {"fog3"} and "shifted validation {'fog3'" in printed
+    assert abs(rs["robust_score"] - (rs["scores"][f"{rs['factor']:g}"] + rs["shifted_val"]["fog3"]) / 2) < 1e-2
     # tuning seeds are not the table's seeds, and no tuning run ever read a test set
     tune_runs = list((out / "runs" / "tune").rglob("final.json"))
     assert len(tune_runs) == 5 and all("seed100" in str(p) for p in tune_runs)
@@ -194,3 +198,21 @@ def test_a_comparison_queues_its_longest_runs_first(tmp_path):
     jobs.sort(key=lambda j: expected_cost(j[0]), reverse=True)
     assert [(m, s) for _, m, s in jobs] == [("prockd", 0), ("prockd", 1), ("probe_distil", 0), ("probe_distil", 1),
                                             ("rkd", 0), ("rkd", 1), ("student_only", 0), ("student_only", 1)]
+
+
+def test_shifted_validation_averages_the_chosen_checkpoints_shifted_validation_accuracy(tmp_path):
+    """The robustness screen's inputs: each shifted validation copy's accuracy of the chosen checkpoint, averaged
+    over the finished runs (an unfinished run and the test keys are not read)."""
+    from prockd.bench.compare import shifted_validation
+
+    runs = []
+    for k, (fog, con) in enumerate([(70.0, 50.0), (80.0, 60.0)]):
+        rd = tmp_path / f"seed{k}"
+        rd.mkdir()
+        (rd / "final.json").write_text(json.dumps({"selected": {
+            "epoch": 3, "val/deployed": 90.0, "val_fog3/deployed": fog, "val_fog3/plain": 0.0,
+            "val_contrast3/deployed": con, "test_fog3/deployed": 1.0, "test/deployed": 2.0}}))
+        runs.append(rd)
+    runs.append(tmp_path / "unfinished")
+    assert shifted_validation(runs) == {"fog3": 75.0, "contrast3": 55.0}
+    assert shifted_validation(runs[2:]) == {}

@@ -261,9 +261,9 @@ def test_student_noise_gives_the_teacher_the_clean_pixels_and_the_student_the_no
     raw["method"]["params"]["function_matching"] = "mixup"
     raw["train"].update(augment="affine", aug_views=2 if cached else 0)
 
-    def batch(noise, sees="clean"):
+    def batch(noise, sees="clean", p=1.0):
         r = copy.deepcopy(raw)
-        r["train"].update(student_noise=noise, student_noise_teacher=sees)
+        r["train"].update(student_noise=noise, student_noise_teacher=sees, student_noise_p=p)
         cfg = build_config(r)
         b = build(cfg)
         pools = step_pools(b.task, cfg.train)
@@ -293,6 +293,16 @@ def test_student_noise_gives_the_teacher_the_clean_pixels_and_the_student_the_no
     for k in on_noisy:
         assert torch.allclose(tfs[k].float(), on_noisy[k].float(), atol=1e-4), k
         assert not torch.allclose(tfs[k].float(), live[k].float(), atol=1e-2), k
+    # student_noise_p: after the same noise draw, one uniform per image; those >= p keep their clean pixels, the
+    # others are the noisy copy above; the teacher's features stay those of the clean batch
+    _, (xp, _, tfp, _), _ = batch(0.25, p=0.5)
+    _, _, g0 = batch(0.0)  # the generator as the noise finds it (0 draws nothing)
+    torch.randn(xc.shape, generator=g0)  # replays the run's draws: the noise, then the per-image choice
+    clean = torch.rand(len(xc), generator=g0) >= 0.5
+    assert 0 < int(clean.sum()) < len(xc)
+    assert torch.equal(xp[clean], xc[clean]) and torch.allclose(xp[~clean], ref[~clean], atol=1e-6)
+    for k in live:
+        assert torch.allclose(tfp[k].float(), live[k].float(), atol=1e-4), k
 
 
 def test_a_comparison_column_may_set_the_recipe_of_every_method_in_it():

@@ -260,8 +260,31 @@ def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print, phas
             scores[f"{f:g}"] = round(statistics.fmean(vals), 3) if vals else None
         best = max(g, key=lambda f: (scores[f"{f:g}"] if scores[f"{f:g}"] is not None else -1, -abs(f - 1)))
         chosen[method] = {"params": g[best], "factor": best, "scores": scores}
-        say(f"  {method}: validation {scores} -> x{best:g}")
+        line = f"  {method}: validation {scores} -> x{best:g}"
+        shifted = shifted_validation([out / "runs" / "tune" / student / setting / method / f"x{best:g}" / f"seed{s}"
+                                      for s in seeds])
+        if shifted and scores[f"{best:g}"] is not None:  # a column with shifts: its robustness screen's score
+            chosen[method]["shifted_val"] = shifted
+            chosen[method]["robust_score"] = round(statistics.fmean([scores[f"{best:g}"], *shifted.values()]), 3)
+            line += f"; shifted validation {shifted}, robust score {chosen[method]['robust_score']}"
+        say(line)
     return chosen
+
+
+def shifted_validation(run_dirs: list[Path]) -> dict[str, float]:
+    """Mean over finished runs of their chosen checkpoint's accuracy on each shifted copy of the validation split
+    (``val_<kind><severity>/deployed`` in ``final.json``'s ``selected``); empty when the column has no shifts. With
+    the clean validation score it makes a robustness screen's score (their mean; docs/method.md, "Robustness
+    through the teacher"); no test set is read."""
+    per: dict[str, list[float]] = {}
+    for rd in run_dirs:
+        f = rd / "final.json"
+        if not f.is_file():
+            continue
+        for key, v in (json.loads(f.read_text()).get("selected") or {}).items():
+            if key.startswith("val_") and key.endswith("/deployed") and v is not None:
+                per.setdefault(key.split("/")[0].removeprefix("val_"), []).append(v)
+    return {k: round(statistics.fmean(v), 3) for k, v in per.items()}
 
 
 def collect(spec: dict, out: Path, methods: dict) -> dict:

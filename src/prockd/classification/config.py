@@ -177,6 +177,9 @@ class TrainConfig(Strict):
     # mixtures) after the teacher's features are fixed on the clean pixels (asymmetric views, docs/method.md,
     # "Robustness through the teacher"); without a teacher, plain noise augmentation
     student_noise: float = Field(0.0, ge=0, le=1)
+    # the chance that a training image's student copy gets that noise, drawn per image and step (the others stay
+    # clean, so the student meets both the clean images it is tested on and the noisy ones); 1: every image
+    student_noise_p: float = Field(1.0, gt=0, le=1)
     # what the teacher sees under student_noise: "clean" (asymmetric views) or "noisy", the student's noisy copy
     # (the symmetric control: the teacher then runs live on it and the cache's features are not used)
     student_noise_teacher: Literal["clean", "noisy"] = "clean"

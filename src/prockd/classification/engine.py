@@ -236,17 +236,22 @@ def with_mixtures(distiller: Distiller, x: torch.Tensor, y: torch.Tensor, tf: di
 
 
 def noisy_student_view(distiller: Distiller, x: torch.Tensor, tf: dict | None, std: float, g: torch.Generator,
-                       device=None, teacher_sees: str = "clean") -> tuple[torch.Tensor, dict | None]:
+                       device=None, teacher_sees: str = "clean", p: float = 1.0) -> tuple[torch.Tensor, dict | None]:
     """Asymmetric views (``train.student_noise``): the teacher's features are fixed on the clean pixels (read from
     the cache, or a live forward here), and the student's copy of the batch gets Gaussian pixel noise of standard
     deviation ``std`` (clamped to [0, 1]), so every distillation term asks the student to map a noisy image to the
-    teacher's view of the clean one. ``teacher_sees="noisy"`` is the symmetric control: the teacher runs live on
-    the student's noisy copy instead. A method without a teacher (student-only) gets the noise as plain
-    augmentation. ``std`` 0 returns the batch as it is and draws nothing."""
+    teacher's view of the clean one; with ``p`` < 1 (``train.student_noise_p``) each image gets it with chance
+    ``p`` and the others stay clean (drawn after the noise, so ``p`` = 1 draws exactly what it drew before).
+    ``teacher_sees="noisy"`` is the symmetric control: the teacher runs live on the student's copy instead. A
+    method without a teacher (student-only) gets the noise as plain augmentation. ``std`` 0 returns the batch as
+    it is and draws nothing."""
     if std <= 0:
         return x, tf
     noise = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype)
     noisy = (x + std * noise).clamp_(0.0, 1.0)
+    if p < 1.0:
+        clean = torch.rand(len(x), generator=g) >= p
+        noisy[clean] = x[clean]
     teacher = getattr(distiller, "teacher", None)
     if teacher is not None:
         if teacher_sees == "noisy":  # every row's features replaced by those of the noisy pixels
@@ -433,7 +438,8 @@ def step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, cac
         x, y, idx = torch.cat([x, xu]), torch.cat([y, yu]), torch.cat([idx, iu])
     tf = cache.get(idx, device) if cache is not None else None
     x, y, tf = with_mixtures(b.distiller, x, y, tf, gu, device)
-    x, tf = noisy_student_view(b.distiller, x, tf, t.student_noise, gu, device, t.student_noise_teacher)
+    x, tf = noisy_student_view(b.distiller, x, tf, t.student_noise, gu, device, t.student_noise_teacher,
+                               t.student_noise_p)
     share = 1.0
     if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
         part = ddp.shard(torch.arange(len(y)), info)
