@@ -72,6 +72,33 @@ def test_build_distiller_trains_the_method_the_engine_trains(tiny):
     assert torch.equal(module.predict(x), module.export().eval()(x).detach())
 
 
+def test_build_distiller_draws_the_robust_presets_views_as_the_engine_does(tiny):
+    """``preset: robust`` from Python: the same mixtures, then the same noise on half of the student's images, so
+    the same losses as the training loop's step for the same batch and seed."""
+    raw = tiny("prockd")
+    raw["method"]["params"] = {"preset": "robust", "num_prototypes": 4}
+    cfg = build_config(raw)
+    b = build(cfg)
+    module = prockd.build_distiller("prockd", TINY_CNN, TINY_VIT, b.task.num_classes, seed=cfg.seed, preset="robust",
+                                    num_prototypes=4)
+    x, y, idx = next(b.task.train.batches(16, torch.Generator().manual_seed(1)))
+    pools = StepPools(None, None, b.task.train, len(b.task.train))
+    xs, ys, tf, _ = step_batch(b, cfg, x, y, idx, pools, None, torch.Generator(), torch.Generator().manual_seed(7),
+                               DistInfo())
+    b.distiller.train()
+    _, want = b.distiller(xs, ys, teacher_feats=tf)
+    module.train()
+    module.generator.manual_seed(7)
+    _, got = module(x, y)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    module.generator.manual_seed(7)
+    plain = prockd.build_distiller("prockd", TINY_CNN, TINY_VIT, b.task.num_classes, seed=cfg.seed,
+                                   preset="transfer_lt", num_prototypes=4).train()
+    plain.generator.manual_seed(7)
+    assert not torch.equal(plain(x, y)[1]["kl"], got["kl"])  # the noise is drawn: not transfer_lt's step
+
+
 def test_own_loop_student_saves_and_loads_for_prediction(tmp_path):
     module = prockd.build_distiller("student_only", None, TINY_VIT, class_names=["a", "b", "c"])
     path = module.save(tmp_path / "student.pt", input_shape=(1, 8, 8))

@@ -103,6 +103,21 @@ def test_statistics_pair_seeds_and_name_the_best_baseline():
     assert "+6.00 [+6.00, +6.00]" in md and "(b)" in md and "| standard | 95.00 | 60.00 | +35.00 |" in md
 
 
+def test_student_only_rows_with_their_own_recipe_are_references_not_baselines():
+    """``student_only@NAME`` rows: every other row is paired with the best student-only row too, and none of them is
+    a best baseline."""
+    table = {"s": {"student_only": _row(s0=70, s1=72), "student_only@noise": _row(s0=80, s1=81),
+                   "b": _row(s0=78, s1=79), "prockd": _row(s0=86, s1=88)}}
+    st = statistics_table(table)["s"]["standard"]
+    assert st["prockd"]["vs_student_only"]["mean"] == 16
+    assert st["prockd"]["vs_best_student_only"] == {"mean": 6.5, "ci95": st["prockd"]["vs_best_student_only"]["ci95"],
+                                                   "n": 2, "reference": "student_only@noise"}
+    assert st["prockd"]["vs_best_baseline"]["baseline"] == "b" and st["b"]["vs_best_student_only"]["mean"] == -2
+    assert "vs_best_baseline" not in st["student_only@noise"] and st["student_only"]["vs_best_student_only"]["mean"] == -9.5
+    md = format_markdown(statistics_table(table), {"s": {m: 1e6 for m in table["s"]}})
+    assert "| s | best student-only | +6.50 [" in md and "(student_only@noise)" in md
+
+
 def test_convergence_is_the_validation_gain_over_the_last_fifth():
     curve = [(e, 50 + e) for e in range(1, 11)]  # +1 point per epoch: epochs 8 -> 10 add 2 points
     table = {"s": {"student_only": {"curves": {"standard": [curve, curve]}}}}

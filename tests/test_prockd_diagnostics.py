@@ -182,6 +182,31 @@ def test_transfer_lt_is_bit_identical_to_transfer_on_a_balanced_set(tiny, tmp_pa
     assert bool((d.log_prior == 0).all())
 
 
+def test_robust_preset_is_transfer_lt_with_its_training_views(tiny, tmp_path):
+    """``preset: robust`` = ``transfer_lt`` + noise of std 0.2 on half of the student's images: a run ends with the
+    same floats as ``transfer_lt`` under ``train.student_noise: 0.2, student_noise_p: 0.5`` and not with those of
+    ``transfer_lt`` alone; the method's noise and the recipe's together are an error naming both keys; the Python
+    API's module draws the same views as prockd train."""
+    from prockd.errors import ProckdError
+
+    assert PRESETS["robust"] == {**PRESETS["transfer_lt"], "student_noise": 0.2, "student_noise_p": 0.5}
+    out = {}
+    for name, params, recipe in (("robust", {"preset": "robust"}, {}),
+                                 ("recipe", {"preset": "transfer_lt"}, {"student_noise": 0.2, "student_noise_p": 0.5}),
+                                 ("plain", {"preset": "transfer_lt"}, {})):
+        raw = tiny()
+        raw["method"]["params"] = {**params, "num_prototypes": 4}
+        raw["train"].update(epochs=2, **recipe)
+        out[name] = train(build_config(raw), tmp_path / name, log=lambda m: None)["final"]
+    assert out["robust"]["loss/kl"] == out["recipe"]["loss/kl"] != out["plain"]["loss/kl"]
+    assert out["robust"]["test/deployed"] == out["recipe"]["test/deployed"]
+    raw = tiny()
+    raw["method"]["params"] = {"preset": "robust", "num_prototypes": 4}
+    raw["train"]["student_noise"] = 0.1
+    with pytest.raises(ProckdError, match="method.params.student_noise.*train.student_noise"):
+        build(build_config(raw))
+
+
 def _fusion_grad(d, x, y, tf):
     """The KL term's gradient on the teacher path's first layer (fusion), which only z_pro reaches."""
     d.zero_grad()

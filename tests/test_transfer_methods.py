@@ -318,6 +318,25 @@ def test_a_comparison_column_may_set_the_recipe_of_every_method_in_it():
     assert spec["settings"]["noisy"]["train"] == {"student_noise": 0.1}  # the spec is left as it was
 
 
+def test_a_comparison_row_may_carry_its_own_recipe_over_the_columns():
+    """A method entry's ``train`` (its screened recipe) reaches its runs only, over the column's, and is not a
+    method parameter; the equal-budget weight grid scales the weights and keeps the recipe."""
+    from prockd.bench.common import scaled
+    from prockd.bench.compare import run_config
+    from prockd.classification.methods import METHODS
+
+    spec = {"students": {"s": {"name": "wrn"}}, "data": {"name": "glyphs"},
+            "settings": {"noisy": {"train": {"student_noise": 0.1, "epochs": 4}}}}
+    base = {"train": {"epochs": 3, "student_noise": 0.0}}
+    row = {"weight": 3.0, "train": {"student_noise": 0.2, "student_noise_p": 0.5}}
+    r = run_config(spec, base, "s", "noisy", "pkd_projector", row, 0)
+    assert r["train"] == {"epochs": 4, "student_noise": 0.2, "student_noise_p": 0.5}
+    assert r["method"] == {"name": "pkd_projector", "params": {"weight": 3.0}}
+    assert row == {"weight": 3.0, "train": {"student_noise": 0.2, "student_noise_p": 0.5}}  # left as it was
+    assert scaled(METHODS, "pkd_projector", row, 0.5) == {"weight": 1.5, "train": row["train"]}
+    assert run_config(spec, base, "s", "noisy", "kd", {}, 0)["train"] == {"epochs": 4, "student_noise": 0.1}
+
+
 def test_prockd_options_against_direct_computations(tiny):
     """assign_temperature, the feature channel and FA on the student's tokens, each against its equation."""
     from prockd.features import resample_tokens

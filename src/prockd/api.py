@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from prockd.bench.compare import load_spec, run_compare
 from prockd.classification.config import ModelConfig
 from prockd.classification.data import build_task
-from prockd.classification.engine import with_mixtures
+from prockd.classification.engine import noisy_student_view, with_mixtures
 from prockd.classification.methods import METHODS, Distiller
 from prockd.classification.models import Student, Teacher, create_model, weights_source
 from prockd.classification.export import export_onnx
@@ -85,7 +85,8 @@ class DistillerModule(nn.Module):
     ``forward(images, targets) -> (student_logits, {loss name: tensor})``: images are raw ``B x C x H x W`` batches
     in [0, 1] (each network applies its own transform), targets class indices (``-100``: an unlabelled image).
     In training mode everything the method needs happens inside, function matching's mixtures included (``preset:
-    transfer``); sum the losses and step an optimiser over :meth:`learnable_parameters`. The logits returned are
+    transfer``) and a preset's noisy student views (``preset: robust``: the logits are then those of the noisy
+    copies); sum the losses and step an optimiser over :meth:`learnable_parameters`. The logits returned are
     those of the images passed in. The frozen teacher is never in ``state_dict`` nor the parameters.
     """
 
@@ -112,6 +113,9 @@ class DistillerModule(nn.Module):
         if self.training:
             images, targets, teacher_feats = with_mixtures(self.distiller, images, targets, teacher_feats,
                                                            self.generator, images.device)
+            std, p = self.distiller.view_noise()  # a preset's training views (ProC-KD's robust), as prockd train
+            images, teacher_feats = noisy_student_view(self.distiller, images, teacher_feats, std, self.generator,
+                                                       images.device, p=p)
         logits, losses = self.distiller(images, targets, teacher_feats=teacher_feats)
         return logits[:n], losses
 

@@ -2,6 +2,8 @@
 teacher, and the statistics of paired seeds."""
 from __future__ import annotations
 
+import copy
+
 import ctypes
 import hashlib
 import json
@@ -179,12 +181,22 @@ def method_of(label: str) -> str:
     return label.split("@", 1)[0]
 
 
+def split_recipe(params: dict | None) -> tuple[dict, dict | None]:
+    """(the method's parameters, its own training recipe or None): a comparison row's entry may carry a ``train``
+    mapping beside its parameters (e.g. the noise level its robustness screen chose), applied to its runs only."""
+    params = copy.deepcopy(params or {})
+    return params, params.pop("train", None)
+
+
 def scaled(registry, method: str, params: dict, factor: float) -> dict:
     """``params`` with the method's main loss weights (their defaults where unset) multiplied by ``factor``
-    (``registry``: the task's method registry); the weight grid of both tasks' equal-budget tuning."""
+    (``registry``: the task's method registry); the weight grid of both tasks' equal-budget tuning. A row's own
+    ``train`` recipe is kept as it is."""
     cls = registry.get(method)
-    full = cls.Params(**(params or {})).model_dump()
-    return dict(params or {}, **{w: full[w] * factor for w in cls.main_weights})
+    own, recipe = split_recipe(params)
+    full = cls.Params(**own).model_dump()
+    out = dict(own, **{w: full[w] * factor for w in cls.main_weights})
+    return out if recipe is None else {**out, "train": recipe}
 
 
 def mean_std(v: list[float]) -> tuple[float, float]:

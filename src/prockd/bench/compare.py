@@ -48,6 +48,7 @@ from prockd.bench.common import (
     pretrained_teacher,
     run_jobs,
     scaled,
+    split_recipe,
 )
 from prockd.bench.suites import get_suite
 from prockd.classification.config import build_config
@@ -143,14 +144,17 @@ def suite_base(spec: dict, checkpoint: str | Path, cache_root: Path) -> dict:
 
 
 def run_config(spec: dict, base: dict, student: str, setting: str, method: str, params: dict, seed: int) -> dict:
-    """The experiment config of one comparison run."""
+    """The experiment config of one comparison run. The training recipe is the base's, then the column's ``train``
+    (every method in it), then the method's own ``train`` (a row's screened recipe, e.g. its noise level)."""
     raw = copy.deepcopy(base)
     column = copy.deepcopy(spec["settings"][setting] or {})
     train = column.pop("train", None)  # a column's recipe for every method in it (e.g. train.student_noise)
+    params, own = split_recipe(params)
     raw.update(seed=seed, student=copy.deepcopy(spec["students"][student]), data=deep_merge(spec["data"], column),
-               method={"name": method_of(method), "params": copy.deepcopy(params or {})})
-    if train:
-        raw["train"] = deep_merge(raw.get("train") or {}, train)
+               method={"name": method_of(method), "params": params})
+    for recipe in (train, own):
+        if recipe:
+            raw["train"] = deep_merge(raw.get("train") or {}, recipe)
     return raw
 
 
@@ -331,7 +335,9 @@ def columns(table: dict) -> list[str]:
 
 def statistics_table(table: dict) -> dict:
     """Per student, column and method: mean, std, seeds, values and the paired differences (with 95 % CI)
-    against student-only and against the best other baseline (by mean; student-only and ProC-KD excluded)."""
+    against student-only and against the best other baseline (by mean; student-only and ProC-KD excluded). With
+    several student-only rows (``student_only@NAME``, e.g. one with its own screened recipe) a row is also paired
+    with the best of them (``vs_best_student_only``); none of them is a baseline."""
     res: dict = {}
     for student, rows in table.items():
         for col in columns(table):
@@ -345,8 +351,14 @@ def statistics_table(table: dict) -> dict:
                 if m != REFERENCE and REFERENCE in cells:
                     common = [s for s in seeds if s in cells[REFERENCE]]
                     e["vs_student_only"] = paired_ci([v[s] for s in common], [cells[REFERENCE][s] for s in common])
-                others = {b: means[b] for b in cells if b not in (m, REFERENCE) and not proposed(b)}
-                if others and m != REFERENCE:
+                refs = {b: means[b] for b in cells if b != m and method_of(b) == REFERENCE}
+                if len(refs) > 1 or (refs and REFERENCE not in refs):
+                    best = max(refs, key=refs.get)
+                    common = [s for s in seeds if s in cells[best]]
+                    e["vs_best_student_only"] = dict(paired_ci([v[s] for s in common],
+                                                               [cells[best][s] for s in common]), reference=best)
+                others = {b: means[b] for b in cells if b != m and method_of(b) != REFERENCE and not proposed(b)}
+                if others and method_of(m) != REFERENCE:
                     best = max(others, key=others.get)
                     common = [s for s in seeds if s in cells[best]]
                     e["vs_best_baseline"] = dict(paired_ci([v[s] for s in common], [cells[best][s] for s in common]),
@@ -412,6 +424,10 @@ def format_markdown(stats: dict, params: dict, probes: dict | None = None) -> st
         for student, per_col in stats.items():
             lines.append(f"| {student} | student_only | " + " | ".join(
                 _diff(per_col[c].get(m, {}).get("vs_student_only")) for c in cols) + " |")
+            refs = [per_col[c].get(m, {}).get("vs_best_student_only") for c in cols]
+            if any(refs):
+                lines.append(f"| {student} | best student-only | " + " | ".join(
+                    f"{_diff(r)} ({r['reference']})" if r else "–" for r in refs) + " |")
             best = [per_col[c].get(m, {}).get("vs_best_baseline") for c in cols]
             lines.append(f"| {student} | best baseline | " + " | ".join(
                 f"{_diff(b)} ({b['baseline']})" if b else "–" for b in best) + " |")
@@ -428,13 +444,16 @@ def format_csv(stats: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["student", "column", "method", "mean", "std", "n", "vs_student_only", "vs_student_only_ci95",
-                "vs_best_baseline", "vs_best_baseline_ci95", "best_baseline"])
+                "vs_best_baseline", "vs_best_baseline_ci95", "best_baseline", "vs_best_student_only",
+                "vs_best_student_only_ci95", "best_student_only"])
     for student, per_col in stats.items():
         for c, cells in per_col.items():
             for m, e in cells.items():
                 a, b = e.get("vs_student_only") or {}, e.get("vs_best_baseline") or {}
+                r = e.get("vs_best_student_only") or {}
                 w.writerow([student, c, m, e["mean"], e["std"], len(e["seeds"]), a.get("mean"), a.get("ci95"),
-                            b.get("mean"), b.get("ci95"), b.get("baseline")])
+                            b.get("mean"), b.get("ci95"), b.get("baseline"), r.get("mean"), r.get("ci95"),
+                            r.get("reference")])
     return buf.getvalue()
 
 

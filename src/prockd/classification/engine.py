@@ -334,6 +334,10 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
     if cfg.student.channels_last:
         s_model = s_model.to(memory_format=torch.channels_last)
     student = Student(s_model, cfg.student, need_embed=cls.uses_student_embed)
+    if getattr(params, "student_noise", None) is not None and cfg.train.student_noise > 0:
+        raise ProckdError(f"method.params.student_noise ({params.student_noise}, preset {getattr(params, 'preset', '')!r})"
+                          f" and train.student_noise ({cfg.train.student_noise}) both set the noise on the student's "
+                          "images: keep one (the method's replaces the recipe's)")
     distiller = cls(student, teacher if cls.needs_teacher else None, params, task.num_classes)
     distiller.to(device)
     if teacher is not None:
@@ -438,8 +442,8 @@ def step_batch(b: Built, cfg: ExperimentConfig, x, y, idx, pools: StepPools, cac
         x, y, idx = torch.cat([x, xu]), torch.cat([y, yu]), torch.cat([idx, iu])
     tf = cache.get(idx, device) if cache is not None else None
     x, y, tf = with_mixtures(b.distiller, x, y, tf, gu, device)
-    x, tf = noisy_student_view(b.distiller, x, tf, t.student_noise, gu, device, t.student_noise_teacher,
-                               t.student_noise_p)
+    std, p = b.distiller.view_noise(t.student_noise, t.student_noise_p)
+    x, tf = noisy_student_view(b.distiller, x, tf, std, gu, device, t.student_noise_teacher, p)
     share = 1.0
     if info.enabled:  # every rank draws the same global batch (and its augmentation), then keeps its shard
         part = ddp.shard(torch.arange(len(y)), info)

@@ -79,6 +79,15 @@ class Distiller(DistillerBase):
         # the labelled set's class log-frequencies (set_class_counts), for the logit-adjusted CE (logit_adjust)
         self.register_buffer("log_prior", torch.zeros(num_classes))
 
+    def view_noise(self, std: float = 0.0, p: float = 1.0) -> tuple[float, float]:
+        """(std, chance) of the asymmetric views' pixel noise on the student's copy of each training image: the
+        recipe's (``train.student_noise`` / ``student_noise_p``, given here), unless the method's parameters carry
+        their own ``student_noise`` (a preset that includes its training views: ProC-KD's ``robust``)."""
+        own = getattr(self.params, "student_noise", None)
+        if own is None:
+            return std, p
+        return own, getattr(self.params, "student_noise_p", None) or 1.0
+
     def function_matching(self) -> str:
         """``none``, ``mixup`` or ``cutmix``: whether every step also feeds mixtures of the batch's images with
         no label (function matching, Beyer et al., "Knowledge distillation: a good teacher is patient and
