@@ -21,18 +21,8 @@ import yaml
 
 from prockd.classification.config import build_config
 from prockd.classification.data import build_task, shifted_copies
-from prockd.classification.deploy import load_deployed
+from prockd.classification.deploy import load_deployed, top1
 from prockd.classification.engine import step_pools
-
-
-def accuracy(model: torch.nn.Module, ds) -> float:
-    """Top-1 (%) of ``model`` on a dataset."""
-    model.eval()
-    right = 0
-    with torch.no_grad():
-        for x, y, _ in ds.batches(256):
-            right += int((model(x).argmax(-1) == y).sum())
-    return 100.0 * right / len(ds)
 
 
 def reestimated(model: torch.nn.Module, images: torch.Tensor, noise: float = 0.0, seed: int = 0) -> torch.nn.Module:
@@ -73,7 +63,7 @@ def main() -> None:
                "student_noise_p": cfg.train.student_noise_p, "method": cfg.method.params}
         for tag, m in (("as_trained", model), ("bn_clean", reestimated(model, views)),
                        ("bn_noisy", reestimated(model, views, args.noise))):
-            row[tag] = {k: round(accuracy(m, ds), 2) for k, ds in sets.items()}
+            row[tag] = {k: round(top1(m, ds), 2) for k, ds in sets.items()}
         print(json.dumps(row), flush=True)
 
 

@@ -3,7 +3,6 @@ teacher, and the statistics of paired seeds."""
 from __future__ import annotations
 
 import copy
-
 import ctypes
 import hashlib
 import json

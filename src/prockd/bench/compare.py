@@ -346,23 +346,23 @@ def statistics_table(table: dict) -> dict:
             entry = {}
             for m, v in cells.items():
                 seeds = sorted(v)
+
+                def paired(other: str) -> dict:  # m against another row, on the seeds both ran
+                    common = [s for s in seeds if s in cells[other]]
+                    return paired_ci([v[s] for s in common], [cells[other][s] for s in common])
+
                 mu, sd = mean_std([v[s] for s in seeds])
                 e = {"mean": round(mu, 3), "std": round(sd, 3), "seeds": seeds, "values": [round(v[s], 3) for s in seeds]}
                 if m != REFERENCE and REFERENCE in cells:
-                    common = [s for s in seeds if s in cells[REFERENCE]]
-                    e["vs_student_only"] = paired_ci([v[s] for s in common], [cells[REFERENCE][s] for s in common])
+                    e["vs_student_only"] = paired(REFERENCE)
                 refs = {b: means[b] for b in cells if b != m and method_of(b) == REFERENCE}
                 if len(refs) > 1 or (refs and REFERENCE not in refs):
                     best = max(refs, key=refs.get)
-                    common = [s for s in seeds if s in cells[best]]
-                    e["vs_best_student_only"] = dict(paired_ci([v[s] for s in common],
-                                                               [cells[best][s] for s in common]), reference=best)
+                    e["vs_best_student_only"] = dict(paired(best), reference=best)
                 others = {b: means[b] for b in cells if b != m and method_of(b) != REFERENCE and not proposed(b)}
                 if others and method_of(m) != REFERENCE:
                     best = max(others, key=others.get)
-                    common = [s for s in seeds if s in cells[best]]
-                    e["vs_best_baseline"] = dict(paired_ci([v[s] for s in common], [cells[best][s] for s in common]),
-                                                 baseline=best)
+                    e["vs_best_baseline"] = dict(paired(best), baseline=best)
                 entry[m] = e
             res.setdefault(student, {})[col] = entry
     return res

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from prockd.classification.config import ModelConfig
+from prockd.classification.data import ArrayDataset
 from prockd.classification.models import Student, create_model
 from prockd.core.io import atomic_torch_save
 from prockd.errors import ProckdError
@@ -95,6 +96,16 @@ def default_input_shape(dep: DeployedStudent) -> tuple[int, int, int]:
         return tuple(int(v) for v in dep.input_shape)
     t = dep.student.transform
     return (t.in_chans, t.size or 224, t.size or 224)
+
+
+@torch.no_grad()
+def top1(model: nn.Module, ds: ArrayDataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy (%) of a deployed student (raw images in [0, 1] -> logits) on a dataset."""
+    model.eval()
+    correct = 0
+    for x, y, _ in ds.batches(batch_size):
+        correct += int((model(x).argmax(-1) == y).sum())
+    return 100.0 * correct / len(ds)
 
 
 def load_deployed(path: str | Path) -> DeployedStudent:

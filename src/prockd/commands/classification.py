@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from prockd.bench.demo import run_demo
 from prockd.bench.speed import SCENARIOS, run_speed
 from prockd.classification.analysis import run_analyze
 from prockd.classification.config import ExperimentConfig
 from prockd.classification.data import build_task
-from prockd.classification.deploy import load_deployed
+from prockd.classification.deploy import load_deployed, top1
 from prockd.classification.engine import build
 from prockd.classification.engine import pretrain_teacher as pretrain_run
 from prockd.classification.engine import train as train_run
@@ -40,14 +38,7 @@ def evaluate(cfg: ExperimentConfig, model_path: Path) -> dict:
         raise ProckdError(f"deployed student not found: {model_path}")
     task = build_task(cfg.data)
     model = load_deployed(model_path)
-    res = {}
-    for name, ds in task.tests.items():
-        correct = 0
-        with torch.no_grad():
-            for x, y, _ in ds.batches(256):
-                correct += int((model(x).argmax(-1) == y).sum())
-        res[name] = 100.0 * correct / len(ds)
-    return {"model": str(model_path), "top1": res}
+    return {"model": str(model_path), "top1": {name: top1(model, ds) for name, ds in task.tests.items()}}
 
 
 def analyze(args) -> Path:
