@@ -116,3 +116,27 @@ def test_cross_design_column_trains_on_one_design_and_tests_on_others(monkeypatc
     assert 0 < n_test < plain.info["fonts"]["test"]
     with pytest.raises(ProckdError, match="test_designs"):
         build_task(DataConfig(name="glyphs", glyphs={**base, "test_designs": ["script"]}))
+
+
+@needs_fonts
+def test_extra_validation_fonts_come_after_the_unlabelled_ones_and_touch_no_other_split(monkeypatch, tmp_path):
+    """``val_extra_fonts``: the validation split gains that many pool fonts, those after the labelled and the
+    unlabelled ones (compared pixel for pixel with a direct render of exactly those fonts); training, unlabelled and
+    test images are unchanged; asking for more fonts than the pool has left is an error naming the key."""
+    from prockd.glyphs import eligible_fonts, heldout_count
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    g = {"charset": "abc", "font_dirs": DEJAVU, "heldout_fonts": 4, "train_fonts": 4, "val_fonts": 1, "copies": 1}
+    unl = {"glyph_fonts": 3, "copies": 1}
+    plain = build_task(DataConfig(name="glyphs", glyphs=g, unlabeled=unl))
+    more = build_task(DataConfig(name="glyphs", glyphs={**g, "val_extra_fonts": 5}, unlabeled=unl))
+    assert more.info["fonts"]["val"] == 6 and len(more.val) == 6 * 3 == len(plain.val) + 5 * 3
+    assert np.array_equal(more.train.images.numpy(), plain.train.images.numpy())
+    assert np.array_equal(more.tests["test"].images.numpy(), plain.tests["test"].images.numpy())
+    assert np.array_equal(more.unlabeled.images.numpy(), plain.unlabeled.images.numpy())
+    fonts = eligible_fonts(DEJAVU, "abc")
+    held, pool = font_roles(fonts, heldout_count(len(fonts), 4), 0)
+    direct, labels, _ = render_set(pool[3:4] + pool[7:12], "abc", 1, jitter=Jitter(), tag="train")
+    assert np.array_equal(more.val.images.numpy(), direct) and more.val.labels.tolist() == labels.tolist()
+    with pytest.raises(ProckdError, match="val_extra_fonts=30"):
+        build_task(DataConfig(name="glyphs", glyphs={**g, "val_extra_fonts": 30}, unlabeled=unl))

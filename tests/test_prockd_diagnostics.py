@@ -216,6 +216,21 @@ def _fusion_grad(d, x, y, tf):
     return losses["kl"].detach(), (torch.zeros_like(d.fusion.proj.weight) if g is None else g.clone())
 
 
+def _twins(tiny, key: str, on, off, rows: int, **params):
+    """Two ProC-KD distillers with the same weights (eval mode), ``key`` set to ``on`` and to ``off``, and ``rows``
+    training images of several classes with their labels."""
+    raw = tiny()
+    raw["method"]["params"].update(params, **{key: on})
+    d = build(build_config(raw)).distiller
+    raw["method"]["params"][key] = off
+    other = build(build_config(raw)).distiller
+    other.load_state_dict(d.state_dict())
+    d.eval(), other.eval()
+    b = build(build_config(tiny()))
+    idx = torch.arange(0, 4 * rows, 4)
+    return d, other, b.task.train.take(idx).float() / 255, b.task.train.labels[idx].clone()
+
+
 def test_cotrain_unlabeled_lets_the_kl_train_the_teacher_path_on_unlabelled_rows_only(tiny):
     """``cotrain_unlabeled``: the KL towards z_pro keeps its value, and its gradient reaches the teacher path from the
     unlabelled rows alone (not labelled ones, not function matching's mixtures): checked against the gradient of
@@ -224,16 +239,7 @@ def test_cotrain_unlabeled_lets_the_kl_train_the_teacher_path_on_unlabelled_rows
 
     from prockd.classification.data import IGNORE, MIXTURE_KEY
 
-    raw = tiny()
-    raw["method"]["params"].update(lambda_kl=1.7, lambda_emb=0.0, cotrain_unlabeled=True)
-    d = build(build_config(raw)).distiller
-    raw["method"]["params"]["cotrain_unlabeled"] = False
-    off = build(build_config(raw)).distiller
-    off.load_state_dict(d.state_dict())
-    d.eval(), off.eval()
-    b = build(build_config(tiny()))
-    idx = torch.arange(0, 48, 4)
-    x, y = b.task.train.take(idx).float() / 255, b.task.train.labels[idx].clone()
+    d, off, x, y = _twins(tiny, "cotrain_unlabeled", True, False, 12, lambda_kl=1.7, lambda_emb=0.0)
     y[4:] = IGNORE  # rows 4-11 without a label; 8-11 marked as mixtures
     tf = {**d.teacher_features(x, None), MIXTURE_KEY: torch.arange(12) >= 8}
     kl_on, g_on = _fusion_grad(d, x, y, tf)
@@ -278,3 +284,31 @@ def test_cotrain_unlabeled_is_bit_identical_without_an_unlabelled_set(tiny, tmp_
             assert tf[MIXTURE_KEY].tolist() == [False] * 6 + [True] * 6
         else:
             assert tf is None
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_teacher_path_label_smoothing_matches_a_direct_computation(tiny, variant):
+    """``pro_label_smoothing`` ε: the teacher path's CE is ``-(1/n) Σ_r [(1 - ε) log p_r(y_r) + (ε / C) Σ_c
+    log p_r(c)]`` over the labelled rows (computed here from z_pro directly), unlabelled rows left out; the student's
+    CE keeps hard labels; ε = 0 is the hard CE of before."""
+    import torch.nn.functional as F
+
+    from prockd.classification.data import IGNORE
+
+    d, hard, x, y = _twins(tiny, "pro_label_smoothing", 0.25, 0.0, 10, variant=variant, lambda_aug=1.3)
+    y[7:] = IGNORE
+    with torch.no_grad():
+        _, ls = d(x, y)
+        _, lh = hard(x, y)
+        tok, lay, _ = d.student.features(x)
+        z_pro = d.teacher_path(d.teacher_features(x, None)["taps"].to(tok.dtype))[0]
+        logp = F.log_softmax(z_pro[:7].float(), -1)
+        smooth = -(0.75 * logp.gather(1, y[:7, None]).squeeze(1) + 0.25 * logp.mean(-1)).mean()
+        hard_pro = -logp.gather(1, y[:7, None]).mean()
+        extra = 0.0
+        if variant == "B":  # B's ce_aug also holds the hard CE of head(FA(student tokens))
+            z_aug = d.student.head(d.fa(tok, d.prototypes), lay)
+            extra = F.cross_entropy(z_aug.float(), y)
+    assert ls["ce_aug"].item() == pytest.approx(1.3 * (smooth + extra).item(), rel=1e-5)
+    assert lh["ce_aug"].item() == pytest.approx(1.3 * (hard_pro + extra).item(), rel=1e-5)
+    assert ls["ce"].item() == pytest.approx(lh["ce"].item(), rel=1e-6)  # the student's CE: hard labels either way

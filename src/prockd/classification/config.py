@@ -75,6 +75,10 @@ class GlyphConfig(Strict):
     heldout_fonts: float = Field(0.4, ge=0)  # test fonts, never trained on: a fraction (< 1) or a count
     train_fonts: int | None = Field(None, ge=1)  # labelled fonts drawn from the pool (None: the whole pool)
     val_fonts: int = Field(0, ge=0)  # carved from the labelled fonts: a validation split by font
+    # further validation fonts from the pool after the labelled and the unlabelled ones (data.unlabeled.glyph_fonts):
+    # a validation split of many fonts without fewer training fonts (3 fonts could not separate two methods 0.2
+    # points apart; docs/method.md, "The KL target's calibration"); disjoint from every training, unlabelled and test font
+    val_extra_fonts: int = Field(0, ge=0)
     copies: int = Field(2, ge=1)  # jittered renders per font x character in the training set
     test_copies: int = Field(1, ge=1)
     size: int = Field(28, ge=8)

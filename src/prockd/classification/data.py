@@ -403,6 +403,14 @@ def load_glyphs(cfg: DataConfig):
     jit = G.Jitter(g.rotation, g.scale, g.shift)
     kw = dict(size=g.size, glyph_px=g.glyph_px, jitter=jit)
     xtr, ytr, _ = G.render_set(train_f, chars, g.copies, tag="train", **kw)
+    u = cfg.unlabeled
+    n_unl = u.glyph_fonts if u is not None else 0
+    if g.val_extra_fonts:
+        extra_val = pool[n_lab + n_unl:n_lab + n_unl + g.val_extra_fonts]
+        if len(extra_val) < g.val_extra_fonts:
+            raise ProckdError(f"data.glyphs.val_extra_fonts={g.val_extra_fonts}: only {len(extra_val)} pool fonts are "
+                              f"left after the {n_lab} labelled and {n_unl} unlabelled ones; lower it")
+        val_f = val_f + extra_val
     val = G.render_set(val_f, chars, g.copies, tag="train", **kw)[:2] if val_f else None
     xte, yte, _ = G.render_set(heldout, chars, g.test_copies, tag="test", **kw)
     tests = {"test": (xte, yte)}
@@ -421,7 +429,6 @@ def load_glyphs(cfg: DataConfig):
     info = {"fonts": {"eligible": len(fonts), "train": len(train_f), "val": len(val_f), "test": len(heldout)}}
     if designs is not None:
         info["fonts"]["designs"] = designs
-    u = cfg.unlabeled
     if u is not None and u.glyph_fonts:
         extra = pool[n_lab:n_lab + u.glyph_fonts]
         if len(extra) < u.glyph_fonts:

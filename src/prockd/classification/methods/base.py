@@ -138,10 +138,11 @@ class Distiller(DistillerBase):
         tau = getattr(self.params, "logit_adjust", 0.0)
         return tau * self.log_prior.to(dtype) if tau else 0.0
 
-    def ce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def ce(self, logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         """The method's cross-entropy on labels: ``CE(z + τ log π, y)`` with ``τ = logit_adjust`` (Menon et al.,
-        ICLR 2021; the plain CE when 0); targets ``IGNORE`` (unlabelled images) are left out."""
-        return F.cross_entropy(logits + self.logit_adjustment(logits.dtype), targets)
+        ICLR 2021; the plain CE when 0); targets ``IGNORE`` (unlabelled images) are left out. ``smoothing``: label
+        smoothing ε (Szegedy et al., CVPR 2016), the target ``(1 - ε) onehot(y) + ε / C``."""
+        return F.cross_entropy(logits + self.logit_adjustment(logits.dtype), targets, label_smoothing=smoothing)
 
     def fitted_kl(self, target: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
         """``T² KL(softmax(target / T) ‖ softmax(student / T))`` towards a classifier the method fitted on the labels
@@ -164,6 +165,12 @@ class Distiller(DistillerBase):
         return {}
 
     @torch.no_grad()
+    @torch.no_grad()
+    def kl_target(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Logits of the teacher-side classifier this method's KL distils (ProC-KD's ``z_pro``, probe-then-distil's
+        probe) on held-out images, with a live teacher; None for a method without one."""
+        return None
+
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Evaluation logits by output name; ``"deployed"`` is what :meth:`export` predicts."""
         logits = self.student(images)

@@ -109,7 +109,12 @@ class ProbeDistil(Distiller):
         return {k: float(v) for k, v in self._stats.items()}
 
     @torch.no_grad()
+    def kl_target(self, images):
+        """The probe's logits on held-out images (live teacher)."""
+        return self.probe_logits(self.teacher.extract_heldout(images, ("taps",))["taps"])
+
+    @torch.no_grad()
     def diagnostics(self, images, targets):
         """The probe's accuracy on held-out images (live teacher): what the KL can transfer at most."""
-        z_p = self.probe_logits(self.teacher.extract_heldout(images, ("taps",))["taps"])
+        z_p = self.kl_target(images)
         return {"acc_probe": float((z_p.argmax(-1) == targets).float().mean() * 100)}
