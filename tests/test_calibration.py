@@ -48,6 +48,7 @@ def test_kl_target_is_the_classifier_each_method_distils(tiny, method):
     z = d.kl_target(x)
     if method == "student_only":
         assert z is None and kl_target_calibration(d, few) is None
+        assert not d.predict(x)["deployed"].requires_grad  # the base class's predict stays without autograd
         return
     taps = b.teacher.extract(x, ("taps",))["taps"]
     direct = d.teacher_path(taps.float())[0] if method == "prockd" else d.probe_logits(taps)

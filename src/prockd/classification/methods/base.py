@@ -165,12 +165,12 @@ class Distiller(DistillerBase):
         return {}
 
     @torch.no_grad()
-    @torch.no_grad()
     def kl_target(self, images: torch.Tensor) -> torch.Tensor | None:
         """Logits of the teacher-side classifier this method's KL distils (ProC-KD's ``z_pro``, probe-then-distil's
         probe) on held-out images, with a live teacher; None for a method without one."""
         return None
 
+    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Evaluation logits by output name; ``"deployed"`` is what :meth:`export` predicts."""
         logits = self.student(images)
