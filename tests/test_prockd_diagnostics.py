@@ -312,3 +312,33 @@ def test_teacher_path_label_smoothing_matches_a_direct_computation(tiny, variant
     assert ls["ce_aug"].item() == pytest.approx(1.3 * (smooth + extra).item(), rel=1e-5)
     assert lh["ce_aug"].item() == pytest.approx(1.3 * (hard_pro + extra).item(), rel=1e-5)
     assert ls["ce"].item() == pytest.approx(lh["ce"].item(), rel=1e-6)  # the student's CE: hard labels either way
+
+
+@pytest.mark.parametrize("space", ["adjusted", "raw"])
+def test_kl_target_temperature_sharpens_z_pro_on_the_target_side_only(tiny, space):
+    """``kl_target_temperature`` τ_t: the KL is λ_kl · T² KL(softmax((z_pro / τ_t + s) / T) ‖ softmax((z_s + s) / T))
+    with s = τ log π under ``kl_space: adjusted`` (0 otherwise), computed here directly; the CEs and the student side
+    are unchanged; ``kl_target`` returns z_pro / τ_t (what the KL distils) with the same argmax."""
+    import torch.nn.functional as F
+
+    d, plain, x, y = _twins(tiny, "kl_target_temperature", 0.2, 1.0, 10, lambda_kl=1.7, temperature=1.5,
+                            logit_adjust=0.8, kl_space=space)
+    counts = torch.tensor([40, 20, 10, 5, 1])
+    d.set_class_counts(counts), plain.set_class_counts(counts)
+    with torch.no_grad():
+        z_s, sharp = d(x, y)
+        _, base = plain(x, y)
+        tok, _, _ = d.student.features(x)
+        z_pro = d.teacher_path(d.teacher_features(x, None)["taps"].to(tok.dtype))[0].float()
+        s = 0.8 * torch.log(counts.float() / counts.sum()) if space == "adjusted" else torch.zeros(5)
+        p_t = F.softmax((z_pro / 0.2 + s) / 1.5, -1)
+        direct = 1.5 ** 2 * (p_t * (p_t.log() - F.log_softmax((z_s.float() + s) / 1.5, -1))).sum(-1).mean()
+        target = d.kl_target(x)
+        live = d.teacher_path(d.teacher.extract_heldout(x, ("taps",))["taps"].float())[0]
+    assert sharp["kl"].item() == pytest.approx(1.7 * float(direct), rel=1e-3)  # a small KL: float32 rounding
+    assert abs(sharp["kl"].item() - base["kl"].item()) > base["kl"].item()  # untrained logits: sharpen hard to tell
+    for key in ("ce", "ce_aug"):
+        assert sharp[key].item() == pytest.approx(base[key].item(), rel=1e-6)
+    assert torch.allclose(target, live / 0.2, atol=1e-5) and torch.equal(target.argmax(-1), live.argmax(-1))
+    with pytest.raises(Exception, match="kl_target_temperature"):
+        build(build_config({**tiny(), "method": {"name": "prockd", "params": {"kl_target_temperature": 0}}}))

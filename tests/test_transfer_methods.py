@@ -403,3 +403,24 @@ def test_a_run_scores_its_chosen_checkpoint_on_the_shifted_copies_of_its_validat
     ref = 100.0 * int((torch.from_numpy(pred) == val.labels).sum()) / len(val)
     assert sel["val_fog4/deployed"] == pytest.approx(ref, abs=1e-9) and 0 < ref < 100
     assert "test_fog4/deployed" in sel and not any(k.startswith("val_fog4") for k in summary["final"])
+
+
+def test_probe_distils_its_probe_sharpened_by_the_kl_target_temperature(tiny):
+    """probe-then-distil with ``kl_target_temperature`` τ_t: the KL is weight · T² KL(softmax(probe / (τ_t T)) ‖
+    softmax(z_s / T)), computed here directly; the CE is unchanged and ``kl_target`` is probe / τ_t."""
+    raw = tiny("probe_distil")
+    raw["method"]["params"].update(kl_target_temperature=0.7, temperature=2.0, weight=1.5)
+    b = build(build_config(raw))
+    d = b.distiller
+    feats = {"taps": b.teacher.extract(b.task.train.images.float() / 255, ("taps",))["taps"]}
+    d.prepare(lambda: feats, labelled=lambda: (feats, b.task.train.labels))
+    d.eval()
+    x, y = b.task.train.images[:9].float() / 255, b.task.train.labels[:9]
+    with torch.no_grad():
+        z_s, losses = d(x, y)
+        zp = d.probe_logits(b.teacher.extract(x)["taps"]).double()
+        p = F.softmax(zp / (0.7 * 2.0), -1)
+        ref = 4.0 * (p * (p.log() - F.log_softmax(z_s.double() / 2.0, -1))).sum(-1).mean()
+        assert torch.allclose(d.kl_target(x).double(), zp / 0.7, atol=1e-5)
+    assert float(losses["kl"]) == pytest.approx(1.5 * float(ref), rel=1e-4)
+    assert float(losses["ce"]) == pytest.approx(float(F.cross_entropy(z_s, y)), rel=1e-5)

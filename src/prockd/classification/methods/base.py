@@ -44,6 +44,11 @@ class FittedKLParams(MethodParams):
     # with logit_adjust: whether the KL towards the fitted classifier is taken on the adjusted logits (z + τ log π,
     # both sides: the soft-label form of the adjusted CE, docs/method.md "The long tail") or on the raw ones
     kl_space: Literal["adjusted", "raw"] = "adjusted"
+    # τ_t: the fitted classifier's logits are divided by τ_t before the KL (the target side only; the student's logits
+    # and the KL's temperature are unchanged): τ_t < 1 sharpens the target without changing its argmax. A fitted
+    # target regularised to fonts it never saw (label smoothing, a probe's L2) is accurate but under-confident there
+    # (docs/method.md, "The KL target's calibration"); τ_t gives back the confidence and keeps the accuracy. 1 = off
+    kl_target_temperature: float = Field(1.0, gt=0)
 
 
 class Distiller(DistillerBase):
@@ -146,10 +151,14 @@ class Distiller(DistillerBase):
 
     def fitted_kl(self, target: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
         """``T² KL(softmax(target / T) ‖ softmax(student / T))`` towards a classifier the method fitted on the labels
-        (ProC-KD's ``z_pro``, probe-then-distil's probe). With ``logit_adjust`` and ``kl_space: adjusted`` both sides
+        (ProC-KD's ``z_pro``, probe-then-distil's probe); the target's raw logits are first divided by
+        ``kl_target_temperature`` (τ_t, 1 = unchanged). With ``logit_adjust`` and ``kl_space: adjusted`` both sides
         are first shifted by ``τ log π``: the soft-label form of the logit-adjusted CE, whose gradient on a class's
         logit is damped by that class's frequency just as the adjusted CE's is (with ``kl_space: raw`` the head
         classes' images push the rare classes' logits down at full strength)."""
+        tau_t = getattr(self.params, "kl_target_temperature", 1.0)
+        if tau_t != 1.0:  # sharpen (τ_t < 1) or soften the target's raw logits, the target side only
+            target = target.float() / tau_t
         adj = self.logit_adjustment(torch.float32)
         if torch.is_tensor(adj) and getattr(self.params, "kl_space", "raw") == "adjusted":
             target, student = target.float() + adj, student.float() + adj

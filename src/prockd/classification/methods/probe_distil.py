@@ -100,7 +100,8 @@ class ProbeDistil(Distiller):
         z_s = self.student(images)
         z_p = self.probe_logits(self.teacher_features(images, teacher_feats)["taps"])
         with torch.no_grad():
-            self._stats = {"kl_target_entropy": entropy(F.softmax(z_p / self.params.temperature, -1))}
+            self._stats = {"kl_target_entropy": entropy(F.softmax(
+                z_p / (self.params.temperature * self.params.kl_target_temperature), -1))}
         return z_s, {"ce": self.ce(z_s, targets),
                      "kl": self.params.weight * self.fitted_kl(z_p, z_s.float(), self.params.temperature)}
 
@@ -110,8 +111,10 @@ class ProbeDistil(Distiller):
 
     @torch.no_grad()
     def kl_target(self, images):
-        """The probe's logits on held-out images (live teacher)."""
-        return self.probe_logits(self.teacher.extract_heldout(images, ("taps",))["taps"])
+        """The probe's logits on held-out images (live teacher), divided by ``kl_target_temperature`` as the KL
+        sees them."""
+        z_p = self.probe_logits(self.teacher.extract_heldout(images, ("taps",))["taps"])
+        return z_p / self.params.kl_target_temperature
 
     @torch.no_grad()
     def diagnostics(self, images, targets):
