@@ -126,8 +126,10 @@ class ProCKDParams(FittedKLParams):
     # label smoothing ε (Szegedy et al., CVPR 2016) of the teacher path's CE (the CE on z_pro, weight λ_aug): fitted
     # to 0.03 nats on the labelled fonts, z_pro is over-confident on fonts it never saw (docs/method.md, "The KL
     # target's calibration"); the student's own CE keeps hard labels. ε = 0.1 on the unlabelled column (10 fresh seeds):
-    # +1.01 / +1.17 points over preset robust (WRN-16-1 / WRN-10-1), still 0.8 / 1.2 behind probe-then-distil; an
-    # option, in no preset (no other column run with it)
+    # +1.01 / +1.17 points over preset robust (WRN-16-1 / WRN-10-1), still 0.8 / 1.2 behind probe-then-distil and
+    # under-confident; with kl_target_temperature 0.8 (FittedKLParams) level with probe-then-distil on 10 more fresh
+    # seeds (+0.02 / -0.97 clean). Options, in no preset: on LT-10 they cost WRN-10-1 3.6 points against preset
+    # robust, and the other columns have not been run with them
     pro_label_smoothing: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="before")
