@@ -156,13 +156,17 @@ class Distiller(DistillerBase):
         are first shifted by ``τ log π``: the soft-label form of the logit-adjusted CE, whose gradient on a class's
         logit is damped by that class's frequency just as the adjusted CE's is (with ``kl_space: raw`` the head
         classes' images push the rare classes' logits down at full strength)."""
-        tau_t = getattr(self.params, "kl_target_temperature", 1.0)
-        if tau_t != 1.0:  # sharpen (τ_t < 1) or soften the target's raw logits, the target side only
-            target = target.float() / tau_t
+        target = self.kl_target_logits(target)
         adj = self.logit_adjustment(torch.float32)
         if torch.is_tensor(adj) and getattr(self.params, "kl_space", "raw") == "adjusted":
             target, student = target.float() + adj, student.float() + adj
         return kl_div(target, student, temperature)
+
+    def kl_target_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """A fitted classifier's logits as :meth:`fitted_kl` distils them: divided by ``kl_target_temperature`` (τ_t,
+        the target side only; τ_t < 1 sharpens, same argmax), unchanged at 1 or for a method without the key."""
+        tau_t = getattr(self.params, "kl_target_temperature", 1.0)
+        return z if tau_t == 1.0 else z.float() / tau_t
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_feats: dict | None = None):
         """Training forward: (student logits, dict of named losses)."""

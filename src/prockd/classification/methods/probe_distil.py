@@ -100,8 +100,8 @@ class ProbeDistil(Distiller):
         z_s = self.student(images)
         z_p = self.probe_logits(self.teacher_features(images, teacher_feats)["taps"])
         with torch.no_grad():
-            self._stats = {"kl_target_entropy": entropy(F.softmax(
-                z_p / (self.params.temperature * self.params.kl_target_temperature), -1))}
+            sharp = self.kl_target_logits(z_p)
+            self._stats = {"kl_target_entropy": entropy(F.softmax(sharp / self.params.temperature, -1))}
         return z_s, {"ce": self.ce(z_s, targets),
                      "kl": self.params.weight * self.fitted_kl(z_p, z_s.float(), self.params.temperature)}
 
@@ -113,8 +113,7 @@ class ProbeDistil(Distiller):
     def kl_target(self, images):
         """The probe's logits on held-out images (live teacher), divided by ``kl_target_temperature`` as the KL
         sees them."""
-        z_p = self.probe_logits(self.teacher.extract_heldout(images, ("taps",))["taps"])
-        return z_p / self.params.kl_target_temperature
+        return self.kl_target_logits(self.probe_logits(self.teacher.extract_heldout(images, ("taps",))["taps"]))
 
     @torch.no_grad()
     def diagnostics(self, images, targets):

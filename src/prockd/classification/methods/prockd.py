@@ -237,7 +237,8 @@ class ProCKD(Distiller):
             self._stats = self._batch_stats(z_s, z_pro, z_aug if p.variant == "B" else z_fa, targets, assign,
                                             attn_pro, attn_s)
             if p.lambda_kl > 0:  # the conduit: how informative the KL's target is on the inputs it sees
-                self._stats["kl_target_entropy"] = entropy(F.softmax(target.float() / (p.temperature * p.kl_target_temperature), -1))
+                sharp = self.kl_target_logits(target.float())
+                self._stats["kl_target_entropy"] = entropy(F.softmax(sharp / p.temperature, -1))
         if p.lambda_kl > 0:
             if p.detach_kl_target and p.cotrain_unlabeled:  # the gradient reaches z_pro on unlabelled images only
                 free = self.unlabeled_rows(targets, teacher_feats).unsqueeze(-1)
@@ -335,8 +336,8 @@ class ProCKD(Distiller):
     def kl_target(self, images):
         """``z_pro`` on held-out images (the teacher path on a live teacher's taps), divided by
         ``kl_target_temperature`` as the KL sees it."""
-        z_pro = self.teacher_path(self.teacher.extract_heldout(images, ("taps",))["taps"].float())[0]
-        return z_pro / self.params.kl_target_temperature
+        taps = self.teacher.extract_heldout(images, ("taps",))["taps"].float()
+        return self.kl_target_logits(self.teacher_path(taps)[0])
 
     @torch.no_grad()
     def predict(self, images):
