@@ -34,7 +34,7 @@ demo: setup
 	$(VENV)/bin/prockd demo --out runs/demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --durations=20
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=20
 
 clean:
 	rm -rf runs .pytest_cache

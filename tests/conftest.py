@@ -16,11 +16,15 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 @pytest.fixture(autouse=True)
 def _same_random_state_for_every_test():
-    """Every test starts from the same global random state, whatever ran before it in its process (pytest-xdist
-    gives a worker a different set of tests from run to run): a test's outcome does not depend on the order."""
+    """Every test starts from the same global random state and thread count, whatever ran before it in its process
+    (pytest-xdist gives a worker a different set of tests from run to run): a test's outcome does not depend on the
+    order."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # a run trained in-process with train.num_threads leaves the worker as it was
 
 
 # random weights on purpose (``pretrained: false``): a teacher without weights is an error unless asked for
@@ -53,3 +57,21 @@ def tiny_config(tmp_path: Path, method: str = "prockd", **over) -> dict:
 def tiny(tmp_path):
     """Factory for tiny raw configs."""
     return lambda method="prockd", **over: tiny_config(tmp_path, method, **over)
+
+
+# `make test` hands whole modules to its 2 pytest-xdist workers (--dist loadscope: a module's fixtures, such as the
+# wheel's venv, are built once) in collection order (--no-loadscope-reorder; xdist's own order puts modules with many
+# tests first, which left the wheel's 3-test module, the longest, to start last while the other worker idled). The
+# slowest modules go first, longest first (their durations in a fresh clone: docs/benchmarks.md), and the short ones
+# fill in behind them.
+SLOWEST_FIRST = ["test_wheel.py", "test_detection_pipeline.py", "test_ddp.py", "test_engine.py",
+                 "test_detection_paper_configs.py", "test_paper_configs.py", "test_docs_python.py",
+                 "test_own_data_walkthrough.py", "test_init_and_memory_bench.py", "test_deploy_onnx.py",
+                 "test_bench_compare.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the collected tests by :data:`SLOWEST_FIRST` (a stable sort: the other modules, and every module's own
+    tests, keep their order)."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

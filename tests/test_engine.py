@@ -29,22 +29,25 @@ def _cli(cfg_path: Path, out: Path, env_extra: dict | None = None) -> subprocess
 
 @pytest.mark.parametrize("views", [0, 3])
 def test_killed_run_resumes_to_identical_metrics(tiny, tmp_path, views):
+    """A `prockd train` process killed (SIGKILL) mid-epoch, resumed, ends exactly as an uninterrupted run. The
+    uninterrupted and the resumed runs train in this process (the same engine as the CLI's, one thread as the
+    killed process): only the kill needs a process of its own."""
     raw = tiny()
-    raw["train"].update(epochs=3, augment="flip_crop" if not views else "affine", aug_views=views)
+    raw["train"].update(epochs=3, augment="flip_crop" if not views else "affine", aug_views=views, num_threads=1)
     if views:  # a validation split too: the selected checkpoint must come out the same
         raw["data"]["val_fraction"] = 0.2
         raw["data"]["labels_per_class"] = 25
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
-    ref = _cli(cfg_path, tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr
+    train(build_config(raw), tmp_path / "ref", log=lambda m: None)
     # 100 images / batch 16 = 7 steps per epoch: step 10 is in the middle of epoch 2
     killed = _cli(cfg_path, tmp_path / "res", {KILL_ENV: "10"})
     assert killed.returncode == -9, killed.stderr
     assert (tmp_path / "res" / "checkpoints" / "last.pt").is_file()
     assert not (tmp_path / "res" / "final.json").exists()
-    resumed = _cli(cfg_path, tmp_path / "res")
-    assert resumed.returncode == 0, resumed.stderr
+    logs = []
+    train(build_config(raw), tmp_path / "res", log=logs.append)
+    assert any("resumed from" in m for m in logs), logs
     a = json.loads((tmp_path / "ref" / "final.json").read_text())
     b = json.loads((tmp_path / "res" / "final.json").read_text())
     fa = {k: v for k, v in a["final"].items() if k != "time_s"}
@@ -130,8 +133,7 @@ def test_a_run_directory_belongs_to_one_process(tiny, tmp_path):
         holder.kill()
         holder.wait()
     assert holder.returncode == -9 and (out / ".lock").read_text().strip() == str(holder.pid)  # stale file stays
-    again = _cli(cfg_path, out)
-    assert again.returncode == 0, again.stderr
+    train(build_config(raw), out, log=lambda m: None)  # in this process: the lock is the engine's, not the CLI's
     assert (out / "final.json").is_file()
 
 
