@@ -342,3 +342,26 @@ def test_kl_target_temperature_sharpens_z_pro_on_the_target_side_only(tiny, spac
     assert torch.allclose(target, live / 0.2, atol=1e-5) and torch.equal(target.argmax(-1), live.argmax(-1))
     with pytest.raises(Exception, match="kl_target_temperature"):
         build(build_config({**tiny(), "method": {"name": "prockd", "params": {"kl_target_temperature": 0}}}))
+
+
+def test_robust_calibrated_preset_is_robust_with_the_calibrated_kl_target(tiny, tmp_path):
+    """``preset: robust_calibrated`` = ``robust`` + ``pro_label_smoothing`` 0.1 + ``kl_target_temperature`` 0.8 (the
+    bench specs' ``prockd@robust_ls0.1_tt0.8`` rows): the resolved parameters are those keys, a run ends with the same
+    floats as ``robust`` with the two keys written out and not with those of ``robust`` alone; a key beside the preset
+    wins."""
+    assert PRESETS["robust_calibrated"] == {**PRESETS["robust"], "pro_label_smoothing": 0.1,
+                                            "kl_target_temperature": 0.8}
+    resolved = ProCKDParams(preset="robust_calibrated")
+    assert (resolved.pro_label_smoothing, resolved.kl_target_temperature) == (0.1, 0.8)
+    assert (resolved.student_noise, resolved.student_noise_p, resolved.logit_adjust) == (0.2, 0.5, 1.0)
+    assert ProCKDParams(preset="robust_calibrated", kl_target_temperature=1.0).kl_target_temperature == 1.0
+    out = {}
+    for name, params in (("preset", {"preset": "robust_calibrated"}),
+                         ("keys", {"preset": "robust", "pro_label_smoothing": 0.1, "kl_target_temperature": 0.8}),
+                         ("robust", {"preset": "robust"})):
+        raw = tiny()
+        raw["method"]["params"] = {**params, "num_prototypes": 4}
+        raw["train"].update(epochs=2)
+        out[name] = train(build_config(raw), tmp_path / name, log=lambda m: None)["final"]
+    assert out["preset"] == {**out["keys"], "time_s": out["preset"]["time_s"]}
+    assert out["preset"]["loss/kl"] != out["robust"]["loss/kl"]
