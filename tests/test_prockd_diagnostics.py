@@ -314,25 +314,39 @@ def test_teacher_path_label_smoothing_matches_a_direct_computation(tiny, variant
     assert ls["ce"].item() == pytest.approx(lh["ce"].item(), rel=1e-6)  # the student's CE: hard labels either way
 
 
+def _lt_twins_and_kl_inputs(tiny, key: str, on, off, **params):
+    """:func:`_twins` on a 40:20:10:5:1 class prior (``logit_adjust`` 0.8, λ_kl 1.7, T 1.5) and, without grad, both
+    twins' losses with the student's logits, ``z_pro`` computed directly from the teacher path, and ``0.8 log π``."""
+    d, other, x, y = _twins(tiny, key, on, off, 10, lambda_kl=1.7, temperature=1.5, logit_adjust=0.8, **params)
+    counts = torch.tensor([40, 20, 10, 5, 1])
+    d.set_class_counts(counts), other.set_class_counts(counts)
+    with torch.no_grad():
+        z_s, on_losses = d(x, y)
+        _, off_losses = other(x, y)
+        tok, _, _ = d.student.features(x)
+        z_pro = d.teacher_path(d.teacher_features(x, None)["taps"].to(tok.dtype))[0].float()
+    return d, x, z_s.float(), z_pro, 0.8 * torch.log(counts.float() / counts.sum()), on_losses, off_losses
+
+
+def _direct_kl(target_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> float:
+    """``T² KL(softmax(target / T) ‖ softmax(student / T))``, batch mean, computed directly."""
+    import torch.nn.functional as F
+
+    p_t = F.softmax(target_logits / temperature, -1)
+    log_s = F.log_softmax(student_logits / temperature, -1)
+    return float(temperature ** 2 * (p_t * (p_t.log() - log_s)).sum(-1).mean())
+
+
 @pytest.mark.parametrize("space", ["adjusted", "raw"])
 def test_kl_target_temperature_sharpens_z_pro_on_the_target_side_only(tiny, space):
     """``kl_target_temperature`` τ_t: the KL is λ_kl · T² KL(softmax((z_pro / τ_t + s) / T) ‖ softmax((z_s + s) / T))
     with s = τ log π under ``kl_space: adjusted`` (0 otherwise), computed here directly; the CEs and the student side
     are unchanged; ``kl_target`` returns z_pro / τ_t (what the KL distils) with the same argmax."""
-    import torch.nn.functional as F
-
-    d, plain, x, y = _twins(tiny, "kl_target_temperature", 0.2, 1.0, 10, lambda_kl=1.7, temperature=1.5,
-                            logit_adjust=0.8, kl_space=space)
-    counts = torch.tensor([40, 20, 10, 5, 1])
-    d.set_class_counts(counts), plain.set_class_counts(counts)
+    d, x, z_s, z_pro, s, sharp, base = _lt_twins_and_kl_inputs(tiny, "kl_target_temperature", 0.2, 1.0,
+                                                                 kl_space=space)
+    s = s if space == "adjusted" else torch.zeros(5)
+    direct = _direct_kl(z_pro / 0.2 + s, z_s + s, 1.5)
     with torch.no_grad():
-        z_s, sharp = d(x, y)
-        _, base = plain(x, y)
-        tok, _, _ = d.student.features(x)
-        z_pro = d.teacher_path(d.teacher_features(x, None)["taps"].to(tok.dtype))[0].float()
-        s = 0.8 * torch.log(counts.float() / counts.sum()) if space == "adjusted" else torch.zeros(5)
-        p_t = F.softmax((z_pro / 0.2 + s) / 1.5, -1)
-        direct = 1.5 ** 2 * (p_t * (p_t.log() - F.log_softmax((z_s.float() + s) / 1.5, -1))).sum(-1).mean()
         target = d.kl_target(x)
         live = d.teacher_path(d.teacher.extract_heldout(x, ("taps",))["taps"].float())[0]
     assert sharp["kl"].item() == pytest.approx(1.7 * float(direct), rel=1e-3)  # a small KL: float32 rounding
@@ -365,3 +379,25 @@ def test_robust_calibrated_preset_is_robust_with_the_calibrated_kl_target(tiny, 
         out[name] = train(build_config(raw), tmp_path / name, log=lambda m: None)["final"]
     assert out["preset"] == {**out["keys"], "time_s": out["preset"]["time_s"]}
     assert out["preset"]["loss/kl"] != out["robust"]["loss/kl"]
+
+
+def test_kl_target_temperature_space_adjusted_sharpens_the_adjusted_logits(tiny, tmp_path):
+    """``kl_target_temperature_space: adjusted``: the KL is λ_kl · T² KL(softmax((z_pro + s) / (τ_t T)) ‖
+    softmax((z_s + s) / T)) with s = τ log π (computed here directly) instead of softmax((z_pro / τ_t + s) / T); on a
+    balanced set (s centred to zeros) a run is bit-identical to the raw form."""
+    _, _, z_s, z_pro, s, adj, base = _lt_twins_and_kl_inputs(tiny, "kl_target_temperature_space", "adjusted", "raw",
+                                                             kl_space="adjusted", kl_target_temperature=0.4)
+    direct = _direct_kl((z_pro + s) / 0.4, z_s + s, 1.5)
+    direct_raw = _direct_kl(z_pro / 0.4 + s, z_s + s, 1.5)
+    assert adj["kl"].item() == pytest.approx(1.7 * float(direct), rel=1e-3)
+    assert base["kl"].item() == pytest.approx(1.7 * float(direct_raw), rel=1e-3)
+    assert abs(adj["kl"].item() - base["kl"].item()) > 1e-3 * base["kl"].item()
+    out = {}
+    for space in ("adjusted", "raw"):
+        raw = tiny()
+        raw["method"]["params"] = {"preset": "robust_calibrated", "num_prototypes": 4,
+                                   "kl_target_temperature_space": space}
+        raw["train"].update(epochs=2)
+        out[space] = train(build_config(raw), tmp_path / space, log=lambda m: None)["final"]
+    out["raw"]["time_s"] = out["adjusted"]["time_s"]
+    assert out["adjusted"] == out["raw"]  # the tiny digits set is balanced

@@ -49,6 +49,12 @@ class FittedKLParams(MethodParams):
     # target regularised to fonts it never saw (label smoothing, a probe's L2) is accurate but under-confident there
     # (docs/method.md, "The KL target's calibration"); τ_t gives back the confidence and keeps the accuracy. 1 = off
     kl_target_temperature: float = Field(1.0, gt=0)
+    # with logit_adjust and kl_space adjusted: which logits τ_t divides. raw: the fitted classifier's own logits, the
+    # prior added after (softmax(z / τ_t + τ log π)); under label smoothing that target is ∝ q^(1/τ_t) π^(1 - 1/τ_t),
+    # tilted towards the rare classes. adjusted: the adjusted logits (softmax((z + τ log π) / τ_t)), the sharpened
+    # target of a balanced set on every set. On a balanced set log π is centred to exact zeros and the two are the
+    # same computation (docs/method.md, "preset: robust_calibrated", LT-10)
+    kl_target_temperature_space: Literal["raw", "adjusted"] = "raw"
 
 
 class Distiller(DistillerBase):
@@ -152,14 +158,19 @@ class Distiller(DistillerBase):
     def fitted_kl(self, target: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
         """``T² KL(softmax(target / T) ‖ softmax(student / T))`` towards a classifier the method fitted on the labels
         (ProC-KD's ``z_pro``, probe-then-distil's probe); the target's raw logits are first divided by
-        ``kl_target_temperature`` (τ_t, 1 = unchanged). With ``logit_adjust`` and ``kl_space: adjusted`` both sides
-        are first shifted by ``τ log π``: the soft-label form of the logit-adjusted CE, whose gradient on a class's
-        logit is damped by that class's frequency just as the adjusted CE's is (with ``kl_space: raw`` the head
+        ``kl_target_temperature`` (τ_t, 1 = unchanged; with ``kl_target_temperature_space: adjusted`` the target's
+        adjusted logits are). With ``logit_adjust`` and ``kl_space: adjusted`` both sides are shifted by ``τ log π``:
+        the soft-label form of the logit-adjusted CE, whose gradient on a class's logit is damped by that class's frequency just as the adjusted CE's is (with ``kl_space: raw`` the head
         classes' images push the rare classes' logits down at full strength)."""
-        target = self.kl_target_logits(target)
         adj = self.logit_adjustment(torch.float32)
         if torch.is_tensor(adj) and getattr(self.params, "kl_space", "raw") == "adjusted":
-            target, student = target.float() + adj, student.float() + adj
+            if getattr(self.params, "kl_target_temperature_space", "raw") == "adjusted":
+                target = self.kl_target_logits(target.float() + adj)
+            else:
+                target = self.kl_target_logits(target).float() + adj
+            student = student.float() + adj
+        else:
+            target = self.kl_target_logits(target)
         return kl_div(target, student, temperature)
 
     def kl_target_logits(self, z: torch.Tensor) -> torch.Tensor:
