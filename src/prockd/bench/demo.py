@@ -54,8 +54,7 @@ def run_demo(out: Path, suite: str = "glyphs", seeds: int | None = None, quick: 
             teacher_run["data"]["glyphs"]["train_fonts"] = 20
             # the teacher's accuracy on its own task: its own split (the images its run rendered, cached), not the
             # full suite's 150 training fonts rendered only to be left unused
-            teacher_eval["data"]["glyphs"] = dict(teacher_eval["data"]["glyphs"], train_fonts=20,
-                                                  copies=teacher_run["data"]["glyphs"].get("copies", 1))
+            teacher_eval["data"]["glyphs"] = dict(teacher_run["data"]["glyphs"])
         else:
             teacher_run["data"]["labels_per_class"] = 600
         spec["data"] = dict(spec["data"], test_limit=260)  # smoke size: 10 held-out fonts' worth of test images
