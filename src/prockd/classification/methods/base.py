@@ -160,8 +160,9 @@ class Distiller(DistillerBase):
         (ProC-KD's ``z_pro``, probe-then-distil's probe); the target's raw logits are first divided by
         ``kl_target_temperature`` (τ_t, 1 = unchanged; with ``kl_target_temperature_space: adjusted`` the target's
         adjusted logits are). With ``logit_adjust`` and ``kl_space: adjusted`` both sides are shifted by ``τ log π``:
-        the soft-label form of the logit-adjusted CE, whose gradient on a class's logit is damped by that class's frequency just as the adjusted CE's is (with ``kl_space: raw`` the head
-        classes' images push the rare classes' logits down at full strength)."""
+        the soft-label form of the logit-adjusted CE, whose gradient on a class's logit is damped by that class's
+        frequency just as the adjusted CE's is (with ``kl_space: raw`` the head classes' images push the rare
+        classes' logits down at full strength)."""
         adj = self.logit_adjustment(torch.float32)
         if torch.is_tensor(adj) and getattr(self.params, "kl_space", "raw") == "adjusted":
             if getattr(self.params, "kl_target_temperature_space", "raw") == "adjusted":
