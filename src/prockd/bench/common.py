@@ -93,10 +93,18 @@ def run_jobs(todo: list[tuple], workers: int, desc: str) -> None:
 def prepare_cache(raw: dict, log) -> None:
     """Build the teacher-feature cache of a run's config (the teacher's view of its training data, augmented
     views included), whatever its method, so that parallel workers only open it."""
+    from prockd.classification.engine import finetune_recipe
+    from prockd.classification.finetune import finetuned_teacher
+    from prockd.classification.methods import method_params
+
     cfg = build_config(raw, "cache preparation")
-    teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
-    TeacherCache(teacher, cached_dataset(build_task(cfg.data), cfg.train), cfg.cache.dir, cfg.cache.dtype,
-                 log=log).prepare()
+    task = build_task(cfg.data)
+    ft = finetune_recipe(cfg, method_params(cfg)[0])
+    if ft is not None:  # stage 1 once, here, before the workers start: every seed's run reads it
+        teacher, _ = finetuned_teacher(cfg, ft, task, log)
+    else:
+        teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
+    TeacherCache(teacher, cached_dataset(task, cfg.train), cfg.cache.dir, cfg.cache.dtype, log=log).prepare()
 
 
 SHIPPED_TEACHERS = Path(__file__).parent / "teachers"  # package data: <run key>.pt, written by scripts/ship_teacher.py
@@ -180,22 +188,28 @@ def method_of(label: str) -> str:
     return label.split("@", 1)[0]
 
 
+ROW_SECTIONS = ("train", "teacher")  # what a comparison row may carry beside its method's parameters
+
+
 def split_recipe(params: dict | None) -> tuple[dict, dict | None]:
-    """(the method's parameters, its own training recipe or None): a comparison row's entry may carry a ``train``
-    mapping beside its parameters (e.g. the noise level its robustness screen chose), applied to its runs only."""
+    """(the method's parameters, the row's own config sections or None): a comparison row's entry may carry a
+    ``train`` mapping (its own training recipe, e.g. the noise level its robustness screen chose) and a ``teacher``
+    mapping (e.g. ``{finetune: {...}}``: distil the teacher fine-tuned on the task) beside its parameters, applied to
+    its runs only."""
     params = copy.deepcopy(params or {})
-    return params, params.pop("train", None)
+    own = {k: params.pop(k) for k in ROW_SECTIONS if k in params}
+    return params, own or None
 
 
 def scaled(registry, method: str, params: dict, factor: float) -> dict:
     """``params`` with the method's main loss weights (their defaults where unset) multiplied by ``factor``
     (``registry``: the task's method registry); the weight grid of both tasks' equal-budget tuning. A row's own
-    ``train`` recipe is kept as it is."""
+    ``train`` and ``teacher`` sections are kept as they are."""
     cls = registry.get(method)
-    own, recipe = split_recipe(params)
+    own, sections = split_recipe(params)
     full = cls.Params(**own).model_dump()
     out = dict(own, **{w: full[w] * factor for w in cls.main_weights})
-    return out if recipe is None else {**out, "train": recipe}
+    return out if sections is None else {**out, **sections}
 
 
 def mean_std(v: list[float]) -> tuple[float, float]:

@@ -145,16 +145,20 @@ def suite_base(spec: dict, checkpoint: str | Path, cache_root: Path) -> dict:
 
 def run_config(spec: dict, base: dict, student: str, setting: str, method: str, params: dict, seed: int) -> dict:
     """The experiment config of one comparison run. The training recipe is the base's, then the column's ``train``
-    (every method in it), then the method's own ``train`` (a row's screened recipe, e.g. its noise level)."""
+    (every method in it), then the method's own ``train`` (a row's screened recipe, e.g. its noise level); a row's
+    ``teacher`` section is merged over the base's teacher (``finetune``: the teacher fine-tuned on the task)."""
     raw = copy.deepcopy(base)
     column = copy.deepcopy(spec["settings"][setting] or {})
     train = column.pop("train", None)  # a column's recipe for every method in it (e.g. train.student_noise)
     params, own = split_recipe(params)
+    own = own or {}
     raw.update(seed=seed, student=copy.deepcopy(spec["students"][student]), data=deep_merge(spec["data"], column),
                method={"name": method_of(method), "params": params})
-    for recipe in (train, own):
+    for recipe in (train, own.get("train")):
         if recipe:
             raw["train"] = deep_merge(raw.get("train") or {}, recipe)
+    if own.get("teacher"):  # the row's teacher options (teacher.finetune: distil the teacher fine-tuned on the task)
+        raw["teacher"] = deep_merge(raw.get("teacher") or {}, own["teacher"])
     return raw
 
 
@@ -195,7 +199,8 @@ def _execute(todo: list, spec: dict, log, desc: str, phases: Phases | None = Non
         return
     prepared = set()
     for raw, _, _ in todo:  # build each teacher cache once, before the workers start
-        key = json.dumps([raw.get("teacher"), raw["data"], raw.get("train")], sort_keys=True, default=str)
+        fine = getattr(METHODS.get(method_of(raw["method"]["name"])), "needs_finetune", False)
+        key = json.dumps([raw.get("teacher"), raw["data"], raw.get("train"), fine], sort_keys=True, default=str)
         if key not in prepared and raw.get("teacher") and raw.get("cache", {}).get("enabled", True):
             prepare_cache(raw, log)
             prepared.add(key)
@@ -297,7 +302,8 @@ def collect(spec: dict, out: Path, methods: dict) -> dict:
     table: dict = {}
     for student in spec["students"]:
         for method, params in methods.items():
-            row = {"params": None, "columns": {}, "curves": {}, "selected_epochs": []}
+            row = {"params": None, "columns": {}, "curves": {}, "selected_epochs": [],
+                   "cost": {"wall_s": [], "teacher_live": [], "teacher_cached": [], "finetunes": {}}}
             for setting in spec["settings"]:
                 for seed in final_seeds(spec):
                     rd = out / "runs" / "final" / student / setting / f"{method}-{_tag(params)}" / f"seed{seed}"
@@ -306,6 +312,14 @@ def collect(spec: dict, out: Path, methods: dict) -> dict:
                         continue
                     s = json.loads(f.read_text())
                     row["params"] = s["deployed_params"]
+                    cost = row["cost"]
+                    if s.get("wall_s") is not None:
+                        cost["wall_s"].append(s["wall_s"])
+                    if s.get("teacher_images"):
+                        cost["teacher_live"].append(s["teacher_images"]["live"])
+                        cost["teacher_cached"].append(s["teacher_images"]["cached"])
+                    if s.get("finetune"):
+                        cost["finetunes"][s["finetune"]["key"]] = s["finetune"]["wall_s"]
                     metrics = s.get("selected") or s["final"]
                     if s.get("selected"):
                         row["selected_epochs"].append(s["selected"]["epoch"])
@@ -386,6 +400,49 @@ def convergence(table: dict) -> dict:
     return out
 
 
+def cost_table(table: dict) -> dict:
+    """Per student and row, what its runs cost on the machine that ran them: mean wall time of a run (its epochs,
+    set-up and evaluation), mean teacher forwards per run (images through the teacher in the run's own process, and
+    teacher features read from the comparison's cache, computed once for every row that shares it), and the teacher
+    fine-tunes its runs used (``teacher.finetune``), each counted once with its own wall time."""
+    out: dict = {}
+    for student, rows in table.items():
+        for m, row in rows.items():
+            c = row.get("cost") or {}
+            if not c.get("wall_s"):
+                continue
+            ft = c.get("finetunes") or {}
+            out.setdefault(student, {})[m] = {
+                "runs": len(c["wall_s"]), "run_wall_s": round(statistics.fmean(c["wall_s"]), 1),
+                "teacher_live": round(statistics.fmean(c["teacher_live"])) if c.get("teacher_live") else 0,
+                "teacher_cached": round(statistics.fmean(c["teacher_cached"])) if c.get("teacher_cached") else 0,
+                "finetunes": len(ft), "finetune_wall_s": round(sum(ft.values()), 1)}
+    return out
+
+
+def machine() -> str:
+    """The machine a comparison ran on, in words (its costs are this machine's)."""
+    import os
+    import platform
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}){gpu}, torch {torch.__version__}"
+
+
+def format_costs(costs: dict, where: str) -> str:
+    """The cost table in Markdown (one row per student and method)."""
+    lines = [f"What each row cost on this machine ({where}; runs of one comparison share its cores):", "",
+             "| student | method | runs | wall time per run (s) | teacher forwards per run: live / from cache | "
+             "teacher fine-tune (once) |", "|---|---|---|---|---|---|"]
+    for student, rows in costs.items():
+        for m, c in rows.items():
+            ft = f"{c['finetune_wall_s']:.0f} s ({c['finetunes']} fine-tune{'s' if c['finetunes'] != 1 else ''})" \
+                if c["finetunes"] else "–"
+            lines.append(f"| {student} | {m} | {c['runs']} | {c['run_wall_s']:.0f} | {c['teacher_live']:,} / "
+                         f"{c['teacher_cached']:,} | {ft} |")
+    return "\n".join(lines)
+
+
 def _cell(e: dict | None, rank: int | None) -> str:
     if not e:
         return "–"
@@ -439,21 +496,25 @@ def format_markdown(stats: dict, params: dict, probes: dict | None = None) -> st
     return "\n".join(lines)
 
 
-def format_csv(stats: dict) -> str:
-    """CSV: student, column, method, mean, std, n, and the paired differences with their CI half-widths."""
+def format_csv(stats: dict, costs: dict | None = None) -> str:
+    """CSV: student, column, method, mean, std, n, the paired differences with their CI half-widths, and the row's
+    cost (:func:`cost_table`: wall time per run, teacher forwards per run live and from the cache, fine-tune time)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["student", "column", "method", "mean", "std", "n", "vs_student_only", "vs_student_only_ci95",
                 "vs_best_baseline", "vs_best_baseline_ci95", "best_baseline", "vs_best_student_only",
-                "vs_best_student_only_ci95", "best_student_only"])
+                "vs_best_student_only_ci95", "best_student_only", "run_wall_s", "teacher_forwards_live",
+                "teacher_forwards_cached", "finetune_wall_s"])
     for student, per_col in stats.items():
         for c, cells in per_col.items():
             for m, e in cells.items():
                 a, b = e.get("vs_student_only") or {}, e.get("vs_best_baseline") or {}
                 r = e.get("vs_best_student_only") or {}
+                k = ((costs or {}).get(student) or {}).get(m) or {}
                 w.writerow([student, c, m, e["mean"], e["std"], len(e["seeds"]), a.get("mean"), a.get("ci95"),
                             b.get("mean"), b.get("ci95"), b.get("baseline"), r.get("mean"), r.get("ci95"),
-                            r.get("reference")])
+                            r.get("reference"), k.get("run_wall_s"), k.get("teacher_live"), k.get("teacher_cached"),
+                            k.get("finetune_wall_s")])
     return buf.getvalue()
 
 
@@ -583,19 +644,23 @@ def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: 
     stats = statistics_table(table)
     params = {s: {m: r["params"] for m, r in rows.items()} for s, rows in table.items()}
     conv = convergence(table)
+    costs = cost_table(table)
     md = format_markdown(stats, params, probes)
+    if costs:
+        md += "\n\n" + format_costs(costs, machine())
     files = plot(table, out, methods)
     phases.lap("table and plots")
     settings_json = {}
     for col in columns(table):
         settings_json[col] = {"probe": probes.get(col), **{s: stats[s].get(col, {}) for s in stats}}
     payload = {"suite": spec["suite"], "settings": settings_json, "convergence": conv, "params": params,
+               "costs": costs, "machine": machine(),
                "tuning": chosen, "methods": methods, "teacher": teacher_summary.get("final", {}).get("test/deployed"),
                "runs": n, "elapsed_s": round(time.perf_counter() - t0, 1), "phases_s": phases.s,
                "spec": {k: v for k, v in spec.items() if k != "base"} | {"base": spec["base"]}}
     atomic_write_json(out / "results.json", payload)
     atomic_write_text(out / "results.md", md + "\n")
-    atomic_write_text(out / "results.csv", format_csv(stats))
+    atomic_write_text(out / "results.csv", format_csv(stats, costs))
     say(md)
     for student, per in conv.items():
         for setting, c in per.items():

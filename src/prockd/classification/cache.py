@@ -153,6 +153,7 @@ class TeacherCache:
         """Features of the given dataset indices as float32 tensors (rows read from the files: what stays in this
         process's memory is the batch, however large the cache)."""
         idx = np.asarray(indices).reshape(-1)
+        self.rows_read = getattr(self, "rows_read", 0) + len(idx)  # teacher forwards this run read instead of ran
         return {name: torch.from_numpy(f.read(idx).astype(np.float32)).to(device or "cpu")
                 for name, f in self.files.items()}
 

@@ -66,6 +66,30 @@ class ModelConfig(Strict):
         return canonical_model_name(v)
 
 
+class FinetuneConfig(Strict):
+    """Stage 1 of fine-tune-then-distil (Vemulapalli, Yang, Ghahremani, ..., Tuzel, "Knowledge Transfer from Vision
+    Foundation Models for Efficient Training of Small Task-specific Models", ICML 2024): a copy of the teacher with a
+    new head of the student's classes is fine-tuned on the labelled training set (its checkpoint chosen on the
+    validation split), then it is the frozen teacher every distiller reads (``teacher.finetune``; the method
+    ``finetune_distil`` distils its logits). The fine-tuned teacher is cached by content (the teacher's weights, the
+    labelled data, this recipe), so a comparison's seeds share one fine-tune unless ``per_seed``."""
+
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int | None = Field(None, ge=1)  # None: train.batch_size
+    warmup_epochs: float = Field(1.0, ge=0)
+    # module paths (prefixes of parameter names, e.g. conv1, layer1) whose parameters stay as pre-trained; [] trains
+    # every layer. Their BatchNorm statistics still adapt to the task's images
+    freeze: list[str] = Field(default_factory=list)
+    augment: Literal["none", "flip_crop", "affine"] | None = None  # None: train.augment (the same views as stage 2)
+    aug_views: int | None = Field(None, ge=0)  # None: train.aug_views
+    seed: int = 0  # the fine-tune's own seed (shared by every run of a comparison)
+    per_seed: bool = False  # one fine-tune per run seed instead of one shared by every seed
+    dir: str | None = None  # where fine-tuned teachers are kept (None: 'finetuned' beside cache.dir)
+
+
 class GlyphConfig(Strict):
     """Rendered glyphs over real typefaces (see :mod:`prockd.glyphs`): which characters, which fonts."""
 
@@ -91,6 +115,13 @@ class GlyphConfig(Strict):
     # labelled, validation and unlabelled fonts only of train_designs, the test fonts only of test_designs
     train_designs: list[Literal["upright", "italic", "mono", "script"]] | None = None
     test_designs: list[Literal["upright", "italic", "mono", "script"]] | None = None
+
+
+class TeacherConfig(ModelConfig):
+    """The frozen teacher: a :class:`ModelConfig`, optionally fine-tuned on the student's task first
+    (``finetune``, :class:`FinetuneConfig`)."""
+
+    finetune: FinetuneConfig | None = None  # fine-tune the teacher on the labelled set before distilling (stage 1)
 
 
 class UnlabeledConfig(Strict):
@@ -215,7 +246,7 @@ class ExperimentConfig(Strict):
 
     seed: int = 0  # the run's seed (student initialisation, batch order, augmentation)
     out: str = "runs/exp"  # the run directory (prockd train --out replaces it)
-    teacher: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
     teacher_eval: TeacherEvalConfig = Field(default_factory=TeacherEvalConfig)
     student: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)

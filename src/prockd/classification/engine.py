@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from prockd.classification.cache import TeacherCache, tensor_digest
-from prockd.classification.config import ExperimentConfig, TrainConfig
+from prockd.classification.config import ExperimentConfig, FinetuneConfig, TrainConfig
+from prockd.classification.finetune import finetuned_teacher
 from prockd.classification.data import (
     IGNORE,
     MIXTURE_KEY,
@@ -311,22 +312,33 @@ class Built:
     distiller: Distiller
     device: torch.device
     weights: dict[str, str] | None = None  # where the teacher's and the student's weights come from, in words
+    finetune: dict | None = None  # the fine-tuned teacher's stage 1 (teacher.finetune): key, validation top-1, cost
 
 
-def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | None = None) -> Built:
-    """Build task, teacher, student and distiller (raises ProckdError on any bad input)."""
+def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | None = None, log=print) -> Built:
+    """Build task, teacher, student and distiller (raises ProckdError on any bad input). With ``teacher.finetune``
+    (or a method that distils a fine-tuned teacher, ``finetune_distil``) the teacher is first fine-tuned on the task's
+    labelled set, or read from the fine-tuned-teacher cache (:mod:`prockd.classification.finetune`)."""
     set_seed(cfg.seed)
     device = resolve_device(cfg.train.device)
     task = task or build_task(cfg.data)
     cls, params = method_params(cfg)
+    notes: list[str] = []
     weights = {"student": weights_source(cfg.student, "student")}
+    ft_info = None
+    ft = finetune_recipe(cfg, cls)
     if cls.needs_teacher and teacher is None:
         weights["teacher"] = weights_source(cfg.teacher, "teacher")  # a teacher without weights fails here
-        teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
+        if ft is not None:
+            teacher, ft_info = finetuned_teacher(cfg, ft, task, log)
+            weights["teacher"] = (f"{weights['teacher']}, fine-tuned on the task's labelled set "
+                                  f"({ft_info['dir']}/teacher.pt)")
+        else:
+            teacher = Teacher(create_model(cfg.teacher, None, "teacher", notes), cfg.teacher)
     elif cls.needs_teacher:
         weights["teacher"] = "a teacher built by the caller"
     set_seed(cfg.seed)
-    s_model = create_model(cfg.student, task.num_classes, "student")
+    s_model = create_model(cfg.student, task.num_classes, "student", notes)
     if cfg.student.init_from_teacher:
         if teacher is None:
             raise ProckdError("student.init_from_teacher needs a teacher")
@@ -346,7 +358,20 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
             teacher.model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         compile_modules(distiller, cfg.train.compile_backend)
-    return Built(cfg, task, teacher, distiller, device, weights)
+    for note in notes:  # "<role> checkpoint FILE: classifier ... started new": said once, beside the source
+        role = note.split(" ", 1)[0]
+        weights[role] = f"{weights[role]}: {note.split(': ', 1)[1]}"
+    return Built(cfg, task, teacher, distiller, device, weights, ft_info)
+
+
+def finetune_recipe(cfg: ExperimentConfig, cls) -> FinetuneConfig | None:
+    """The run's stage-1 recipe: ``teacher.finetune``, else the defaults for a method that distils a fine-tuned
+    teacher (``finetune_distil``), else None (the teacher stays as pre-trained)."""
+    if not cls.needs_teacher or cfg.teacher is None:
+        return None
+    if cfg.teacher.finetune is not None:
+        return cfg.teacher.finetune
+    return FinetuneConfig() if getattr(cls, "needs_finetune", False) else None
 
 
 def compile_modules(distiller: Distiller, backend: str = "inductor") -> None:
@@ -499,7 +524,10 @@ class ClassificationHooks(TaskHooks):
             if info_.get("unlabeled_skipped"):
                 log(f"data.unlabeled.dir: skipped {info_['unlabeled_skipped']} unreadable files (not images, or a "
                     f"broken header), e.g. {', '.join(info_['unlabeled_skipped_files'][:3])}")
-        if b.teacher is not None and self.teacher_task is not None:
+        if b.finetune is not None and self.teacher_task is not None:
+            log("teacher accuracy on its own task: not measured (the teacher was fine-tuned on this task with a new "
+                "head; its validation top-1 is in the line above)")
+        elif b.teacher is not None and self.teacher_task is not None:
             self.teacher_metrics = teacher_accuracy(b.teacher, self.teacher_task, device,
                                                     cache_dir=cfg.cache.dir if cfg.cache.enabled else None)
             log(f"teacher accuracy on its own task: {self.teacher_metrics}")
@@ -616,7 +644,9 @@ class ClassificationHooks(TaskHooks):
                 "unlabeled": ({"count": len(b.task.unlabeled), "streamed": b.task.unlabeled.streaming,
                                "skipped": b.task.info.get("unlabeled_skipped", 0)} if b.task.unlabeled is not None
                               else None),
-                "world_size": info.world}
+                "world_size": info.world, "finetune": b.finetune,
+                "teacher_images": ({"live": b.teacher.images_seen, "cached": getattr(self.cache, "rows_read", 0)}
+                                   if b.teacher is not None else None)}
 
     def save_deployed(self, run_dir) -> None:
         """``student.pt``: the deployable student (:mod:`prockd.classification.deploy`)."""
@@ -637,7 +667,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path | None = None, *, log=print
     """
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    b = built or build(cfg)  # bad input fails here, before anything is written
+    b = built or build(cfg, log=log)  # bad input fails here, before anything is written
     return run_training(ClassificationHooks(cfg, b, teacher_task), run_dir or cfg.out, log=log)
 
 

@@ -20,7 +20,7 @@ import torchvision
 
 from prockd.classification.config import ModelConfig
 from prockd.classification.wrn import WRN_BUILTINS
-from prockd.core.checkpoint import load_checkpoint_into
+from prockd.core.checkpoint import head_classes, load_checkpoint_into, read_state_dict
 from prockd.errors import ProckdError
 from prockd.features import (
     FeatureRecorder,
@@ -79,9 +79,31 @@ def _wants_hub(cfg: ModelConfig) -> bool:
     return bool(cfg.pretrained)
 
 
-def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Module:
+def create_model(cfg: ModelConfig, num_classes: int | None, what: str, notes: list[str] | None = None) -> nn.Module:
     """Create the network described by ``cfg``; ``num_classes=None`` keeps the model's own head. A failure to fetch
-    hub weights is one :class:`~prockd.errors.ProckdError` saying how to bring them over."""
+    hub weights is one :class:`~prockd.errors.ProckdError` saying how to bring them over.
+
+    ``cfg.checkpoint`` may be any weights file of the architecture, a prockd run's ``student.pt``, ``teacher.pt`` or
+    ``checkpoints/best.pt`` included (:func:`~prockd.core.checkpoint.read_state_dict`). Its classifier may have
+    another number of classes: with ``num_classes`` given (a student, a teacher fine-tuned on the task) the rest loads
+    and the head starts new, said in a line appended to ``notes``; with ``num_classes=None`` and no
+    ``kwargs.num_classes`` (a frozen teacher keeping its own head) the model is built with the checkpoint's count."""
+    if cfg.checkpoint:
+        state = read_state_dict(cfg.checkpoint, what)
+        model = _create(cfg, num_classes, what)
+        if num_classes is None and "num_classes" not in cfg.kwargs:
+            own = head_classes(model, state)
+            if own is not None:  # another task's head, kept as it is: the model gets the checkpoint's classes
+                model = _create(cfg, own, what)
+        note = load_checkpoint_into(model, cfg.checkpoint, what, state)
+        if note and notes is not None:
+            notes.append(note)
+        return model
+    return _create(cfg, num_classes, what)
+
+
+def _create(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Module:
+    """:func:`create_model` before a local checkpoint is loaded."""
     kwargs = dict(cfg.kwargs)
     name = cfg.name
     hub = _wants_hub(cfg)
@@ -125,8 +147,6 @@ def create_model(cfg: ModelConfig, num_classes: int | None, what: str) -> nn.Mod
                 if not hub or isinstance(e, ProckdError):
                     raise
                 raise hub_error(what, name, e, why) from None
-    if cfg.checkpoint:
-        load_checkpoint_into(model, cfg.checkpoint, what)
     return model
 
 
@@ -215,6 +235,7 @@ class Teacher(nn.Module):
         paths = self.tap_paths + ([self.embed_path] if self.embed_path else [])
         self.recorder = FeatureRecorder(model, paths, "teacher")
         self.tap_layout, self.embed_layout, self.tap_widths, self.embed_width = self._probe()
+        self.images_seen = 0  # images through the network since it was built (a run's live teacher forwards)
 
     HELDOUT_MEMO_BYTES = 256 << 20  # how much of the held-out images' features :meth:`extract_heldout` keeps
 
@@ -269,6 +290,7 @@ class Teacher(nn.Module):
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.model(x)
+        self.images_seen += len(images)
         outs = self.recorder.pop()
         if keys is not None and "taps" not in keys:
             res = {"logits": logits.float()}
@@ -289,6 +311,7 @@ class Teacher(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher logits in its own label space."""
         out = self.model(self.transform(images))
+        self.images_seen += len(images)
         self.recorder.pop()
         return out
 

@@ -16,10 +16,16 @@ from prockd.core.io import atomic_torch_save
 from prockd.errors import ProckdError
 
 
+PROCKD_BACKBONE = "student.model."  # a prockd run's network inside its distiller / deployed-student state
+
+
 def read_state_dict(path: str | Path, what: str) -> dict:
     """The state dict saved in ``path``: a ``.safetensors`` file (the format hubs ship), or a torch file (bare, or
-    under ``model`` / ``state_dict`` / ``student``); DDP's ``module.`` prefixes removed. Errors name ``what`` and
-    the file."""
+    under ``model`` / ``state_dict`` / ``student`` / ``distiller``); DDP's ``module.`` prefixes removed. A prockd run's
+    files are read as the network they hold: ``teacher.pt`` (under ``model``), ``student.pt`` (under ``state_dict``)
+    and ``checkpoints/best.pt`` / ``last.pt`` (under ``distiller``) give the student network's own tensors (the
+    ``student.model.`` prefix removed; a method's training-only modules and ProC-KD's FA are not part of it). Errors
+    name ``what`` and the file."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ProckdError(f"{what} checkpoint not found: {p}")
@@ -32,30 +38,111 @@ def read_state_dict(path: str | Path, what: str) -> dict:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is the same user error
-        raise ProckdError(f"{what} checkpoint {p} is unreadable: {type(e).__name__}: {str(e)[:200]}") from None
+        if not _is_prockd_run_file(p):
+            raise ProckdError(f"{what} checkpoint {p} is unreadable: {type(e).__name__}: {str(e)[:200]}") from None
+        # a prockd run's last.pt holds the optimiser's and the RNG's states beside the weights (not weights-only)
+        obj = torch.load(p, map_location="cpu", weights_only=False)
     if isinstance(obj, dict):
-        for key in ("model", "state_dict", "student"):
+        for key in ("model", "state_dict", "student", "distiller"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict):
-        raise ProckdError(f"{what} checkpoint {p} holds no state dict")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ProckdError(f"{what} checkpoint {p} holds no state dict (a mapping of tensor names to tensors)")
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    if any(k.startswith(PROCKD_BACKBONE) for k in obj):  # a prockd run's student.pt / best.pt / last.pt
+        obj = {k[len(PROCKD_BACKBONE):]: v for k, v in obj.items() if k.startswith(PROCKD_BACKBONE)}
+    return obj
 
 
-def load_checkpoint_into(model: nn.Module, path: str | Path, what: str, state: dict | None = None) -> None:
-    """Load the checkpoint ``path`` (or its already read ``state``, see :func:`read_state_dict`) into ``model``;
-    a missing, unexpected or wrongly shaped tensor is an error naming ``what`` and the file."""
+def _is_prockd_run_file(p: Path) -> bool:
+    """Whether ``p`` is a checkpoint inside a prockd run directory (``<run>/checkpoints/last.pt`` beside the run's
+    ``config.yaml``): the one non-weights-only file read here, written by prockd itself."""
+    return p.parent.name == "checkpoints" and (p.parent.parent / "config.yaml").is_file()
+
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    """The state-dict names of a classification network's final classifier: timm's ``get_classifier()`` where the
+    model has one, else the last ``nn.Linear`` in module order (torchvision's ``fc`` / ``classifier[-1]`` /
+    ``heads.head``, the built-in WRNs' ``fc``). Empty when the network has none."""
+    head = None
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # noqa: BLE001 - a model whose get_classifier is not timm's
+            head = None
+    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+        head = None
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                head = m
+    if head is None:
+        return set()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for p in head.parameters() if id(p) in names}
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def _first(names: list[str], n: int = 2) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def head_classes(model: nn.Module, state: dict) -> int | None:
+    """The number of classes of the classifier that ``state`` holds for ``model``'s classifier tensors (None when it
+    holds none or they have the model's shape): what a teacher built from another task's checkpoint should have."""
+    own = model.state_dict()
+    for k in sorted(classifier_keys(model)):
+        if k.endswith("weight") and k in state and state[k].shape != own[k].shape \
+                and state[k].shape[1:] == own[k].shape[1:]:
+            return int(state[k].shape[0])
+    return None
+
+
+def load_checkpoint_into(model: nn.Module, path: str | Path, what: str, state: dict | None = None,
+                         new_head: bool = True) -> str | None:
+    """Load the checkpoint ``path`` (or its already read ``state``, see :func:`read_state_dict`) into ``model``.
+
+    A checkpoint whose classifier differs from the model's only in its number of classes (another task's head) loads
+    everything else and leaves the model's new head as created, when ``new_head``; the returned note names the
+    tensors (one log line). Anything else that does not fit (a missing, unexpected or wrongly shaped tensor) is one
+    line naming ``what``, the file, the counts and the first differing tensors. Returns None when everything loaded."""
     p = Path(path).expanduser()
-    state = read_state_dict(p, what) if state is None else state
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ProckdError(f"{what} checkpoint {p} does not fit the model: {str(e)[:300]}") from None
-    if missing or unexpected:
-        raise ProckdError(f"{what} checkpoint {p} does not fit the model: missing {missing[:3]}"
-                          f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                          f"{'...' if len(unexpected) > 3 else ''}")
+    state = read_state_dict(p, what) if state is None else dict(state)
+    own = model.state_dict()
+    shaped = [k for k in state if k in own and state[k].shape != own[k].shape]
+    head = classifier_keys(model) if new_head else set()
+    note = None
+    if shaped and set(shaped) <= head and all(state[k].shape[1:] == own[k].shape[1:] for k in shaped):
+        weight = next((k for k in shaped if k.endswith("weight")), shaped[0])
+        note = (f"{what} checkpoint {p}: classifier " + ", ".join(f"{k} {_shape(state[k])} -> {_shape(own[k])}"
+                                                                 for k in sorted(shaped))
+                + f" started new (the checkpoint has {state[weight].shape[0]} classes, this model "
+                  f"{own[weight].shape[0]}); every other tensor loaded")
+        state = {k: v for k, v in state.items() if k not in shaped}
+        skipped = set(shaped)
+        shaped = []
+    else:
+        skipped = set()
+    missing = [k for k in own if k not in state and k not in skipped]
+    unexpected = [k for k in state if k not in own]
+    if shaped or missing or unexpected:
+        parts = []
+        if shaped:
+            parts.append(f"{len(shaped)} tensor(s) of another shape ("
+                         + ", ".join(f"{k} {_shape(state[k])} vs the model's {_shape(own[k])}" for k in shaped[:2])
+                         + (f" and {len(shaped) - 2} more" if len(shaped) > 2 else "") + ")")
+        if missing:
+            parts.append(f"{len(missing)} missing ({_first(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+        raise ProckdError(f"{what} checkpoint {p} does not fit the model ({len(own)} tensors): " + "; ".join(parts)
+                          + ": are these the weights of this architecture (its name and kwargs)?")
+    model.load_state_dict(state, strict=False)
+    return note
 
 
 def rng_state() -> dict:

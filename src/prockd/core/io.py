@@ -81,3 +81,21 @@ def run_lock(run_dir: str | Path, held: bool = True):
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def shared_build_lock(path: str | Path):
+    """Wait for, then hold, an exclusive ``fcntl.flock`` on the file ``path`` for the block: the processes that need
+    one shared artefact (a fine-tuned teacher a comparison's seeds share) build it once, the others wait and read it.
+    The kernel releases the lock when its holder exits, killed or not."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

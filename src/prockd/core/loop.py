@@ -263,6 +263,7 @@ def _run(hooks: TaskHooks, run_dir: Path, log) -> dict:
     """:func:`run_training` inside the run directory's lock."""
     cfg, dist, device = hooks.cfg, hooks.distiller, hooks.device
     t = cfg.train
+    t_start = time.perf_counter()
     info = ddp.setup(device.type)
     if not info.main:
         log = silent
@@ -279,6 +280,7 @@ def _run(hooks: TaskHooks, run_dir: Path, log) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=(t.amp == "fp16" and device.type == "cuda"))
     teacher_ref = hooks.teacher_reference()
     start_epoch, best, history = resume_state(ckpt_dir / "last.pt", dist, opt, sched, scaler, log, teacher_ref)
+    outside_epochs = time.perf_counter() - t_start  # this process's set-up (caches, data) before the first epoch
     hooks.after_resume(run_dir, start_epoch, info)
     model = dist
     if info.enabled:  # after the resume: DDP broadcasts rank 0's (identical) state at construction
@@ -323,6 +325,7 @@ def _run(hooks: TaskHooks, run_dir: Path, log) -> dict:
         record.update({k: v / max(1, n) for k, v in zip(keys, reduced.tolist())})
         record.update({f"diag/{k}": v for k, v in dist.epoch_stats().items()})
         record.update(hooks.evaluate_epoch(epoch, epoch + 1 == t.epochs or stopped, info))
+        record["wall_s"] = time.perf_counter() - t0  # the epoch's steps and its evaluation
         history.append(record)
         improved = hooks.improved(record, best)
         if improved:
@@ -336,7 +339,12 @@ def _run(hooks: TaskHooks, run_dir: Path, log) -> dict:
                 f"{k}={v:.4g}" for k, v in record.items() if hooks.progress_keys(k)))
         if stopped:
             break
+    t_finish = time.perf_counter()
     summary = hooks.finish(run_dir, history, best, info, log)
+    # the run's cost on this machine: every epoch (a resumed run's earlier ones from their records), this process's
+    # set-up and the final evaluation (a killed process's set-up is not counted)
+    summary["wall_s"] = round(sum(h.get("wall_s", h.get("time_s", 0.0)) for h in history) + outside_epochs
+                              + time.perf_counter() - t_finish, 1)
     if info.main:
         summary["checkpoint_mb"] = {f.name: round(f.stat().st_size / 2**20, 2) for f in sorted(ckpt_dir.glob("*.pt"))}
         logger.close()

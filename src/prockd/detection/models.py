@@ -178,7 +178,7 @@ def build_detector(cfg: DetectorConfig, num_classes: int, state: dict | None = N
         rpn_batch_size_per_image=cfg.rpn_batch_per_image, box_batch_size_per_image=cfg.box_batch_per_image,
         box_score_thresh=cfg.box_score_thresh, box_detections_per_img=cfg.box_detections_per_img)
     if cfg.checkpoint:
-        load_checkpoint_into(model, cfg.checkpoint, "detector", state)
+        load_checkpoint_into(model, cfg.checkpoint, "detector", state, new_head=False)
     return model
 
 

@@ -6,6 +6,7 @@ from prockd.classification.methods import (  # noqa: F401,E402
     cwd,
     dkd,
     fbkd,
+    finetune_distil,
     fitnets,
     inverted_projector,
     kd,

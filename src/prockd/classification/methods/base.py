@@ -69,6 +69,9 @@ class Distiller(DistillerBase):
     Params: ClassVar[type[BaseModel]] = NoParams
     # logit methods (KD, DKD) compare class i of the teacher with class i of the student
     needs_shared_label_space: ClassVar[bool] = False
+    # whether the method distils a teacher fine-tuned on the task (finetune_distil): the engine runs stage 1
+    # (teacher.finetune, its defaults when the section is absent) before building it
+    needs_finetune: ClassVar[bool] = False
     # whether the method reads the student's embedding-layer output (a hook on its embedding tap)
     uses_student_embed: ClassVar[bool] = False
     # what a live teacher pass must produce (None: taps, logits and embedding)
