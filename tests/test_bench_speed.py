@@ -15,10 +15,12 @@ def test_bench_speed_reports_every_variant_and_ratio(tmp_path, capsys):
                                "prockd": {"num_prototypes": 4}})
     assert json.loads(out.read_text()) == res
     variants = {"student_only", "teacher_forward", "prockd_live", "prockd_cached", "kd_prockd", "fitnets_prockd",
-                "kd_torchdistill", "fitnets_torchdistill"}
+                "kd_torchdistill", "fitnets_torchdistill", "teacher_finetune"}
     assert set(res["step_seconds"]) == variants and all(v > 0 for v in res["step_seconds"].values())
     assert set(res["ratios"]) == {"pl_fa_overhead", "cached_vs_student_only", "kd_vs_torchdistill",
-                                  "fitnets_vs_torchdistill", "pl_peak_memory_vs_need"}
+                                  "fitnets_vs_torchdistill", "pl_peak_memory_vs_need", "finetune_step_vs_prockd_step"}
+    assert "finetune_step_vs_prockd_step" not in res["met"]  # reported, no target
     assert res["pl_memory"]["need"]["saved_for_backward"] > 0 and res["pl_memory"]["peak_bytes"] > 0
     printed = capsys.readouterr().out
     assert "cached_vs_student_only" in printed and "PL peak memory" in printed
+    assert "finetune_step_vs_prockd_step" in printed

@@ -506,7 +506,8 @@ class ClassificationHooks(TaskHooks):
 
     def setup(self, info, log) -> None:
         """The teacher's own task (to check its accuracy), built before anything is written."""
-        if self.teacher_task is None and self.cfg.teacher_eval.data is not None and self.b.teacher is not None:
+        if self.teacher_task is None and self.cfg.teacher_eval.data is not None and self.b.teacher is not None \
+                and self.b.finetune is None:  # a fine-tuned teacher's head is the student's task's, not its own
             self.teacher_task = build_task(self.cfg.teacher_eval.data)
 
     def before_training(self, run_dir, info, log) -> None:
@@ -524,7 +525,7 @@ class ClassificationHooks(TaskHooks):
             if info_.get("unlabeled_skipped"):
                 log(f"data.unlabeled.dir: skipped {info_['unlabeled_skipped']} unreadable files (not images, or a "
                     f"broken header), e.g. {', '.join(info_['unlabeled_skipped_files'][:3])}")
-        if b.finetune is not None and self.teacher_task is not None:
+        if b.finetune is not None and cfg.teacher_eval.data is not None:
             log("teacher accuracy on its own task: not measured (the teacher was fine-tuned on this task with a new "
                 "head; its validation top-1 is in the line above)")
         elif b.teacher is not None and self.teacher_task is not None:
