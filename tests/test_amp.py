@@ -17,6 +17,9 @@ def _raw(tiny, method):
     if method in ("kd", "dkd"):
         raw["teacher"]["kwargs"]["num_classes"] = 5
         raw["method"]["params"] = {"shared_label_space": True}
+    if method == "finetune_distil":  # stage 1 chooses the fine-tuned teacher on a validation split
+        raw["data"]["val_fraction"] = 0.2
+        raw["teacher"]["finetune"] = {"epochs": 1}
     return raw
 
 

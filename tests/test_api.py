@@ -261,6 +261,7 @@ def test_unknown_keys_suggest_and_list(tiny):
 def test_checkpoints_hold_what_trains_and_the_teacher_by_reference(tiny, tmp_path):
     raw = tiny("prockd", data={"name": "digits", "classes": [5, 6, 7, 8, 9], "labels_per_class": 20,
                                 "val_fraction": 0.2})
+    raw["train"]["keep_state"] = True  # last.pt stays after the run finishes
     summary = train(build_config(raw), tmp_path / "run", log=lambda m: None)
     ckpt = tmp_path / "run" / "checkpoints"
     last = torch.load(ckpt / "last.pt", weights_only=False)
@@ -278,11 +279,25 @@ def test_checkpoints_hold_what_trains_and_the_teacher_by_reference(tiny, tmp_pat
     x = task.tests["test"].images[:8].float() / 255
     with torch.no_grad():
         assert torch.equal(dep(x), prockd.load_student(tmp_path / "run" / "student.pt").model(x))
-    # resuming with another teacher is an error naming both
+    # resuming with another teacher config is refused before anything is written, naming the key
     other = dict(raw, train=dict(raw["train"], epochs=4), seed=0)
     other["teacher"] = dict(raw["teacher"], kwargs=dict(raw["teacher"]["kwargs"], channels=[8, 16, 16, 32]))
-    with pytest.raises(ProckdError, match="was trained with another teacher"):
+    with pytest.raises(ProckdError, match=r"holds a run of another config \(teacher.kwargs.channels"):
         train(build_config(other), tmp_path / "run", log=lambda m: None)
+    # the same config around other teacher weights (the file behind teacher.checkpoint replaced): named by digest
+    from prockd.classification.models import create_model
+    from prockd.classification.config import ModelConfig
+
+    weights = tmp_path / "teacher.pt"
+    torch.manual_seed(5)
+    torch.save(create_model(ModelConfig(**raw["teacher"]), None, "teacher").state_dict(), weights)
+    mine = dict(raw, train=dict(raw["train"], epochs=3), teacher=dict(raw["teacher"], checkpoint=str(weights),
+                                                                        pretrained=None))
+    train(build_config(mine), tmp_path / "mine", log=lambda m: None)
+    torch.manual_seed(6)
+    torch.save(create_model(ModelConfig(**raw["teacher"]), None, "teacher").state_dict(), weights)
+    with pytest.raises(ProckdError, match="was trained with another teacher"):
+        train(build_config(dict(mine, train=dict(mine["train"], epochs=4))), tmp_path / "mine", log=lambda m: None)
 
 
 # --- a light front ------------------------------------------------------------------------------------------

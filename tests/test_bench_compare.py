@@ -77,9 +77,19 @@ def test_compare_tunes_on_validation_runs_fresh_seeds_and_continues(tmp_path, ca
                  "--first-seed", "1", "--settings", "standard", "--students", "vit-d2"]) == 0
     printed = capsys.readouterr().out
     assert "x 1 seeds (1-1) = 3 runs, 3 already finished" in printed
-    one = json.loads((out / "results.json").read_text())["settings"]["standard"]["vit-d2"]
-    for m in ("student_only", "prockd", "rkd"):
-        assert one[m]["seeds"] == [1] and one[m]["values"] == [res["settings"]["standard"]["vit-d2"][m]["values"][1]]
+    # the subset run adds to the table in this folder: every earlier row, column, student and seed is kept
+    def rows(payload):  # the table's cells (the tiny random teacher's probes are drawn again by each call)
+        return {c: {k: v for k, v in cells.items() if k != "probe"} for c, cells in payload["settings"].items()}
+
+    merged = json.loads((out / "results.json").read_text())
+    assert rows(merged) == rows(res)
+    assert "results keep the earlier comparison's rows" not in printed  # the same rows: nothing kept aside
+    assert main(["bench", "compare", "--config", str(cfg), "--out", str(out), "--tune", "--seeds", "1",
+                 "--methods", "student_only", "prockd"]) == 0
+    printed = capsys.readouterr().out
+    assert "results keep the earlier comparison's rows in" in printed and "(rkd;" in printed
+    subset = json.loads((out / "results.json").read_text())
+    assert rows(subset) == rows(res) and "| vit-d2 | rkd |" in (out / "results.md").read_text()
     cfg.write_text(yaml.safe_dump(dict(_spec(tmp_path), first_seed=-1), sort_keys=False))
     assert main(["bench", "compare", "--config", str(cfg), "--out", str(out)]) == 2
     assert "'first_seed' must be a non-negative integer, not -1" in capsys.readouterr().err

@@ -72,7 +72,9 @@ def test_streamed_run_trains_like_in_memory(folders):
 
     res = {}
     for stream in (False, True):
-        cfg = build_config(_raw(folders, stream))
+        raw = _raw(folders, stream)
+        raw["train"]["keep_state"] = True  # last.pt compared below
+        cfg = build_config(raw)
         res[stream] = train(cfg, folders / f"run_{stream}", log=lambda _m: None)
     a = torch.load(folders / "run_False" / "checkpoints" / "last.pt", weights_only=False)["distiller"]
     b = torch.load(folders / "run_True" / "checkpoints" / "last.pt", weights_only=False)["distiller"]

@@ -18,7 +18,7 @@ TOL = 1e-4  # float32 sums in another order (all-reduce of two half-batch gradie
 
 def _cfg(tiny, tmp_path, method="prockd"):
     raw = tiny(method)
-    raw["train"].update(epochs=3, batch_size=16, num_threads=1, clip_grad=None)
+    raw["train"].update(epochs=3, batch_size=16, num_threads=1, clip_grad=None, keep_state=True)  # last.pt compared
     raw["data"]["labels_per_class"] = 20  # 100 images: 7 steps per epoch, the last batch has 4 images
     p = tmp_path / f"{method}.yaml"
     p.write_text(yaml.safe_dump(raw))

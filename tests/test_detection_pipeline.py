@@ -171,7 +171,7 @@ def test_one_step_every_method_and_deployed_detector(det_setup, method, tmp_path
 
     _, base = det_setup
     raw = dict(base, method={"name": method})
-    raw["train"] = dict(base["train"], max_steps=1)
+    raw["train"] = dict(base["train"], max_steps=1, keep_state=True)  # last.pt is read below
     summary = train(build_det_config(raw), tmp_path / "run", log=lambda m: None)
     assert "test/mAP50" in summary["final"]
     model, classes = load_deployed_detector(tmp_path / "run" / "detector.pt")

@@ -62,15 +62,19 @@ def test_run_directory_contents(tiny, tmp_path):
     raw = tiny()
     summary = train(build_config(raw), tmp_path / "run", log=lambda m: None)
     run = tmp_path / "run"
-    for f in ("config.yaml", "metrics.jsonl", "final.json", "student.pt", "checkpoints/last.pt",
-              "checkpoints/best.pt", "prototypes_init.pt"):
+    for f in ("config.yaml", "metrics.jsonl", "final.json", "student.pt", "checkpoints/best.pt", "prototypes_init.pt"):
         assert (run / f).is_file(), f
+    # a finished run keeps what a user needs, not the optimiser's state (train.keep_state: false)
+    assert not (run / "checkpoints" / "last.pt").exists() and "last.pt" not in summary["checkpoint_mb"]
     assert list((run / "tb").iterdir())
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["method"]["params"]["num_prototypes"] == 4
     assert resolved["train"]["optimizer"] == "adamw"  # defaults are written out too
     assert summary["deployed_params"] < summary["student_params"] + 10_000
-    assert not list(run.rglob("*.tmp"))
+    assert not list(run.rglob("*.tmp*"))
+    raw["train"]["keep_state"] = True
+    kept = train(build_config(raw), tmp_path / "kept", log=lambda m: None)
+    assert (tmp_path / "kept" / "checkpoints" / "last.pt").is_file() and "last.pt" in kept["checkpoint_mb"]
 
 
 def test_teacher_accuracy_logged_before_distillation(tiny, tmp_path):
@@ -177,8 +181,8 @@ def test_with_a_validation_split_the_test_sets_are_read_once_for_the_chosen_chec
     s = train(build_config(raw), tmp_path / "run", log=lambda m: None)
     assert seen.count(["test"]) == 1 and seen.count(["val"]) == raw["train"]["epochs"]
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
-    assert s["selected"]["epoch"] == best["epoch"] and "test/deployed" in s["selected"]
-    if best["epoch"] == s["final"]["epoch"]:  # the last epoch chosen: its record holds the same test results
+    assert s["selected"]["epoch"] == best["epoch"] + 1 and "test/deployed" in s["selected"]  # final.json: from 1
+    if best["epoch"] + 1 == s["final"]["epoch"]:  # the last epoch chosen: its record holds the same test results
         assert s["final"]["test/deployed"] == s["selected"]["test/deployed"]
     else:
         assert "test/deployed" not in s["final"]
@@ -195,7 +199,7 @@ def test_a_checkpoint_without_the_derived_buffers_still_resumes(tiny, tmp_path, 
     """An earlier prockd's last.pt lacks the class-prior buffers (recomputed from the data before every run): the
     run resumes, says so, and ends as an uninterrupted one; any other missing key is still an error."""
     raw = tiny(method)
-    raw["train"]["epochs"] = 2
+    raw["train"].update(epochs=2, keep_state=True)  # the 1-epoch run is continued to 2 below
     logs = []
     ref = train(build_config(copy.deepcopy(raw)), tmp_path / "ref", log=lambda m: None)
     raw1 = copy.deepcopy(raw)
@@ -213,5 +217,7 @@ def test_a_checkpoint_without_the_derived_buffers_still_resumes(tiny, tmp_path, 
     assert out["final"]["test/deployed"] == ref["final"]["test/deployed"]
     del state["distiller"][next(k for k in state["distiller"] if k.startswith("student."))]
     torch.save(state, last)
-    with pytest.raises(ProckdError, match="does not fit this config"):
-        train(build_config(copy.deepcopy(raw)), tmp_path / "run", log=lambda m: None)
+    longer = copy.deepcopy(raw)
+    longer["train"]["epochs"] = 3  # continued (the 2-epoch run is finished): last.pt is read
+    with pytest.raises(ProckdError, match="does not fit this config.*missing"):
+        train(build_config(longer), tmp_path / "run", log=lambda m: None)

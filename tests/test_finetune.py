@@ -140,6 +140,7 @@ def test_any_distiller_distils_the_finetuned_teacher(tiny, tmp_path):
     accuracy is not measured with a head it no longer has."""
     raw = _ft_config(tiny, "prockd")
     raw["method"]["params"] = {"num_prototypes": 4}
+    raw["train"]["keep_state"] = True
     logs = []
     s = train(build_config(raw), tmp_path / "ft", log=logs.append)
     assert s["finetune"] is not None and s["teacher_images"]["cached"] > 0
@@ -148,7 +149,7 @@ def test_any_distiller_distils_the_finetuned_teacher(tiny, tmp_path):
     p = train(build_config(plain), tmp_path / "plain", log=lambda m: None)
     assert p["finetune"] is None
     assert len(list((tmp_path / "cache").iterdir())) == 2  # two teachers, two feature caches
-    last = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=False)  # kept: train.keep_state
     tuned = torch.load(Path(s["finetune"]["dir"]) / "teacher.pt", weights_only=True)["model"]
     from prockd.classification.cache import tensor_digest
     assert last["teacher"]["digest"] == tensor_digest(tuned)

@@ -195,7 +195,7 @@ def build_distiller(method: str, teacher: ModelSpec | None, student: ModelSpec, 
     try:
         p = cls.Params(**params)
     except ValidationError as e:
-        raise ProckdError(f"method '{method}': {format_errors(e, prefix='params')}") from None
+        raise ProckdError(f"method '{method}': {format_errors(e, prefix='params', model=cls.Params)}") from None
     torch.manual_seed(seed)
     t = None
     if cls.needs_teacher:

@@ -28,6 +28,7 @@ from fontTools.ttLib import TTFont, TTLibError
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from prockd.core.io import sweep_orphans
 from prockd.errors import ProckdError
 
 DIGITS = "0123456789"
@@ -239,6 +240,7 @@ def render_set(fonts: list[Path], chars: str, copies: int, size: int = 28, glyph
                 labels[i], font_idx[i] = ci, fi
                 i += 1
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_orphans(path.parent)  # a killed render's half-written file does not survive this start
     tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
     np.savez(tmp, images=images, labels=labels, fonts=font_idx)
     os.replace(tmp, path)

@@ -43,10 +43,22 @@ def build_any_config(data: dict, source: str = "<dict>"):
 def load_any_config(path: str | Path, overrides: list[str] = ()):
     """A classification :class:`~prockd.classification.config.ExperimentConfig` or, for files with ``task:
     detection``, a :class:`~prockd.detection.config.DetExperimentConfig` (same ``base:`` files and overrides)."""
-    data = apply_overrides(read_config_file(path), list(overrides))
-    if task_name(data) == "detection":
-        return build_det_config(data, str(path))
-    return load_config(path, overrides)
+    try:
+        data = apply_overrides(read_config_file(path), list(overrides))
+        if task_name(data) == "detection":
+            return build_det_config(data, str(path))
+        return load_config(path, overrides)
+    except ProckdError as e:
+        if not overrides:
+            raise
+        try:  # the file alone is valid: the command line's overrides are what is wrong, and the error names them
+            load_any_config(path, ())
+        except ProckdError:
+            raise e from None
+        keys = [o for o in overrides if o.split("=", 1)[0] in str(e)] or list(overrides)
+        said = str(e).removeprefix(f"config error in {path}: ")
+        raise ProckdError(f"config error in the override{'s' if len(keys) > 1 else ''} "
+                          f"{', '.join(repr(k) for k in keys)} (on {path}): {said}") from None
 
 
 def run_task(run: Path) -> str:

@@ -2,6 +2,7 @@
 teacher, and the statistics of paired seeds."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import hashlib
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from prockd.classification.cache import TeacherCache
 from prockd.classification.config import build_config
 from prockd.classification.data import build_task
-from prockd.classification.engine import cached_dataset, pretrain_teacher, train
+from prockd.classification.engine import cached_dataset, fine_tuned_teacher, pretrain_teacher, train
 from prockd.classification.models import Teacher, create_model
 from prockd.core.checkpoint import save_teacher
 from prockd.core.io import atomic_write_json
@@ -55,10 +56,21 @@ def _run_job(raw: dict, run_dir: str, log_path: str, threads: int | None = 1) ->
         with open(log_path, "a") as f:
             f.write(f"[{run_dir}] {msg}\n")
 
-    if raw.get("task") == "detection":
-        det_train(build_det_config(raw, f"run {run_dir}"), run_dir, log=log)
-    else:
-        train(build_config(raw, f"run {run_dir}"), run_dir, log=log)
+    # the comparison's console shows one progress bar: a run's own output (its rendering bars, warnings) goes to the
+    # comparison's log, never to the console between the other workers' lines
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with open(log_path, "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            if raw.get("task") == "detection":
+                det_train(build_det_config(raw, f"run {run_dir}"), run_dir, log=log)
+            else:
+                train(build_config(raw, f"run {run_dir}"), run_dir, log=log)
+    finally:  # the comparison's own bar (a run in its process) shows again
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def die_with_parent() -> None:
@@ -93,17 +105,10 @@ def run_jobs(todo: list[tuple], workers: int, desc: str) -> None:
 def prepare_cache(raw: dict, log) -> None:
     """Build the teacher-feature cache of a run's config (the teacher's view of its training data, augmented
     views included), whatever its method, so that parallel workers only open it."""
-    from prockd.classification.engine import finetune_recipe
-    from prockd.classification.finetune import finetuned_teacher
-    from prockd.classification.methods import method_params
-
     cfg = build_config(raw, "cache preparation")
     task = build_task(cfg.data)
-    ft = finetune_recipe(cfg, method_params(cfg)[0])
-    if ft is not None:  # stage 1 once, here, before the workers start: every seed's run reads it
-        teacher, _ = finetuned_teacher(cfg, ft, task, log)
-    else:
-        teacher = Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
+    # a fine-tuned teacher (teacher.finetune): stage 1 once, here, before the workers start; every seed's run reads it
+    teacher = fine_tuned_teacher(cfg, task, log) or Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)
     TeacherCache(teacher, cached_dataset(task, cfg.train), cfg.cache.dir, cfg.cache.dtype, log=log).prepare()
 
 

@@ -30,6 +30,8 @@ import csv
 import hashlib
 import io
 import json
+import os
+import platform
 import shutil
 import statistics
 import time
@@ -240,6 +242,34 @@ def _score(run_dir: Path) -> float | None:
     return statistics.fmean(tail)
 
 
+def with_earlier_rows(out: Path, spec: dict, methods: dict) -> tuple[dict, dict, list[str]]:
+    """(spec, methods, labels kept) for the table of ``out``: an earlier comparison written there (``results.json``)
+    keeps its rows, students, columns and seeds beside this run's (this run's parameters win for a label both have),
+    so a run on a subset (``--methods``, ``--settings``, ``--seeds``) adds to the table instead of replacing it. An
+    earlier comparison of another suite, data or base is refused: its rows would not be comparable."""
+    path = out / "results.json"
+    if not path.is_file():
+        return spec, methods, []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return spec, methods, []
+    prev = old.get("spec") or {}
+    for key in ("suite", "data", "base"):
+        if key in prev and json.dumps(prev[key], sort_keys=True) != json.dumps(spec.get(key), sort_keys=True):
+            raise ProckdError(f"{out} holds a comparison with another '{key}' ({path}): its rows are not comparable "
+                              "with these; use a new --out")
+    merged = dict(spec)
+    for key in ("students", "settings"):
+        merged[key] = {**(prev.get(key) or {}), **spec[key]}
+    lo = min(prev.get("first_seed", 0), spec.get("first_seed", 0))
+    hi = max(prev.get("first_seed", 0) + prev.get("seeds", 0), spec.get("first_seed", 0) + spec["seeds"])
+    merged["first_seed"], merged["seeds"] = lo, hi - lo
+    earlier = {m: p for m, p in (old.get("methods") or {}).items() if m not in methods}
+    merged["earlier_probes"] = {c: v["probe"] for c, v in (old.get("settings") or {}).items() if v.get("probe")}
+    return merged, {**earlier, **methods}, sorted(earlier)
+
+
 def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print, phases: Phases | None = None) -> dict:
     """Choose every method's configuration on validation with an equal budget; returns
     ``{method: {"params", "factor", "scores": {factor: mean val}}}``."""
@@ -422,9 +452,6 @@ def cost_table(table: dict) -> dict:
 
 def machine() -> str:
     """The machine a comparison ran on, in words (its costs are this machine's)."""
-    import os
-    import platform
-
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     return f"{os.cpu_count()} CPU cores ({platform.machine()}){gpu}, torch {torch.__version__}"
 
@@ -493,7 +520,40 @@ def format_markdown(stats: dict, params: dict, probes: dict | None = None) -> st
                   "| column | teacher features | pixels | gap |", "|---|---|---|---|"]
         for c, p in probes.items():
             lines.append(f"| {c} | {p['teacher']:.2f} | {p['pixels']:.2f} | {p['teacher'] - p['pixels']:+.2f} |")
+    notes = reading_notes(stats, probes)
+    if notes:
+        lines += ["", "Reading this table:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines)
+
+
+WIDE = 5.0  # a paired interval's half-width (points) above which a comparison cannot tell rows apart
+SMALL_GAP = 10.0  # a probe gap (points) below which the teacher knows little the student's pixels do not
+
+
+def reading_notes(stats: dict, probes: dict | None = None) -> list[str]:
+    """What the table can and cannot say, in sentences: paired intervals too wide (or too few seeds) to decide, and
+    columns where the teacher's features know little beyond the pixels (a small knowledge gap)."""
+    notes = []
+    seeds = [len(e["seeds"]) for per in stats.values() for cells in per.values() for e in cells.values()]
+    halves = [d["ci95"] for per in stats.values() for cells in per.values() for e in cells.values()
+              for d in (e.get("vs_student_only"), e.get("vs_best_baseline")) if d]
+    if seeds and min(seeds) < 5:
+        notes.append(f"{min(seeds)} paired seed{'s' if min(seeds) != 1 else ''} in some cells: fewer than 5 cannot "
+                     "support a claim; rerun with --seeds 5 or more")
+    wide = [h for h in halves if h is None or h > WIDE]
+    if wide:
+        notes.append(f"{len(wide)} of {len(halves)} paired intervals are wider than ±{WIDE:g} points (or rest on one "
+                     "seed): they cannot tell those rows apart, whatever the sign of the mean; add seeds")
+    if halves and not wide:
+        notes.append(f"a paired interval that holds 0 means no difference, whatever its mean's sign (every interval "
+                     f"here is within ±{WIDE:g} points)")
+    for c, p in (probes or {}).items():
+        gap = p["teacher"] - p["pixels"]
+        if gap < SMALL_GAP:
+            notes.append(f"column {c}: the teacher's features beat the pixels by {gap:+.2f} points only (linear "
+                         "probes): the teacher knows little about this task that the student's pixels do not, so no "
+                         "row's lead there can be transfer of the teacher's knowledge")
+    return notes
 
 
 def format_csv(stats: dict, costs: dict | None = None) -> str:
@@ -583,8 +643,9 @@ def plot(table: dict, out: Path, methods: dict) -> list[str]:
     if label is not None:
         setting = next(iter(settings), None)
         rd = out / "runs" / "final" / student / str(setting) / f"{label}-{_tag(methods[label])}" / "seed0"
-        if (rd / "checkpoints" / "last.pt").is_file():
-            sd = torch.load(rd / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["distiller"]
+        ckpt = next((c for c in (rd / "checkpoints" / "best.pt", rd / "checkpoints" / "last.pt") if c.is_file()), None)
+        if ckpt is not None:  # best.pt holds the prototypes (deployed) and their initial copy
+            sd = torch.load(ckpt, map_location="cpu", weights_only=False)["distiller"]
             init, learned = sd["prototypes_init"].float(), sd["prototypes"].float()
             fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.8))
             for ax, p, title in ((axes[0], init, "initial prototypes"), (axes[1], learned, "learned prototypes")):
@@ -640,7 +701,12 @@ def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: 
     say(f"final table: {len(methods)} methods x {len(spec['students'])} students x {len(spec['settings'])} settings x "
         f"{spec['seeds']} seeds{_seed_span(spec)} = {n} runs, {n - len(todo)} already finished")
     _execute(todo, spec, log, "final runs", phases)
+    spec, methods, kept = with_earlier_rows(out, spec, methods)
+    if kept:
+        say(f"results keep the earlier comparison's rows in {out} ({', '.join(kept)}; their runs are on disk): "
+            "a run on a subset adds to the table, never replaces it")
     table = collect(spec, out, methods)
+    probes = {**spec.pop("earlier_probes", {}), **probes}  # the earlier columns' probes, where this run made none
     stats = statistics_table(table)
     params = {s: {m: r["params"] for m, r in rows.items()} for s, rows in table.items()}
     conv = convergence(table)

@@ -294,6 +294,8 @@ def run_analyze(run: Path, compare: list[Path], out: Path | None = None, images:
             log(f"analyze: teacher maps not drawn: {type(e).__name__}: {str(e)[:200]}")
     summary["attention"] = figure_attention(runs, x[pick], y[pick], names, out / "attention.png", teacher,
                                             attention)
+    if "skipped" in summary["attention"]:
+        log(f"analyze: Fig. 4 skipped: {summary['attention']['skipped']}")
     sections.append(("Fig. 4: attention relevance (Chefer et al. 2021)",
                      None if "skipped" in summary["attention"] else "attention.png",
                      json.dumps(summary["attention"], indent=1)))
@@ -305,10 +307,13 @@ def run_analyze(run: Path, compare: list[Path], out: Path | None = None, images:
             continue
         name = f"prototypes_{len(summary['prototypes'])}.png"
         res = figure_prototypes(r, x, y, names, out / name, seed)
+        if "skipped" in res:
+            log(f"analyze: Fig. 5 of {r.label} skipped: {res['skipped']}")
         summary["prototypes"][r.label] = res
         sections.append((f"Fig. 5: prototypes of {r.label}", None if "skipped" in res else name,
                          json.dumps(res, indent=1)))
     if not summary["prototypes"]:
+        log("analyze: Fig. 5 skipped: no ProC-KD run among the runs given (prototypes are ProC-KD's)")
         sections.append(("Fig. 5: prototypes", None, "no ProC-KD run among the runs given"))
 
     log("analyze: Fig. 10 feature t-SNE")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prockd.core.io import atomic_write_json
+from prockd.core.io import atomic_write_json, sweep_orphans, tmp_name
 from prockd.errors import ProckdError
 
 VERSION = 2
@@ -120,7 +120,8 @@ class TeacherCache:
 
     @torch.no_grad()
     def _build(self) -> None:
-        tmp = self.dir.with_name(f"{self.dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # nodes may share the dir
+        tmp = self.dir.with_name(tmp_name(self.dir.name, host=True))  # nodes may share the dir
+        sweep_orphans(self.dir.parent, self.log)  # a killed build's half-written folder does not survive this start
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         np_dtype = np.float16 if self.dtype == "float16" else np.float32

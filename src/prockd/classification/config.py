@@ -224,6 +224,9 @@ class TrainConfig(Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, auto is cuda:LOCAL_RANK)
     compile: bool = False  # torch.compile the student and the method's modules (in place)
     compile_backend: str = "inductor"
+    # keep checkpoints/last.pt (the optimiser's and the RNG's states: what continuing a finished run with more epochs
+    # needs) after the run finishes; false: a finished run keeps its deployed student, best.pt, config and logs
+    keep_state: bool = False
 
 
 class CacheConfig(Strict):

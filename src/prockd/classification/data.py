@@ -27,7 +27,7 @@ from torchvision.transforms import functional as TF
 from prockd import glyphs as G
 from prockd.classification.config import DataConfig
 from prockd.core.distributed import loader_context
-from prockd.errors import ProckdError
+from prockd.errors import ProckdError, class_difference
 from prockd.shifts import CorruptionConfig, corrupt
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -348,8 +348,9 @@ def load_imagefolder(cfg: DataConfig):
     def read(key, path):
         files, y, n2 = samples(key, path)
         if n2 != names:
-            raise ProckdError(f"data.{key}: folder {path} has classes {n2[:3]}... unlike the training folder "
-                              f"({names[:3]}...): every split needs the same class sub-folders")
+            raise ProckdError(f"data.{key}: folder {path} has other classes than the training folder "
+                              f"{cfg.train_dir} ({class_difference(n2, names)}): every split needs the same class "
+                              "sub-folders")
         images = ImageFiles(files, size, channels=channels)
         return (images if cfg.stream else images.load(torch.arange(len(images))).numpy()), y
 

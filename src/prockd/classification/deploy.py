@@ -6,6 +6,7 @@ teacher or the training config; a finished run's student rebuilt from its checkp
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -106,6 +107,42 @@ def top1(model: nn.Module, ds: ArrayDataset, batch_size: int = 256) -> float:
     for x, y, _ in ds.batches(batch_size):
         correct += int((model(x).argmax(-1) == y).sum())
     return 100.0 * correct / len(ds)
+
+
+@torch.no_grad()
+def confusion(model: nn.Module, ds: ArrayDataset, num_classes: int, batch_size: int = 256) -> torch.Tensor:
+    """The confusion matrix of a deployed student on a dataset: entry (i, j) counts images of class i predicted j."""
+    model.eval()
+    m = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for x, y, _ in ds.batches(batch_size):
+        pred = model(x).argmax(-1)
+        m.index_put_((y.long(), pred.long()), torch.ones_like(y, dtype=torch.int64), accumulate=True)
+    return m
+
+
+def plot_confusion(m: torch.Tensor, names: list[str], path: Path, title: str) -> None:
+    """The confusion matrix as a PNG, rows normalised to the share of each true class (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    share = m.double() / m.sum(1, keepdim=True).clamp_min(1)
+    k = len(names)
+    side = min(12.0, 2.5 + 0.3 * k)
+    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    im = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), names, rotation=90, fontsize=max(5, 10 - k // 10))
+    ax.set_yticks(range(k), names, fontsize=max(5, 10 - k // 10))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def load_deployed(path: str | Path) -> DeployedStudent:

@@ -330,7 +330,7 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
     if cls.needs_teacher and teacher is None:
         weights["teacher"] = weights_source(cfg.teacher, "teacher")  # a teacher without weights fails here
         if ft is not None:
-            teacher, ft_info = finetuned_teacher(cfg, ft, task, log)
+            teacher, ft_info = finetuned_teacher(cfg, ft, task, build, train, log)
             weights["teacher"] = (f"{weights['teacher']}, fine-tuned on the task's labelled set "
                                   f"({ft_info['dir']}/teacher.pt)")
         else:
@@ -362,6 +362,13 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
         role = note.split(" ", 1)[0]
         weights[role] = f"{weights[role]}: {note.split(': ', 1)[1]}"
     return Built(cfg, task, teacher, distiller, device, weights, ft_info)
+
+
+def fine_tuned_teacher(cfg: ExperimentConfig, task: Task, log=print) -> Teacher | None:
+    """The run's teacher fine-tuned on ``task`` (stage 1 run here once, or read from its cache) when the run asks
+    for one (:func:`finetune_recipe`), else None: what a comparison prepares before its workers start."""
+    ft = finetune_recipe(cfg, method_params(cfg)[0])
+    return None if ft is None else finetuned_teacher(cfg, ft, task, build, train, log)[0]
 
 
 def finetune_recipe(cfg: ExperimentConfig, cls) -> FinetuneConfig | None:
@@ -618,6 +625,13 @@ class ClassificationHooks(TaskHooks):
         return record.get(self.primary, -1.0) > best or (self.b.task.val is not None and self.primary in record
                                                          and record[self.primary] == best)
 
+    def headline(self, record: dict) -> str | None:
+        """The deployed student's validation top-1 (the selection metric), first on the epoch's line."""
+        if self.primary in record:
+            where = "validation" if self.primary.startswith("val/") else self.primary.split("/")[0]
+            return f"{where} top-1 {record[self.primary]:.2f} % (deployed student)"
+        return None
+
     def progress_keys(self, key: str) -> bool:
         """Losses and accuracies."""
         return key.startswith(("loss/", "test", "val/")) and "/" in key
@@ -638,9 +652,13 @@ class ClassificationHooks(TaskHooks):
             shifted_val = shifted_copies(b.task.val, cfg.data.corruptions)
             if selected is not None and shifted_val:  # the distiller holds the chosen checkpoint now
                 selected.update(evaluate(dist, shifted_val, device, t.amp, info=info))
+        own, deployed = count_params(dist.student), count_params(dist.export())
+        if deployed != own:
+            log(f"deployed student: {deployed:,} parameters, the student network's {own:,} and {deployed - own:,} "
+                f"(+{100 * (deployed - own) / max(1, own):.0f} %) that {cfg.method.name} adds at deployment")
         return {"method": cfg.method.name, "seed": cfg.seed, "final": final, "selected": selected, "best": best,
-                "student_params": count_params(dist.student),
-                "deployed_params": count_params(dist.export()),
+                "student_params": own,
+                "deployed_params": deployed,
                 "teacher": self.teacher_metrics, "weights": b.weights, "train_counts": b.task.info.get("train_counts"),
                 "unlabeled": ({"count": len(b.task.unlabeled), "streamed": b.task.unlabeled.streaming,
                                "skipped": b.task.info.get("unlabeled_skipped", 0)} if b.task.unlabeled is not None

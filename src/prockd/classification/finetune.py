@@ -85,11 +85,11 @@ def _freeze(model, prefixes: list[str]) -> int:
     return frozen
 
 
-def finetuned_teacher(cfg: ExperimentConfig, ft: FinetuneConfig, task: Task, log=print) -> tuple[Teacher, dict]:
-    """The run's frozen teacher fine-tuned on ``task``'s labelled set (trained here once per key, else read from
-    the cache), and what the run logs and keeps of it (``finetune.json``'s content plus whether it was reused)."""
-    from prockd.classification.engine import build, train  # the engine builds on this module's teacher
-
+def finetuned_teacher(cfg: ExperimentConfig, ft: FinetuneConfig, task: Task, build, train,
+                      log=print) -> tuple[Teacher, dict]:
+    """The run's frozen teacher fine-tuned on ``task``'s labelled set (trained here once per key with the engine's
+    own ``build`` and ``train``, else read from the cache), and what the run logs and keeps of it
+    (``finetune.json``'s content plus whether it was reused)."""
     if task.val is None:
         raise ProckdError("teacher.finetune chooses the fine-tuned teacher's checkpoint on a validation split: give "
                           "the task one (data.val_fraction, data.val_dir, or data.glyphs.val_fonts)")
@@ -124,7 +124,7 @@ def finetuned_teacher(cfg: ExperimentConfig, ft: FinetuneConfig, task: Task, log
             summary = train(s1, run_dir, built=built, log=lambda m: log(f"  [fine-tune] {m}"))
             selected = summary.get("selected") or {}
             info = {"key": key, "teacher": cfg.teacher.name, "classes": task.num_classes,
-                    "val_top1": selected.get("val/deployed"), "epoch": (selected.get("epoch") or 0) + 1,
+                    "val_top1": selected.get("val/deployed"), "epoch": selected.get("epoch"),
                     "epochs": ft.epochs, "wall_s": round(summary.get("wall_s") or (time.perf_counter() - t0), 1),
                     "recipe": ft.model_dump(mode="json"), "seed": seed}
             # the weights chosen on validation: the engine leaves them in the model after the selection

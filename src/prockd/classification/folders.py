@@ -14,6 +14,7 @@ from PIL import Image
 
 from prockd.classification.config import DataConfig
 from prockd.classification.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from prockd.core.io import sweep_orphans
 from prockd.errors import ProckdError
 
 UNLABELED_FORMATS = ("png", "jpg", "webp", "tiff", "bmp")  # the unlabelled folder cycles through these
@@ -48,6 +49,7 @@ def write_fashion_mnist_folder(root: str | Path, classes: tuple[int, ...] = (0, 
     if short:
         raise ProckdError(f"Fashion-MNIST has fewer than {need} training images of classes {short}; ask for fewer")
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    sweep_orphans(root.parent)  # a killed writer's half-written folder does not survive this start
     shutil.rmtree(tmp, ignore_errors=True)
 
     def save(img: np.ndarray, path: Path) -> None:

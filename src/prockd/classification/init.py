@@ -9,7 +9,7 @@ import yaml
 from prockd.classification.config import build_config, canonical_model_name
 from prockd.classification.data import IMAGE_SUFFIXES, folder_geometry
 from prockd.core.io import atomic_write_text
-from prockd.errors import ProckdError
+from prockd.errors import ProckdError, class_difference
 
 VAL_NAMES, TEST_NAMES, UNLABELED_NAMES = ("val", "valid", "validation"), ("test",), ("unlabeled", "unlabelled")
 
@@ -50,8 +50,9 @@ def init_config_text(data: str | Path, teacher: str, student: str, method: str =
                           f"{root / 'test'}/<class>/ (test accuracy is never measured on training images)")
     for key, d in (("val", val_dir), ("test", test_dir)):
         if d is not None and sorted(_classes(d)) != sorted(classes):
-            raise ProckdError(f"init --data: {d} has classes {sorted(_classes(d))[:4]}... unlike {train_dir} "
-                              f"({sorted(classes)[:4]}...): every split needs the same class sub-folders")
+            raise ProckdError(f"init --data: {d} has other classes than {train_dir} "
+                              f"({class_difference(_classes(d), classes)}): every split needs the same class "
+                              "sub-folders")
     files = [f for v in classes.values() for f in v]
     channels, (h, w) = folder_geometry([str(f) for f in files[:: max(1, len(files) // 500)]])
     counts = {k: len(v) for k, v in classes.items()}

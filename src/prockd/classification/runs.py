@@ -27,7 +27,9 @@ def load_run_student(run: Path, checkpoint: str = "selected"):
 
     ckpt = run / "checkpoints" / f"{checkpoint}.pt"
     if not ckpt.is_file():
-        raise ProckdError(f"checkpoint not found: {ckpt}")
+        kept = " (a finished run keeps it only with train.keep_state: true; the selected student and best.pt are "\
+               "always kept)" if checkpoint == "last" and (run / "final.json").is_file() else ""
+        raise ProckdError(f"checkpoint not found: {ckpt}{kept}")
     built = build(cfg)
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)

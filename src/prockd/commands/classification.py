@@ -10,7 +10,8 @@ from prockd.bench.speed import SCENARIOS, run_speed
 from prockd.classification.analysis import run_analyze
 from prockd.classification.config import ExperimentConfig
 from prockd.classification.data import build_task
-from prockd.classification.deploy import load_deployed, top1
+from prockd.classification.deploy import confusion, load_deployed, plot_confusion
+from prockd.classification.models import count_params
 from prockd.classification.engine import build
 from prockd.classification.engine import pretrain_teacher as pretrain_run
 from prockd.classification.engine import train as train_run
@@ -33,12 +34,27 @@ def pretrain_teacher(cfg: ExperimentConfig, out: str | None) -> dict:
 
 
 def evaluate(cfg: ExperimentConfig, model_path: Path) -> dict:
-    """Top-1 accuracy (%) of a deployed student file on the config's test sets."""
+    """A deployed student file on the config's test sets: top-1 (%), per-class accuracy and a confusion matrix per
+    test set (``confusion_<test>.png`` beside the file), and the deployed model's parameter count beside the named
+    student network's (what the method adds at deployment, e.g. ProC-KD's FA and prototypes)."""
     if not model_path.is_file():
         raise ProckdError(f"deployed student not found: {model_path}")
     task = build_task(cfg.data)
     model = load_deployed(model_path)
-    return {"model": str(model_path), "top1": {name: top1(model, ds) for name, ds in task.tests.items()}}
+    names = model.class_names or task.class_names
+    out: dict = {"model": str(model_path), "top1": {}, "per_class": {}, "confusion": {}}
+    for name, ds in task.tests.items():
+        m = confusion(model, ds, len(names))
+        out["top1"][name] = 100.0 * float(m.diag().sum()) / max(1, int(m.sum()))
+        out["per_class"][name] = {c: round(100.0 * float(m[i, i]) / max(1, int(m[i].sum())), 2)
+                                  for i, c in enumerate(names)}
+        png = model_path.parent / f"confusion_{name}.png"
+        plot_confusion(m, names, png, f"{model_path.name} on {name}: top-1 {out['top1'][name]:.2f} %")
+        out["confusion"][name] = str(png)
+    deployed, own = count_params(model), count_params(model.student)
+    out["params"] = {"deployed": deployed, "student_network": own, "added_by_the_method": deployed - own,
+                     "added_share": round((deployed - own) / max(1, own), 4)}
+    return out
 
 
 def analyze(args) -> Path:

@@ -127,22 +127,30 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, what: str, state: d
         shaped = []
     else:
         skipped = set()
-    missing = [k for k in own if k not in state and k not in skipped]
-    unexpected = [k for k in state if k not in own]
-    if shaped or missing or unexpected:
-        parts = []
-        if shaped:
-            parts.append(f"{len(shaped)} tensor(s) of another shape ("
-                         + ", ".join(f"{k} {_shape(state[k])} vs the model's {_shape(own[k])}" for k in shaped[:2])
-                         + (f" and {len(shaped) - 2} more" if len(shaped) > 2 else "") + ")")
-        if missing:
-            parts.append(f"{len(missing)} missing ({_first(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
-        raise ProckdError(f"{what} checkpoint {p} does not fit the model ({len(own)} tensors): " + "; ".join(parts)
-                          + ": are these the weights of this architecture (its name and kwargs)?")
+    wrong = state_mismatch({k: v for k, v in own.items() if k not in skipped}, state)
+    if wrong:
+        raise ProckdError(f"{what} checkpoint {p} does not fit the model ({len(own)} tensors): {wrong}: are these the "
+                          "weights of this architecture (its name and kwargs)?")
     model.load_state_dict(state, strict=False)
     return note
+
+
+def state_mismatch(own: dict, state: dict) -> str | None:
+    """What keeps ``state`` from loading into a module whose state dict is ``own``, in a few words on one line (the
+    counts of tensors of another shape, missing and unexpected, the first of each named), or None when it fits."""
+    shaped = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    if shaped:
+        parts.append(f"{len(shaped)} tensor(s) of another shape ("
+                     + ", ".join(f"{k} {_shape(state[k])} vs {_shape(own[k])}" for k in shaped[:2])
+                     + (f" and {len(shaped) - 2} more" if len(shaped) > 2 else "") + ")")
+    if missing:
+        parts.append(f"{len(missing)} missing ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+    return "; ".join(parts) or None
 
 
 def rng_state() -> dict:
@@ -182,13 +190,20 @@ def resume_state(last: Path, dist, opt, sched, scaler, log=print, teacher: dict 
         if missing and missing <= set(getattr(dist, "derived_buffers", ())):  # a checkpoint from before they existed
             sd = {**sd, **{k: own[k] for k in missing}}  # recomputed for every run before the resume
             log(f"{last}: {', '.join(sorted(missing))} not in the checkpoint (an earlier prockd's): recomputed")
+        wrong = state_mismatch(own, sd)
+        if wrong:
+            raise ProckdError(f"checkpoint {last} does not fit this config's model ({wrong}): use a new run directory "
+                              "(--out) for another model or method")
         dist.load_state_dict(sd)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+    except ProckdError:
+        raise
     except Exception as e:  # noqa: BLE001
-        raise ProckdError(f"checkpoint {last} is unreadable or does not fit this config: {e}") from None
+        raise ProckdError(f"checkpoint {last} is unreadable or does not fit this config: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     log(f"resumed from {last} at epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["best"], state["history"]
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -12,10 +15,51 @@ import torch
 from prockd.errors import ProckdError
 
 
+_TMP = re.compile(r"\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)(?:[-.][^/]*)?$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def tmp_name(name: str, host: bool = False) -> str:
+    """The name of a temporary that will become ``name``: ``<name>.tmp-[<host>-]<pid>``, so that :func:`sweep_orphans`
+    can tell a killed writer's leftovers (its process gone) from a live writer's."""
+    return f"{name}.tmp-{socket.gethostname() + '-' if host else ''}{os.getpid()}"
+
+
+def sweep_orphans(folder: str | Path, log=None) -> int:
+    """Remove what killed processes left half-written in ``folder``: every entry named ``...tmp-[<host>-]<pid>...``
+    (:func:`tmp_name`, the atomic writes' temporaries) whose process is gone from this host (another host's, on a
+    shared disk, are left to it). Every cache calls it before building, so an interrupted build never survives the
+    next start. Returns how many entries were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    me, removed = socket.gethostname(), 0
+    for p in folder.iterdir():
+        m = _TMP.search(p.name)
+        if not m or int(m["pid"]) == os.getpid() or (m["host"] and m["host"] != me) or _alive(int(m["pid"])):
+            continue
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed += 1
+        if log is not None:
+            log(f"removed {p} ({size / 2**20:.1f} MB), left half-written by process {m['pid']}, which is gone")
+    return removed
+
+
 def _atomic(path: str | Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    sweep_orphans(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{tmp_name(path.name)}-")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -233,6 +234,11 @@ class TaskHooks:
         """Whether a record entry appears in the epoch's console line."""
         raise NotImplementedError
 
+    def headline(self, record: dict) -> str | None:
+        """What leads the epoch's console line: the selection metric (default: ``primary=value``), None when the
+        epoch has no evaluation."""
+        return f"{self.primary}={record[self.primary]:.4g}" if self.primary in record else None
+
     def finish(self, run_dir: Path, history: list, best: float, info: ddp.DistInfo, log) -> dict:
         """After the last epoch: final and selected test results, the summary written to ``final.json``."""
         raise NotImplementedError
@@ -247,14 +253,132 @@ class TaskHooks:
         raise NotImplementedError
 
 
+# what a run may change and still continue in its directory: how many epochs, and how and where it runs
+CONTINUABLE = {"out", "train.epochs", "train.progress", "train.num_threads", "train.device", "train.keep_state",
+               "data.num_workers", "cache.dir", "cache.enabled", "teacher.finetune.dir"}
+OWN_ENTRIES = {".lock", ".finetune.lock", "base.pt"}  # what prockd may leave in a folder before its config.yaml
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _short(v) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _epochs_done(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return max((json.loads(x).get("epoch", -1) + 1 for x in lines if x.strip()), default=0)
+
+
+def check_run_dir(run_dir: Path, config_text: str) -> tuple[str, str | None]:
+    """Whether ``run_dir`` can take a run of this config, before anything is written there: ``("new", None)`` for a
+    new or empty folder, ``("finished", None)`` for a finished run of the same config (nothing to train),
+    ``("resume", changes)`` for a run to continue (``changes``: the settings it continues with, in one line, or None).
+    A folder holding other files, a run of another model, data or method (any key but :data:`CONTINUABLE`), fewer
+    epochs than it trained, or more epochs for a finished run that kept no resumable state (``train.keep_state``) is a
+    one-line :class:`~prockd.errors.ProckdError` that names the keys and says to use a new ``--out``."""
+    if not run_dir.is_dir():
+        return "new", None
+    entries = sorted(p.name for p in run_dir.iterdir())
+    if set(entries) <= OWN_ENTRIES:
+        return "new", None
+    stored = run_dir / "config.yaml"
+    if not stored.is_file():
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise ProckdError(f"--out {run_dir} is a folder of other files ({shown}), not a prockd run: choose a new folder "
+                          "(or an empty one) for the run")
+    try:
+        old = _flat(yaml.safe_load(stored.read_text()))
+    except (OSError, yaml.YAMLError) as e:
+        raise ProckdError(f"{stored} is unreadable ({type(e).__name__}): this run cannot be continued; use a new "
+                          "--out") from None
+    new = _flat(yaml.safe_load(config_text))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    hard = [k for k in diff if k not in CONTINUABLE]
+    if hard:
+        shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in hard[:3])
+        raise ProckdError(f"--out {run_dir} holds a run of another config ({shown}"
+                          + (f"; and {len(hard) - 3} more keys" if len(hard) > 3 else "")
+                          + "): its checkpoints do not fit this one. Use a new --out, or the run's own config "
+                            f"({stored}); nothing was changed")
+    finished = (run_dir / "final.json").is_file()
+    resumable = (run_dir / "checkpoints" / "last.pt").is_file()
+    done, epochs = _epochs_done(run_dir), new.get("train.epochs")
+    if isinstance(epochs, int) and epochs < done:
+        raise ProckdError(f"--out {run_dir}: train.epochs {old.get('train.epochs')} -> {epochs}, but the run has trained "
+                          f"{done} epochs: use a new --out for a shorter run; nothing was changed")
+    if finished and epochs == old.get("train.epochs"):
+        return "finished", None
+    if finished and not resumable:
+        raise ProckdError(f"--out {run_dir}: train.epochs {old.get('train.epochs')} -> {epochs}, but the finished run "
+                          "kept no resumable state (train.keep_state: false): train the longer run in a new --out, "
+                          "and set train.keep_state: true on runs you mean to extend; nothing was changed")
+    changes = "; ".join(f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in diff if k != "out")
+    return "resume", changes or None
+
+
+def plot_run(path: Path, history: list[dict], primary: str, chosen: int | None = None) -> None:
+    """A run's own ``curves.png``: its training losses and its selection metric per epoch (1-based, as the
+    console), the chosen epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for k in sorted({k for h in history for k in h if k.startswith("loss/")}):
+        pts = [(h["epoch"] + 1, h[k]) for h in history if k in h]
+        a.plot([e for e, _ in pts], [v for _, v in pts], label=k.removeprefix("loss/"), lw=1.2)
+    a.set_xlabel("epoch")
+    a.set_ylabel("training loss")
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7)
+    pts = [(h["epoch"] + 1, h[primary]) for h in history if primary in h]
+    b.plot([e for e, _ in pts], [v for _, v in pts], marker=".", lw=1.2)
+    if chosen is not None:
+        b.axvline(chosen, color="gray", ls="--", lw=1, label=f"chosen: epoch {chosen}")
+        b.legend(fontsize=7)
+    b.set_xlabel("epoch")
+    b.set_ylabel(primary)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def run_training(hooks: TaskHooks, run_dir: str | Path, *, log=print) -> dict:
     """Train (or resume) one run of any task; returns the summary also written to ``final.json``.
 
-    Under ``torchrun`` (``WORLD_SIZE > 1``) the run is data-parallel (DDP): rank 0 alone logs and writes
-    checkpoints, metrics are reduced over ranks. The run directory belongs to one process
-    (:func:`prockd.core.io.run_lock`, held by rank 0): a second run on it is an error.
+    The run directory is checked first (:func:`check_run_dir`): a folder of other files or a run of another config is
+    refused before anything is written; a finished run of the same config returns its ``final.json`` without training;
+    a run continued with more epochs says so. Under ``torchrun`` (``WORLD_SIZE > 1``) the run is data-parallel (DDP):
+    rank 0 alone logs and writes checkpoints, metrics are reduced over ranks. The run directory belongs to one
+    process (:func:`prockd.core.io.run_lock`, held by rank 0): a second run on it is an error.
     """
     run_dir = Path(run_dir)
+    state, changes = check_run_dir(run_dir, hooks.config_text())
+    if state == "finished":
+        log(f"{run_dir} holds this run, finished ({_epochs_done(run_dir)} epochs): nothing to train; its results are "
+            f"in {run_dir / 'final.json'}")
+        return json.loads((run_dir / "final.json").read_text())
+    if changes:
+        log(f"{run_dir}: continuing the run with {changes}")
     with run_lock(run_dir, ddp.env_info().main):
         return _run(hooks, run_dir, log)
 
@@ -335,20 +459,28 @@ def _run(hooks: TaskHooks, run_dir: Path, log) -> dict:
             save_epoch(ckpt_dir, epoch, best, history, record, improved, dist, opt, sched, scaler, teacher_ref)
         ddp.barrier(info)  # no rank runs ahead of the checkpoint
         if t.progress:
-            log(f"epoch {epoch + 1}/{t.epochs} " + " ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if hooks.progress_keys(k)))
+            head = hooks.headline(record)
+            log(f"epoch {epoch + 1}/{t.epochs}: " + (f"{head} | " if head else "") + " ".join(
+                f"{k}={v:.4g}" for k, v in record.items() if hooks.progress_keys(k) and k != hooks.primary))
         if stopped:
             break
     t_finish = time.perf_counter()
     summary = hooks.finish(run_dir, history, best, info, log)
+    for part in ("final", "selected"):  # final.json counts epochs from 1, as the console does (metrics.jsonl from 0)
+        if isinstance(summary.get(part), dict) and isinstance(summary[part].get("epoch"), int):
+            summary[part]["epoch"] += 1
     # the run's cost on this machine: every epoch (a resumed run's earlier ones from their records), this process's
     # set-up and the final evaluation (a killed process's set-up is not counted)
     summary["wall_s"] = round(sum(h.get("wall_s", h.get("time_s", 0.0)) for h in history) + outside_epochs
                               + time.perf_counter() - t_finish, 1)
     if info.main:
-        summary["checkpoint_mb"] = {f.name: round(f.stat().st_size / 2**20, 2) for f in sorted(ckpt_dir.glob("*.pt"))}
+        summary["checkpoint_mb"] = {f.name: round(f.stat().st_size / 2**20, 2) for f in sorted(ckpt_dir.glob("*.pt"))
+                                    if getattr(t, "keep_state", False) or f.name != "last.pt"}
         logger.close()
         hooks.save_deployed(run_dir)
         atomic_write_json(run_dir / "final.json", summary)
+        plot_run(run_dir / "curves.png", history, hooks.primary, (summary.get("selected") or {}).get("epoch"))
+        if not getattr(t, "keep_state", False):  # a finished run keeps what a user needs, not its optimiser's state
+            (ckpt_dir / "last.pt").unlink(missing_ok=True)
     ddp.barrier(info)
     return summary

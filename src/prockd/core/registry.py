@@ -59,7 +59,7 @@ def method_params(registry: Registry, cfg):
     try:
         params = cls.Params(**cfg.method.params)
     except ValidationError as e:
-        raise ProckdError(f"config error: {format_errors(e, prefix='method.params')}") from None
+        raise ProckdError(f"config error: {format_errors(e, prefix='method.params', model=cls.Params)}") from None
     if getattr(cls, "needs_teacher", False) and cfg.teacher is None:
         raise ProckdError(f"config error: {registry.kind} '{cfg.method.name}' needs a 'teacher' section")
     return cls, params

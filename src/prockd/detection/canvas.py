@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFont
 
+from prockd.core.io import sweep_orphans
 from prockd.detection.config import CanvasConfig
 from prockd.errors import ProckdError
 from prockd.glyphs import Jitter, charset, find_fonts, font_roles, render_glyph
@@ -137,6 +138,7 @@ def build_canvases(cfg: CanvasConfig, log=print) -> dict[str, tuple[Path, Path]]
         n = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}[role]
         log(f"rendering {n} canvases of split '{name}' ({len(roles[role])} fonts, shift {shift}) -> {root / name}")
         tmp = root / f".{name}.tmp-{os.getpid()}"
+        sweep_orphans(root, log)  # a killed render's half-written split does not survive this start
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "images").mkdir(parents=True)
         images, anns = [], []

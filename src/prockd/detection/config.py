@@ -146,6 +146,9 @@ class DetTrainConfig(Strict):
     progress: bool = True
     num_threads: int | None = None
     device: str = "auto"
+    # keep checkpoints/last.pt after the run finishes (what continuing it with more epochs needs); false: a finished
+    # run keeps its deployed detector, best.pt, config and logs
+    keep_state: bool = False
 
 
 class DetExperimentConfig(Strict):
