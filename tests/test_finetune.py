@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ from prockd.classification.config import ModelConfig, build_config
 from prockd.classification.engine import build, train
 from prockd.classification.models import create_model
 from prockd.core.checkpoint import classifier_keys, read_state_dict
-from prockd.core.loop import KILL_ENV
 from prockd.errors import ProckdError
+from tests.conftest import kill_after
 
 
 def _ft_config(tiny, method="finetune_distil", **ft) -> dict:
@@ -44,8 +43,8 @@ def _teacher_file(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
-def _cli(cfg_path: Path, out: Path, kill_after: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **{KILL_ENV: str(kill_after)})
+def _cli(cfg_path: Path, out: Path, steps: int) -> subprocess.CompletedProcess:
+    env = kill_after(steps)
     return subprocess.run([sys.executable, "-m", "prockd.cli", "train", "--config", str(cfg_path), "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
 
@@ -61,9 +60,9 @@ def test_finetune_distil_killed_in_either_stage_resumes_to_identical_metrics(tin
     raw["teacher"]["finetune"]["dir"] = str(tmp_path / "ft_res")
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
-    # 100 labelled images / batch 16 = 7 steps per epoch. Stage 1 (2 epochs, 14 steps): killed at step 10, in its
-    # second epoch. The next process resumes stage 1 at step 8 and finishes it (14 < 17), then stage 2 (a new loop
-    # from step 0, 3 epochs) is killed at step 17, in its third epoch
+    # 100 labelled images / batch 16 = 7 steps per epoch. Stage 1 (2 epochs, 14 steps): killed after its 10th step,
+    # in its second epoch. The next process resumes stage 1 from epoch 1's checkpoint and takes its 7 remaining steps,
+    # then stage 2 (3 epochs) is killed after the process's 17th step: stage 2's 10th, in its second epoch
     first = _cli(cfg_path, tmp_path / "res", 10)
     assert first.returncode == -9, first.stderr
     stage1 = next((tmp_path / "ft_res").iterdir())

@@ -203,4 +203,5 @@ def test_table4_protocol_at_small_scale_on_the_embedded_data(tmp_path, capsys):
     res = run_compare(tmp_path / "cmp", yaml.safe_load(yaml.safe_dump(spec, sort_keys=False)))
     cells = res["settings"]["standard"]["wrn_16_1"]
     assert set(cells) == {"student_only", "kd", "prockd"} and all(c["seeds"] == [0] for c in cells.values())
-    assert res["settings"]["standard"]["probe"]["teacher"] >= 0  # same task: the probe still runs
+    probe = res["settings"]["standard"]["probe"]  # same task: the probes still run, on the student's training set
+    assert probe["train_images"] == 5 * 8 and 20 < probe["teacher"] <= 100 and 20 < probe["pixels"] <= 100

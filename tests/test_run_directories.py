@@ -222,7 +222,7 @@ def test_results_say_when_intervals_cannot_decide_and_the_gap_is_small():
     stats = statistics_table({"s": {"student_only": row(s0=50, s1=80), "prockd": row(s0=90, s1=60)}})
     notes = reading_notes(stats, {"standard": {"teacher": 91.0, "pixels": 89.75}})
     text = " ".join(notes)
-    assert "2 paired seeds" in text and "wider than ±5 points" in text and "+1.25 points only" in text
+    assert "2 paired seeds" in text and "wider than ±5 points" in text and "only +1.25 points from" in text
 
 
 def test_a_comparison_keeps_deployed_students_not_optimiser_state(tiny, tmp_path):

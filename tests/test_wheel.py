@@ -88,12 +88,14 @@ def test_classification_demo_runs_from_the_wheel(installed):
     assert set(res_json["settings"]) == {"standard"}
     assert std["probe"]["teacher"] > std["probe"]["pixels"] - 30  # both probes ran on the real glyphs
     cells = std["wrn16-1"]
-    assert set(cells) == {"student_only", "pkd_projector", "prockd@transfer"}
+    assert set(cells) == {"student_only", "finetune_distil@views", "prockd@robust_calibrated"}
     assert all(0 <= c["mean"] <= 100 and c["seeds"] == [0, 1] for c in cells.values())
-    assert "ci95" in cells["prockd@transfer"]["vs_student_only"]
+    assert "ci95" in cells["prockd@robust_calibrated"]["vs_student_only"]
+    assert res_json["costs"]["wrn16-1"]["finetune_distil@views"]["finetunes"] == 1  # one fine-tune, counted once
     printed = res.stdout
     assert "pretraining the benchmark teacher" in printed and "epoch 1/1" in printed  # teacher progress shown
-    assert "| wrn16-1 | prockd@transfer |" in printed and "curves.png" in printed and "prototypes.png" in printed
+    assert "| wrn16-1 | prockd@robust_calibrated |" in printed and "curves.png" in printed
+    assert "prototypes.png" in printed and "wall time per run" in printed
     assert "time by phase: teacher" in printed and "final runs (6, 1 at a time)" in printed
     assert all((work / "cls" / f).is_file() for f in ("results.md", "results.csv", "curves.png", "prototypes.png"))
     # a second call keeping the finished runs: tests/test_bench_compare.py (the same run_compare, in-process)

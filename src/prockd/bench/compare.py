@@ -550,9 +550,9 @@ def reading_notes(stats: dict, probes: dict | None = None) -> list[str]:
     for c, p in (probes or {}).items():
         gap = p["teacher"] - p["pixels"]
         if gap < SMALL_GAP:
-            notes.append(f"column {c}: the teacher's features beat the pixels by {gap:+.2f} points only (linear "
-                         "probes): the teacher knows little about this task that the student's pixels do not, so no "
-                         "row's lead there can be transfer of the teacher's knowledge")
+            notes.append(f"column {c}: a linear probe on the teacher's features is only {gap:+.2f} points from one on "
+                         "the pixels: the teacher knows little about this task that the student's pixels do not, so "
+                         "no row's lead there can be transfer of the teacher's knowledge")
     return notes
 
 

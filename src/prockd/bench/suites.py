@@ -120,14 +120,17 @@ GLYPHS = Suite(
     # probe_distil with function matching: the same option ProC-KD's transfer preset takes, chosen for both by the
     # same rule on the validation screens (mean over the labelled-only and the unlabelled column; docs/transfer.md)
     methods={"student_only": {}, **{m: {} for m in BASELINES}, "probe_distil": {"function_matching": "cutmix"},
-             "prockd": PROCKD_DEFAULT, "prockd@transfer": {"preset": "transfer"}},
+             "finetune_distil": {}, "prockd": PROCKD_DEFAULT, "prockd@transfer": {"preset": "transfer"},
+             "prockd@robust_calibrated": {"preset": "robust_calibrated"}},
     # the demo: student-only, the best tuned baseline and ProC-KD's chosen preset on the standard column, clean test
     # fonts only (the fog / contrast columns' seed spread passes 5 points at every severity that shifts anything:
     # docs/benchmarks.md, "Shifted columns, calibrated"), 6 paired seeds: the demo's three rows give the same
     # conclusions under two float orders from 6 seeds on ("Power"), and 7 took `make demo` past 10 minutes on a slow
     # hour of 2 cores (10 min 32 s); the headline table's 10 seeds (`prockd demo --seeds 10`) and the paper preset's
     # row, whose lead needs them, are in the docs
-    demo_methods=["student_only", "pkd_projector", "prockd@transfer"],
+    # (the strongest practical baseline is fine-tune-then-distil with the views every robust row trains with; the
+    # recommended ProC-KD preset: docs/benchmarks.md, "Fine-tune, then distil")
+    demo_methods=["student_only", "finetune_distil@views", "prockd@robust_calibrated"],
     demo_seeds=6,
     demo_settings={"standard": {"corruptions": []}},
     # `prockd bench compare --tune` on validation (seeds 1000-1001, wrn16-1 / standard; docs/benchmarks.md,
@@ -137,7 +140,13 @@ GLYPHS = Suite(
            "ofd": {"weight": 3.0}, "fbkd": {"weight": 0.3}, "aft": {"weight": 3.0},
            "probe_distil": {"function_matching": "cutmix", "weight": 3.0}, "inverted_projector": {"weight": 3.0},
            "prockd": {"preset": "paper", "lambda_kl": 3.0, "lambda_emb": 3.0},
-           "prockd@transfer": {"preset": "transfer", "lambda_kl": 3.0, "lambda_emb": 3.0}},
+           "prockd@transfer": {"preset": "transfer", "lambda_kl": 3.0, "lambda_emb": 3.0},
+           "prockd@robust_calibrated": {"preset": "robust_calibrated", "lambda_kl": 3.0, "lambda_emb": 3.0},
+           # alpha_kd x3 on the same screen (docs/research/specs/finetune_screen.yaml); the asymmetric views (noise
+           # std 0.2 on half of the student's images) of every robust row; teacher.finetune's default recipe
+           "finetune_distil": {"alpha_kd": 3.0},
+           "finetune_distil@views": {"alpha_kd": 3.0, "train": {"student_noise": 0.2, "student_noise_p": 0.5},
+                                     "teacher": {"finetune": {}}}},
 )
 
 _FM_NORM = {"mean": [0.286], "std": [0.353]}

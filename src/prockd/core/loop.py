@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -31,9 +30,6 @@ from prockd.core import distributed as ddp
 from prockd.core.checkpoint import resume_state, save_epoch
 from prockd.core.io import atomic_write_json, atomic_write_text, run_lock
 from prockd.errors import ProckdError
-
-KILL_ENV = "PROCKD_KILL_AFTER_STEPS"  # fault injection for the resume test: SIGKILL after N steps
-
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch."""
@@ -411,7 +407,6 @@ def _run(hooks: TaskHooks, run_dir: Path, log) -> dict:
         model = DistributedDataParallel(dist, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=True)
     logger = RunLogger(run_dir, start_epoch) if info.main else None
-    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     max_steps = getattr(t, "max_steps", None)
     step = start_epoch * steps_per_epoch
     stopped = False
@@ -437,8 +432,6 @@ def _run(hooks: TaskHooks, run_dir: Path, log) -> dict:
             for k, v in dist.step_stats().items():
                 sums["train/" + k] = sums.get("train/" + k, 0.0) + float(v) * share / info.world
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            if kill_after and step >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
             if max_steps and step >= max_steps:
                 stopped = True
                 break
