@@ -32,7 +32,7 @@ def test_init_reads_classes_size_channels_and_proposes_a_validation_split(tmp_pa
     assert cfg.data.train_dir == str(tmp_path / "d") and cfg.data.val_fraction == 0.1 and cfg.data.val_dir is None
     assert cfg.student.in_chans == 3 and cfg.student.input_size == 20 and cfg.student.name == "resnet10t"
     assert "# 3 classes, 9 training images (cat: 3, dog: 3, owl: 3); images 20x16, RGB" in text
-    assert cfg.method.params == {"preset": "transfer"} and cfg.data.unlabeled is None
+    assert cfg.method.params == {"preset": "robust_calibrated"} and cfg.data.unlabeled is None
 
 
 def test_init_errors_name_the_folder_and_what_to_do(tmp_path):

@@ -1,4 +1,4 @@
-"""The package's layout keeps its rules (docs/layout.md), the README's layout section matches the tree, and every
+"""The package's layout keeps its rules (docs/layout.md), docs/layout.md's tree matches the package, and every
 ``prockd`` command the README and docs/ show is a valid command line whose config files exist."""
 from __future__ import annotations
 
@@ -118,12 +118,12 @@ def test_no_private_name_crosses_modules_and_local_imports_are_justified():
 
 
 def _layout_block() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Layout"):]
+    text = (REPO / "docs" / "layout.md").read_text()
+    section = text[text.index("## The tree"):]
     return section[section.index("```") + 3:].split("```")[0].strip("\n").splitlines()
 
 
-def test_readme_layout_matches_the_tree():
+def test_the_drawn_layout_matches_the_tree():
     lines = _layout_block()
     assert lines[0] == "src/prockd/"
     entries: dict[str, str] = {}  # path under src/prockd -> its description (continuation lines included)
@@ -145,7 +145,7 @@ def test_readme_layout_matches_the_tree():
         else:
             entries[last] += " " + body
     for path in entries:
-        assert (PKG / path).exists(), f"the README's layout names {path}, which src/prockd does not hold"
+        assert (PKG / path).exists(), f"docs/layout.md's tree names {path}, which src/prockd does not hold"
     described = " ".join(entries.values())
     for f in sorted(PKG.rglob("*.py")):
         rel = f.relative_to(PKG)
@@ -155,7 +155,7 @@ def test_readme_layout_matches_the_tree():
             rel.stem in re.findall(r"[A-Za-z_]+", entries[str(rel.parent) + "/"]) or len(rel.parts) > 2))
         if len(rel.parts) >= 2 and rel.parts[-2] == "methods":  # one file per method, named as a folder
             named = f"{rel.parts[0]}/" in entries and "methods/" in entries[f"{rel.parts[0]}/"]
-        assert named, f"src/prockd/{rel} is not in the README's layout section"
+        assert named, f"src/prockd/{rel} is not in docs/layout.md's tree"
     assert "configs/" in entries and described
 
 

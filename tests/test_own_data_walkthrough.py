@@ -1,7 +1,7 @@
 """The own-data walk-through (docs/own-data.md), as a user runs it: a Fashion-MNIST ImageFolder of their own
 (labelled train / val / test and an unlabelled folder), ``prockd init`` for the config, the ImageNet
 EfficientNet-Lite0 teacher (shipped offline) distilled into a timm ResNet-10-T named by ``timm/NAME`` with
-``preset: transfer``; then eval, ONNX export and predict, through the Python API and through the CLI: the same
+``preset: robust_calibrated``; then eval, ONNX export and predict, through the Python API and through the CLI: the same
 numbers."""
 from __future__ import annotations
 

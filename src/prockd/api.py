@@ -301,7 +301,7 @@ def export(run: str | Path, out: str | Path | None = None, onnx: str | Path | No
 
 
 def init_config(data: str | Path, teacher: str, student: str, path: str | Path | None = None, *,
-                method: str = "prockd", preset: str | None = "transfer", force: bool = False) -> str:
+                method: str = "prockd", preset: str | None = "robust_calibrated", force: bool = False) -> str:
     """A commented config for the image folder ``data`` (``train/<class>/``, optional ``val/``, ``test/``, optional
     ``unlabeled/``), as ``prockd init``: classes counted, the images' size and channels read, a validation split
     proposed when there is no ``val/``; checked by loading it. Written to ``path`` when given (atomically; an

@@ -174,7 +174,8 @@ def make_parser() -> argparse.ArgumentParser:
     it.add_argument("--teacher", required=True, help="e.g. builtin:efficientnet_lite0, timm/vit_base_patch16_224")
     it.add_argument("--student", required=True, help="e.g. timm/resnet10t")
     it.add_argument("--method", default="prockd")
-    it.add_argument("--preset", default="transfer", help="ProC-KD's preset (transfer, paper; '' for none)")
+    it.add_argument("--preset", default="robust_calibrated",
+                    help="ProC-KD's preset (robust_calibrated, the recommended one; robust, transfer, paper; '' for none)")
     it.add_argument("--config", default=None, help="file to write (default: print the config)")
     it.add_argument("--force", action="store_true", help="overwrite --config")
     it.set_defaults(fn=_cmd_init)

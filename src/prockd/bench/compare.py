@@ -1,5 +1,5 @@
 """``prockd bench compare``: every method on the same data, models, recipe and seeds, in the paper's Table-1 shape,
-with an honest protocol (``../shared/spec/benchmark.md``):
+with an honest protocol (docs/benchmarks.md, "The protocol"):
 
 - **validation**: every run selects its checkpoint (``best.pt``) on a validation split carved from the training
   data; the table reports the test accuracy of that checkpoint, never a test-selected one;

@@ -29,7 +29,7 @@ def _first(root: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def init_config_text(data: str | Path, teacher: str, student: str, method: str = "prockd",
-                     preset: str | None = "transfer", out: str | None = None) -> str:
+                     preset: str | None = "robust_calibrated", out: str | None = None) -> str:
     """The YAML text of a run on the image folder ``data``: ``data/train/<class>/...`` (or ``data/<class>/...``),
     an optional ``val/`` (else a stratified 10 % split of train is proposed), ``test/`` (required: held-out images
     of the same classes) and an optional ``unlabeled/`` folder of images without labels. Checked by loading it."""
@@ -105,7 +105,7 @@ def init_config_text(data: str | Path, teacher: str, student: str, method: str =
 
 
 def write_init_config(path: str | Path, data: str | Path, teacher: str, student: str, method: str = "prockd",
-                      preset: str | None = "transfer", force: bool = False) -> Path:
+                      preset: str | None = "robust_calibrated", force: bool = False) -> Path:
     """Write :func:`init_config_text` to ``path`` (atomically; an existing file only with ``force``)."""
     path = Path(path)
     if path.exists() and not force:
