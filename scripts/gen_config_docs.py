@@ -2,7 +2,7 @@
 that the committed page is current)."""
 from pathlib import Path
 
-from prockd.tasks import config_reference
+from prockd.api import config_reference
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parents[1] / "docs" / "config.md"

@@ -19,7 +19,7 @@ from prockd.classification.models import create_model, weights_source
 from prockd.cli import main
 from prockd.core.distributed import DistInfo
 from prockd.errors import ProckdError
-from prockd.tasks import config_reference
+from prockd.api import config_reference
 from tests.conftest import TINY_CNN, TINY_VIT
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Every comparison spec shipped in ``configs/bench`` loads and every one of its runs' configs validates (the
+"""Every research comparison spec (``docs/research/specs``: kept in the repository, out of the package) loads and every one of its runs' configs validates (the
 students, columns with their recipe keys, and methods with their parameters), before anyone spends an hour on it."""
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-import prockd
 from prockd.bench import compare
 from prockd.bench.suites import get_suite
 from prockd.classification.config import build_config
 from prockd.errors import ProckdError
 
-SPECS = sorted((Path(prockd.__file__).parent / "configs" / "bench").glob("*.yaml")) + sorted(
-    (Path(__file__).resolve().parents[1] / "docs" / "research" / "specs").glob("*.yaml"))
+SPEC_DIR = Path(__file__).resolve().parents[1] / "docs" / "research" / "specs"
+SPECS = sorted(SPEC_DIR.glob("*.yaml"))
 
 
 def _base(spec: dict) -> dict:
@@ -48,7 +47,7 @@ def test_every_run_of_a_shipped_spec_validates(path):
 
 
 def test_the_robustness_columns_carry_their_recipe_into_every_method():
-    spec = compare.load_spec(Path(prockd.__file__).parent / "configs" / "bench" / "robust_control.yaml")
+    spec = compare.load_spec(SPEC_DIR / "robust_control.yaml")
     base = _base(spec)
     for method, params in spec["methods"].items():
         noisy = compare.run_config(spec, base, "wrn16-1", "standard+noise0.2sym", method, params, 20)

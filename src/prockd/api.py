@@ -22,7 +22,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ValidationError
 
 from prockd.bench.compare import load_spec, run_compare
-from prockd.classification.config import ModelConfig
+from prockd.classification.config import ExperimentConfig, ModelConfig
 from prockd.classification.data import build_task
 from prockd.classification.engine import noisy_student_view, with_mixtures
 from prockd.classification.methods import METHODS, Distiller
@@ -31,7 +31,10 @@ from prockd.classification.export import export_onnx
 from prockd.classification.init import init_config_text, write_init_config
 from prockd.classification.predict import Predictor
 from prockd.classification.runs import load_run_student
-from prockd.core.config import apply_overrides, format_errors
+from prockd.core.config import apply_overrides, format_errors, method_reference
+from prockd.core.config import config_reference as key_reference
+from prockd.detection.config import DetExperimentConfig
+from prockd.detection.methods import DET_METHODS
 from prockd.errors import ProckdError
 from prockd.tasks import build_any_config, commands, load_any_config, task_name
 
@@ -320,3 +323,11 @@ def read_final(run: str | Path) -> dict:
 
 
 __all__ = ["DistillerModule", "build_distiller", "compare", "evaluate", "export", "load_student", "read_final", "train"]
+
+
+def config_reference() -> str:
+    """docs/config.md: every key of both tasks' experiment configs (:func:`prockd.core.config.config_reference`) and
+    every method's parameters (:func:`prockd.core.config.method_reference`)."""
+    return key_reference([("Classification (`prockd train`, the default task)", ExperimentConfig),
+                          ("Detection (`task: detection`)", DetExperimentConfig)]) + "\n" + \
+        method_reference([("classification", METHODS), ("detection", DET_METHODS)])

@@ -9,10 +9,10 @@ from types import ModuleType
 import yaml
 from pydantic import BaseModel
 
-from prockd.classification.config import ExperimentConfig, build_config, load_config
+from prockd.classification.config import build_config, load_config
 from prockd.core.config import apply_overrides, read_config_file
-from prockd.core.config import config_reference as reference_markdown
-from prockd.detection.config import DetExperimentConfig, build_det_config
+
+from prockd.detection.config import build_det_config
 from prockd.errors import ProckdError
 
 # each task's side of the commands, imported when a command needs it (torch and the models load then): loading
@@ -66,9 +66,3 @@ def run_task(run: Path) -> str:
     cfg_file = Path(run) / "config.yaml"
     data = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else None
     return task_name(data or {})
-
-
-def config_reference() -> str:
-    """docs/config.md: every key of both tasks' experiment configs (:func:`prockd.core.config.config_reference`)."""
-    return reference_markdown([("Classification (`prockd train`, the default task)", ExperimentConfig),
-                               ("Detection (`task: detection`)", DetExperimentConfig)])

@@ -313,7 +313,7 @@ def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print, phas
 def shifted_validation(run_dirs: list[Path]) -> dict[str, float]:
     """Mean over finished runs of their chosen checkpoint's accuracy on each shifted copy of the validation split
     (``val_<kind><severity>/deployed`` in ``final.json``'s ``selected``); empty when the column has no shifts. With
-    the clean validation score it makes a robustness screen's score (their mean; docs/method.md, "Robustness
+    the clean validation score it makes a robustness screen's score (their mean; docs/research/method-log.md, "Robustness
     through the teacher"); no test set is read."""
     per: dict[str, list[float]] = {}
     for rd in run_dirs:

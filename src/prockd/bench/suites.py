@@ -76,7 +76,7 @@ class DetectionSuite:
 
 BASELINES = ["fitnets", "rkd", "ab", "ofd", "fbkd", "pkd_projector", "pkd_pearson", "attention_probe", "cwd", "mgd",
              "ssim_kd", "vid", "refilled", "probe_distil", "aft", "inverted_projector"]
-# ProC-KD's defaults on the embedded benchmark (chosen on validation, docs/method.md, "ProC-KD's mechanism, measured")
+# ProC-KD's defaults on the embedded benchmark (chosen on validation, docs/research/method-log.md, "ProC-KD's mechanism, measured")
 PROCKD_DEFAULT = {"preset": "paper"}
 
 _GLYPH_NORM = {"mean": [0.15], "std": [0.33]}

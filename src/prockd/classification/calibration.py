@@ -1,6 +1,6 @@
 """How good a KL target is beyond its accuracy: negative log-likelihood, mean confidence and expected calibration
 error (Guo, Pleiss, Sun, Weinberger, "On calibration of modern neural networks", ICML 2017) of a method's
-teacher-side classifier (:meth:`Distiller.kl_target`) on held-out images (docs/method.md, "The KL target's
+teacher-side classifier (:meth:`Distiller.kl_target`) on held-out images (docs/research/method-log.md, "The KL target's
 calibration")."""
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ class GlyphConfig(Strict):
     val_fonts: int = Field(0, ge=0)  # carved from the labelled fonts: a validation split by font
     # further validation fonts from the pool after the labelled and the unlabelled ones (data.unlabeled.glyph_fonts):
     # a validation split of many fonts without fewer training fonts (3 fonts could not separate two methods 0.2
-    # points apart; docs/method.md, "The KL target's calibration"); disjoint from every training, unlabelled and test font
+    # points apart; docs/research/method-log.md, "The KL target's calibration"); disjoint from every training, unlabelled and test font
     val_extra_fonts: int = Field(0, ge=0)
     copies: int = Field(2, ge=1)  # jittered renders per font x character in the training set
     test_copies: int = Field(1, ge=1)
@@ -209,7 +209,7 @@ class TrainConfig(Strict):
     # 0: fresh augmentation every step (the teacher then runs live on the augmented batch)
     aug_views: int = Field(0, ge=0)
     # > 0: Gaussian pixel noise of this std on the student's copy of every training image (labelled, unlabelled,
-    # mixtures) after the teacher's features are fixed on the clean pixels (asymmetric views, docs/method.md,
+    # mixtures) after the teacher's features are fixed on the clean pixels (asymmetric views, docs/research/method-log.md,
     # "Robustness through the teacher"); without a teacher, plain noise augmentation
     student_noise: float = Field(0.0, ge=0, le=1)
     # the chance that a training image's student copy gets that noise, drawn per image and step (the others stay

@@ -226,19 +226,45 @@ def config_reference(roots: list[tuple[str, type[BaseModel]]]) -> str:
                 out += [f"### `{path}`", "", f"Same keys as {model.__name__} above.", ""]
                 continue
             seen.add(model)
-            doc = " ".join((inspect.getdoc(model) or "").split("\n\n")[0].split())
-            out += [f"### `{path or '(top level)'}`" + f" — {model.__name__}", "", doc, "",
-                    "| key | type | default | meaning |", "|---|---|---|---|"]
-            notes = _field_comments(model)
-            nested = []
-            for name, field in model.model_fields.items():
-                key = f"{path}.{name}" if path else name
-                subs = _models_in(field.annotation)
-                meaning = (notes.get(name) or (f"section, see `{key}`" if subs else "")).replace("|", "\\|")
-                typ = _type_name(field.annotation).replace("|", "\\|")
-                default = _default_text(field).replace("|", "\\|")
-                out.append(f"| `{name}` | `{typ}` | {default} | {meaning} |")
-                nested += [(key, m) for m in subs[:1]]
-            out.append("")
+            lines, nested = key_table(model, path)
+            out += [f"### `{path or '(top level)'}`" + f" — {model.__name__}", "", _first_paragraph(model), "",
+                    *lines, ""]
             queue = nested + queue
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _first_paragraph(model) -> str:
+    return " ".join((inspect.getdoc(model) or "").split("\n\n")[0].split())
+
+
+def key_table(model: type[BaseModel], path: str = "") -> tuple[list[str], list[tuple[str, type[BaseModel]]]]:
+    """(the Markdown table of ``model``'s keys: type, default and the comment of its source line, inherited keys
+    included; the nested sections to describe next)."""
+    notes: dict[str, str] = {}
+    for klass in reversed(model.__mro__):  # a key's comment where it is declared (a base class's, for inherited keys)
+        if isinstance(klass, type) and issubclass(klass, BaseModel) and klass is not BaseModel:
+            notes.update({k: v for k, v in _field_comments(klass).items() if v})
+    lines, nested = ["| key | type | default | meaning |", "|---|---|---|---|"], []
+    for name, field in model.model_fields.items():
+        key = f"{path}.{name}" if path else name
+        subs = _models_in(field.annotation)
+        meaning = (notes.get(name) or (f"section, see `{key}`" if subs else "")).replace("|", "\\|")
+        typ = _type_name(field.annotation).replace("|", "\\|")
+        default = _default_text(field).replace("|", "\\|")
+        lines.append(f"| `{name}` | `{typ}` | {default} | {meaning} |")
+        nested += [(key, m) for m in subs[:1]]
+    return lines, nested
+
+
+def method_reference(registries: list[tuple[str, object]]) -> str:
+    """The ``method.params`` keys of every registered method (``registries``: (task title, registry) pairs), each
+    method's parameters with their types, defaults and comments: the rest of docs/config.md."""
+    out = ["## Method parameters (`method.params`)", "",
+           "Each method's own keys, generated from its parameter model; an unknown key is an error with the nearest "
+           "known key. `method.name` picks the method.", ""]
+    for title, registry in registries:
+        for name in registry.names():
+            params = registry.get(name).Params
+            lines, _ = key_table(params, "method.params")
+            out += [f"### {title}: `{name}` — {params.__name__}", "", _first_paragraph(params), "", *lines, ""]
     return "\n".join(out).rstrip() + "\n"

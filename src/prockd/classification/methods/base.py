@@ -27,7 +27,7 @@ class MethodParams(BaseModel):
     al.'s logit-adjusted CE(z + τ log π, y) (Menon, Jayasumana, Rawat, Jain, Veit, Kumar, "Long-tail learning via
     logit adjustment", ICLR 2021), π the labelled training set's class frequencies; predictions stay the plain
     logits, so the fitted classifiers estimate balanced-class posteriors. 0: the plain CE (default). One key for
-    all methods, so a long-tail comparison gives every method the same option (docs/method.md, "The long tail")."""
+    all methods, so a long-tail comparison gives every method the same option (docs/research/method-log.md, "The long tail")."""
 
     model_config = ConfigDict(extra="forbid")
     logit_adjust: float = Field(0.0, ge=0)
@@ -42,18 +42,18 @@ class FittedKLParams(MethodParams):
     (:meth:`Distiller.fitted_kl`: ProC-KD's teacher path, probe-then-distil's probe)."""
 
     # with logit_adjust: whether the KL towards the fitted classifier is taken on the adjusted logits (z + τ log π,
-    # both sides: the soft-label form of the adjusted CE, docs/method.md "The long tail") or on the raw ones
+    # both sides: the soft-label form of the adjusted CE, docs/research/method-log.md "The long tail") or on the raw ones
     kl_space: Literal["adjusted", "raw"] = "adjusted"
     # τ_t: the fitted classifier's logits are divided by τ_t before the KL (the target side only; the student's logits
     # and the KL's temperature are unchanged): τ_t < 1 sharpens the target without changing its argmax. A fitted
     # target regularised to fonts it never saw (label smoothing, a probe's L2) is accurate but under-confident there
-    # (docs/method.md, "The KL target's calibration"); τ_t gives back the confidence and keeps the accuracy. 1 = off
+    # (docs/research/method-log.md, "The KL target's calibration"); τ_t gives back the confidence and keeps the accuracy. 1 = off
     kl_target_temperature: float = Field(1.0, gt=0)
     # with logit_adjust and kl_space adjusted: which logits τ_t divides. raw: the fitted classifier's own logits, the
     # prior added after (softmax(z / τ_t + τ log π)); under label smoothing that target is ∝ q^(1/τ_t) π^(1 - 1/τ_t),
     # tilted towards the rare classes. adjusted: the adjusted logits (softmax((z + τ log π) / τ_t)), the sharpened
     # target of a balanced set on every set. On a balanced set log π is centred to exact zeros and the two are the
-    # same computation (docs/method.md, "preset: robust_calibrated", LT-10)
+    # same computation (docs/research/method-log.md, "preset: robust_calibrated", LT-10)
     kl_target_temperature_space: Literal["raw", "adjusted"] = "raw"
 
 

@@ -53,19 +53,19 @@ PRESETS: dict[str, dict] = {
 # ``transfer`` plus Menon et al.'s logit adjustment (τ = 1, theirs, not tuned) of every CE and the KL towards z_pro
 # taken on the adjusted logits (kl_space: adjusted): on a balanced training set log π is a constant, removed by
 # centring, and the run is bit-identical to ``transfer``; on LT-100's validation screen 55.2 -> 69.5 % (deployed
-# tail 14 -> 56 %; the KL on raw logits pushed the rare classes' logits down from every head image; docs/method.md)
+# tail 14 -> 56 %; the KL on raw logits pushed the rare classes' logits down from every head image; docs/research/method-log.md)
 PRESETS["transfer_lt"] = {**PRESETS["transfer"], "logit_adjust": 1.0, "kl_space": "adjusted"}
 # ``transfer_lt`` with its training views: asymmetric views (the teacher's features of the clean image, the
 # student's copy with Gaussian pixel noise of std 0.2) on half of the training images, the rest clean. Chosen by the
 # second robustness screen (mean of clean, fog-3 and contrast-3 validation; every method screened over the same four
 # recipes): ProC-KD's score 66.85 (no noise) / 79.55 (every image) / 85.21 (half, std 0.2) / 82.56 (half, std 0.3);
-# docs/method.md, "Mixed clean and noisy views"
+# docs/research/method-log.md, "Mixed clean and noisy views"
 PRESETS["robust"] = {**PRESETS["transfer_lt"], "student_noise": 0.2, "student_noise_p": 0.5}
 # ``robust`` with a calibrated KL target: label smoothing 0.1 of the teacher path's CE (z_pro, fitted to 0.03 nats on
 # the labelled fonts, was over-confident and 3-4 points less accurate than a probe on fonts it never saw) and the
 # target divided by τ_t = 0.8 for the KL (the smoothed target was under-confident: 76 % confidence at 91 % accuracy ->
 # 85 %). Chosen on the unlabelled column's validation screen (33 fonts, seeds 1000-1001; the probe given the same
-# budget); measured on fresh seeds in every column: docs/method.md, "preset: robust_calibrated"
+# budget); measured on fresh seeds in every column: docs/research/method-log.md, "preset: robust_calibrated"
 PRESETS["robust_calibrated"] = {**PRESETS["robust"], "pro_label_smoothing": 0.1, "kl_target_temperature": 0.8}
 
 
@@ -82,7 +82,7 @@ class ProCKDParams(FittedKLParams):
 
     preset: Literal["none", "paper", "transfer", "transfer_lt", "robust", "robust_calibrated"] = "none"
     # defaults = the authors' choices (PRESETS["paper"]): on the glyph benchmark's validation split variant A
-    # scored 65.9 % against 54.4 % for variant B (K 24) and 53.5 % for B with unit-sphere prototypes (docs/method.md)
+    # scored 65.9 % against 54.4 % for variant B (K 24) and 53.5 % for B with unit-sphere prototypes (docs/research/method-log.md)
     num_prototypes: int = Field(72, ge=1)
     variant: Literal["A", "B"] = "A"
     lambda_aug: float = Field(1.0, ge=0)
@@ -102,7 +102,7 @@ class ProCKDParams(FittedKLParams):
     # the plain head beat the FA output on validation in all 18 groups of runs logged (+0.1 to +3.6 points: in variant
     # A FA is trained on PL's output only, never on student tokens); "plain" with co-training, chosen on the unlabelled
     # column's screen, was level with its best baseline on fresh seeds for WRN-16-1, behind for WRN-10-1
-    # (docs/method.md, "The deployed head, on fresh seeds"). The presets keep "aug", the paper's deployed student
+    # (docs/research/method-log.md, "The deployed head, on fresh seeds"). The presets keep "aug", the paper's deployed student
     deploy_output: Literal["auto", "plain", "aug", "avg"] = "auto"
     # --- options beyond the paper (issue "ProC-KD that transfers what its teacher path knows"; docs/transfer.md) ---
     # temperature τ of PL's soft assignment softmax(L / τ) (the paper: 1; U[0, 1) prototypes give a uniform one)
@@ -120,7 +120,7 @@ class ProCKDParams(FittedKLParams):
     # co-training on the unlabelled transfer set (Blum & Mitchell, COLT 1998; the mutual KL of Zhang et al.,
     # "Deep mutual learning", CVPR 2018): on the images without a label (not function matching's mixtures) the KL
     # towards z_pro is not detached, so the teacher path also learns from the student there. The teacher path,
-    # fitted on the labelled fonts alone, generalises worse than the student across fonts (docs/method.md, "The
+    # fitted on the labelled fonts alone, generalises worse than the student across fonts (docs/research/method-log.md, "The
     # unlabelled set"); a set without unlabelled images trains exactly as without this key. On that column's
     # validation screen z_pro 81.9 -> 89.5 %, the deployed student 88.6 -> 91.2 %; on the test fonts (5 seeds) no
     # difference (Latin +0.69 / +0.15, Greek -1.59): an option, in no preset
@@ -131,7 +131,7 @@ class ProCKDParams(FittedKLParams):
     student_noise: float | None = Field(None, ge=0, le=1)
     student_noise_p: float | None = Field(None, gt=0, le=1)
     # label smoothing ε (Szegedy et al., CVPR 2016) of the teacher path's CE (the CE on z_pro, weight λ_aug): fitted
-    # to 0.03 nats on the labelled fonts, z_pro is over-confident on fonts it never saw (docs/method.md, "The KL
+    # to 0.03 nats on the labelled fonts, z_pro is over-confident on fonts it never saw (docs/research/method-log.md, "The KL
     # target's calibration"); the student's own CE keeps hard labels. ε = 0.1 on the unlabelled column (10 fresh seeds):
     # +1.01 / +1.17 points over preset robust (WRN-16-1 / WRN-10-1), still 0.8 / 1.2 behind probe-then-distil and
     # under-confident; with kl_target_temperature 0.8 (FittedKLParams) level with probe-then-distil on 10 more fresh
