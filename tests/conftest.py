@@ -57,7 +57,8 @@ def tiny_config(tmp_path: Path, method: str = "prockd", **over) -> dict:
         "teacher": copy.deepcopy(TINY_CNN),
         "student": copy.deepcopy(TINY_VIT),
         "data": {"name": "digits", "classes": [5, 6, 7, 8, 9], "labels_per_class": 20},
-        "method": {"name": method, "params": {"num_prototypes": 4} if method == "prockd" else {}},
+        # the paper's settings (tests check its equations; the default preset is robust_calibrated)
+        "method": {"name": method, "params": {"preset": "paper", "num_prototypes": 4} if method == "prockd" else {}},
         "train": {"epochs": 3, "batch_size": 16, "lr": 2e-3, "warmup_epochs": 1, "progress": False},
         "cache": {"dir": str(tmp_path / "cache"), "dtype": "float32"},
     }

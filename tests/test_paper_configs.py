@@ -204,4 +204,4 @@ def test_table4_protocol_at_small_scale_on_the_embedded_data(tmp_path, capsys):
     cells = res["settings"]["standard"]["wrn_16_1"]
     assert set(cells) == {"student_only", "kd", "prockd"} and all(c["seeds"] == [0] for c in cells.values())
     probe = res["settings"]["standard"]["probe"]  # same task: the probes still run, on the student's training set
-    assert probe["train_images"] == 5 * 8 and 20 < probe["teacher"] <= 100 and 20 < probe["pixels"] <= 100
+    assert probe["train_images"] >= 5 * 8 and 20 < probe["teacher"] <= 100 and 20 < probe["pixels"] <= 100

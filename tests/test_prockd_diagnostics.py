@@ -76,9 +76,17 @@ def test_glyph_configs_validate(name):
 
 
 def test_transfer_preset_is_the_paper_preset_plus_function_matching():
+    """transfer = paper + function matching, with the loss weights the tables used it with (a preset carries its
+    weights); the default preset is robust_calibrated, `none` the paper's."""
     paper, transfer = ProCKDParams(preset="paper").model_dump(), ProCKDParams(preset="transfer").model_dump()
     diff = {k for k in paper if paper[k] != transfer[k]}
-    assert diff == {"preset", "function_matching"} and transfer["function_matching"] == "cutmix"
+    assert diff == {"preset", "function_matching", "lambda_kl", "lambda_emb"} and transfer["function_matching"] == "cutmix"
+    assert (paper["lambda_kl"], paper["lambda_emb"], transfer["lambda_kl"], transfer["lambda_emb"]) == (1, 1, 3, 3)
+    assert ProCKDParams().model_dump() == ProCKDParams(preset="robust_calibrated").model_dump()
+    none = ProCKDParams(preset="none")
+    same = {k for k in paper if k not in ("preset", "deploy_output")}
+    assert {k: none.model_dump()[k] for k in same} == {k: paper[k] for k in same}
+    assert none.resolved_output() == "aug" == paper["deploy_output"]  # "auto" is the paper's z_aug
     assert paper["function_matching"] == "none" and paper["lambda_feat"] == 0 and not paper["fa_on_student"]
     assert paper["assign_temperature"] == 1.0 and paper["proto_scale"] == 1.0  # the paper's PL, unchanged
 

@@ -41,8 +41,10 @@ def test_linear_probe_separates_informative_features_not_noise():
 def test_tuning_scales_each_methods_main_weights_together():
     assert scaled(METHODS, "fitnets", {}, 3.0) == {"weight": 3.0}
     assert scaled(METHODS, "rkd", {"lambda_dist": 10.0}, 0.5) == {"lambda_dist": 5.0, "lambda_angle": 25.0}
-    p = scaled(METHODS, "prockd", {"num_prototypes": 8}, 3.0)
-    assert p == {"num_prototypes": 8, "lambda_kl": 3.0, "lambda_emb": 3.0}
+    p = scaled(METHODS, "prockd", {"preset": "paper", "num_prototypes": 8}, 3.0)
+    assert p == {"preset": "paper", "num_prototypes": 8, "lambda_kl": 3.0, "lambda_emb": 3.0}
+    # the default preset (robust_calibrated) carries λ_kl = λ_emb = 3: the factor multiplies those
+    assert scaled(METHODS, "prockd", {}, 3.0) == {"lambda_kl": 9.0, "lambda_emb": 9.0}
     assert scaled(METHODS, "student_only", {}, 3.0) == {}
 
 

@@ -15,10 +15,11 @@ variant A carried over level by level (``method.md``), with the choices below as
 - prototypes and FA shared by all levels (``per_level: false``, default; FPN heads are shared across levels
   too) or one set per level (``per_level: true``);
 - ``teacher_head``: how the teacher path's detection loss ``L_det(O)`` is computed. ``shared`` (the paper's reading,
-  the default): through the student's own RPN and RoI heads, which it trains too; ``detached``: through the same
+  set by the paper configs): through the student's own RPN and RoI heads, which it trains too; ``detached``: through the same
   heads with their weights detached, so that it trains the teacher path (fusion, PL, prototypes, FA) but not the
   heads the deployed detector keeps; ``separate``: through a copy of the heads made at the start, trained on the
-  teacher path only and never deployed; ``none``: no ``L_det(O)`` and no second pass through any heads. The
+  teacher path only and never deployed; ``none`` (the default, chosen on validation: docs/detection.md): no
+  ``L_det(O)`` and no second pass through any heads. The
   mimic target is detached, so with ``none`` nothing trains the fusion and PL: the target is the teacher's levels
   through a fixed random projection, aggregated on the prototypes that the student's FA learns.
 
@@ -56,7 +57,8 @@ class DetProCKDParams(LevelParams):
     lambda_mimic: float = Field(1.0, ge=0)
     lambda_emb: float = Field(1.0, ge=0)
     fa_scale: bool = False
-    teacher_head: Literal["shared", "detached", "separate", "none"] = "shared"
+    # none: chosen on validation (docs/detection.md); shared is the paper's reading (the paper configs set it)
+    teacher_head: Literal["shared", "detached", "separate", "none"] = "none"
 
 
 def detached(module: nn.Module):
