@@ -96,8 +96,10 @@ class PrototypeLearning(nn.Module):
     def forward(self, fused: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """``O_pro = f(concat[F, V_r W_p + b_p])`` with the global term broadcast to every token.
 
-        The first layer of ``f`` on ``concat[F, g]`` is computed as ``W_F F + (W_g g + b)``: the global
-        half once per image instead of once per token, and no ``B x N x 2C`` concatenation.
+        The first layer of ``f`` on ``concat[F, g]`` (eq. 2) is computed as ``W_F F + (W_g g + b)``, its weight split
+        into the columns that multiply ``F`` and those that multiply ``g``: the global half once per image instead of
+        once per token, and no ``B x N x 2C`` concatenation. tests/test_modules.py checks it against ``f(concat[F,
+        g])`` token by token.
         """
         return self.forward_with_assignment(fused, prototypes)[0]
 

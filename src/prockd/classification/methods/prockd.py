@@ -221,50 +221,73 @@ class ProCKD(Distiller):
         self.prototypes_init.copy_(self.prototypes)
 
     def forward(self, images, targets, teacher_feats=None):
-        """(z_s, {"ce", "ce_aug", "kl", "emb"} and, with the options, "ce_fa", "kl_fa", "feat"); see the module
-        docstring for the two variants. Unlabelled images (target ``IGNORE``) reach every term but the CEs."""
+        """Training forward (the paper's eqs. 1-4): (z_s, {"ce", "ce_aug", "kl", "emb"} and, with the options, "ce_fa",
+        "kl_fa", "feat"). One name per tensor: ``z_s`` the student's head on its own tokens; ``z_pro`` the teacher
+        path, head(FA(PL(fusion(teacher taps)))) (eqs. 1-3); ``z_aug`` the head on FA of the student's tokens (what
+        the deployed student predicts; trained in variant B, or in variant A with ``fa_on_student``). Unlabelled
+        images (target ``IGNORE``) reach every term but the CEs."""
         p = self.params
-        tok, lay, emb = self.student.features(images)
+        tok, lay, emb_s = self.student.features(images)
         z_s = self.student.head(tok, lay)
         tf = self.teacher_features(images, teacher_feats)
-        z_pro, assign, attn_pro, o_pro = self.teacher_path(tf["taps"].to(tok.dtype))
-        losses = {"ce": self.ce(z_s, targets)}  # logit-adjusted with logit_adjust (Menon et al. 2021), as every CE here
-        attn_s, z_fa = None, None
-        if p.variant == "A":
-            z_aug = z_pro
-            losses["ce_aug"] = p.lambda_aug * self.ce(z_aug, targets, p.pro_label_smoothing)
-            target = z_aug
-            if p.fa_on_student:
-                o_fa, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
-                z_fa = self.student.head(o_fa, lay)
-                losses["ce_fa"] = p.lambda_aug * self.ce(z_fa, targets)
-        else:
-            o_aug, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
-            z_aug = self.student.head(o_aug, lay)
-            losses["ce_aug"] = p.lambda_aug * (self.ce(z_aug, targets) + self.ce(z_pro, targets, p.pro_label_smoothing))
-            target = z_pro
-        with torch.no_grad():
-            self._stats = self._batch_stats(z_s, z_pro, z_aug if p.variant == "B" else z_fa, targets, assign,
-                                            attn_pro, attn_s)
-            if p.lambda_kl > 0:  # the conduit: how informative the KL's target is on the inputs it sees
-                sharp = self.kl_target_logits(target.float())
-                self._stats["kl_target_entropy"] = entropy(F.softmax(sharp / p.temperature, -1))
-        if p.lambda_kl > 0:
-            if p.detach_kl_target and p.cotrain_unlabeled:  # the gradient reaches z_pro on unlabelled images only
-                free = self.unlabeled_rows(targets, teacher_feats).unsqueeze(-1)
-                target = torch.where(free, target, target.detach())
-            elif p.detach_kl_target:
-                target = target.detach()
-            student_side = z_s if p.variant == "A" else z_aug
-            losses["kl"] = p.lambda_kl * self.fitted_kl(target, student_side, p.temperature)
-            if z_fa is not None:
-                losses["kl_fa"] = p.lambda_kl * self.fitted_kl(target, z_fa, p.temperature)
-        if self.emb is not None:
-            losses["emb"] = p.lambda_emb * self.emb(emb, self.student.embed_layout, tf["embed"],
+        z_pro, assign, attn_pro, o_pro = self.teacher_path(tf["taps"].to(tok.dtype))  # eqs. 1-3
+        z_aug, attn_s = self.student_fa(tok, lay) if p.variant == "B" or p.fa_on_student else (None, None)
+        losses = {"ce": self.ce(z_s, targets)}  # every CE here is logit-adjusted with logit_adjust (Menon et al.)
+        losses.update(self.ce_terms(z_pro, z_aug, targets))  # eq. 4: λ_aug CE
+        self.record_stats(z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s)
+        if p.lambda_kl > 0:  # eq. 4: λ_kl T² KL towards the teacher path
+            losses.update(self.kl_terms(z_s, z_pro, z_aug, targets, teacher_feats))
+        if self.emb is not None:  # eq. 4: λ_emb MSE of the embedding layers
+            losses["emb"] = p.lambda_emb * self.emb(emb_s, self.student.embed_layout, tf["embed"],
                                                     self.teacher.embed_layout)
-        if self.feat_connector is not None:
+        if self.feat_connector is not None:  # an option beyond the paper
             losses["feat"] = p.lambda_feat * self.feature_channel(tok, lay, o_pro)
         return z_s, losses
+
+    def student_fa(self, tok: torch.Tensor, lay) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_aug, FA's attention): the student's head on FA of its own tokens (eq. 3 on the student)."""
+        o_aug, attn = self.fa.forward_with_attention(tok, self.prototypes)
+        return self.student.head(o_aug, lay), attn
+
+    def ce_terms(self, z_pro, z_aug, targets) -> dict[str, torch.Tensor]:
+        """λ_aug times the CEs of the teacher path (label-smoothed by ``pro_label_smoothing``) and of FA on the student:
+        variant B one term ``ce_aug`` = CE(z_aug) + CE(z_pro); variant A ``ce_aug`` = CE(z_pro) and, with
+        ``fa_on_student``, ``ce_fa`` = CE(z_aug)."""
+        p = self.params
+        if p.variant == "B":
+            return {"ce_aug": p.lambda_aug * (self.ce(z_aug, targets) + self.ce(z_pro, targets, p.pro_label_smoothing))}
+        out = {"ce_aug": p.lambda_aug * self.ce(z_pro, targets, p.pro_label_smoothing)}
+        if z_aug is not None:
+            out["ce_fa"] = p.lambda_aug * self.ce(z_aug, targets)
+        return out
+
+    def kl_terms(self, z_s, z_pro, z_aug, targets, teacher_feats) -> dict[str, torch.Tensor]:
+        """λ_kl T² KL(softmax(z_pro / T) ‖ softmax(student side / T)) through :meth:`fitted_kl` (its target
+        temperature, logit adjustment): the student side is z_aug in variant B, z_s in variant A (and z_aug too with
+        ``fa_on_student``: ``kl_fa``). The target is detached (``detach_kl_target``), but for the unlabelled images
+        under ``cotrain_unlabeled``, where the teacher path also learns from the student."""
+        p = self.params
+        target = z_pro
+        if p.detach_kl_target and p.cotrain_unlabeled:  # the gradient reaches z_pro on unlabelled images only
+            free = self.unlabeled_rows(targets, teacher_feats).unsqueeze(-1)
+            target = torch.where(free, target, target.detach())
+        elif p.detach_kl_target:
+            target = target.detach()
+        if p.variant == "B":
+            return {"kl": p.lambda_kl * self.fitted_kl(target, z_aug, p.temperature)}
+        out = {"kl": p.lambda_kl * self.fitted_kl(target, z_s, p.temperature)}
+        if z_aug is not None:
+            out["kl_fa"] = p.lambda_kl * self.fitted_kl(target, z_aug, p.temperature)
+        return out
+
+    @torch.no_grad()
+    def record_stats(self, z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s) -> None:
+        """The batch's :meth:`_batch_stats` and, with the KL, the conduit: the entropy of the KL's target on the
+        inputs it sees (how informative it is)."""
+        self._stats = self._batch_stats(z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s)
+        if self.params.lambda_kl > 0:
+            sharp = self.kl_target_logits(z_pro.float())
+            self._stats["kl_target_entropy"] = entropy(F.softmax(sharp / self.params.temperature, -1))
 
     def wants_mixture_rows(self) -> bool:
         """With ``cotrain_unlabeled`` and function matching: the mixtures must be told from unlabelled images."""
