@@ -107,6 +107,11 @@ def test_analyze_writes_every_figure(tiny, tmp_path, capsys):
     assert p["prototypes"] == 4 and p["drift"] > 0
     f = summary["features"]["runs"]["prockd (seed 0)"]
     assert -1 <= f["silhouette_cosine"] <= 1 and 0 <= f["knn5_accuracy"] <= 100
+    # what a run cannot show is named on the console with the reason: student-only alone has no prototypes
+    capsys.readouterr()
+    assert main(["analyze", "--run", str(runs[1]), "--out", str(tmp_path / "plain")]) == 0
+    printed = capsys.readouterr().out
+    assert "analyze: Fig. 5 skipped: no ProC-KD run among the runs given" in printed
     # a run that has not finished is refused with its path
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "config.yaml").write_text((runs[0] / "config.yaml").read_text())
