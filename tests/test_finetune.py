@@ -238,3 +238,23 @@ def test_a_checkpoint_with_another_class_count_starts_a_new_head(tmp_path, name,
     msg = str(e.value)
     assert "\n" not in msg and len(msg) < 700 and "w.pth does not fit the model" in msg
     assert "missing" in msg or "another shape" in msg
+
+
+def test_build_distiller_distils_a_finetuned_teacher_file(tiny, tmp_path):
+    """From Python: `prockd.train` runs both stages; `build_distiller("finetune_distil", ...)` takes a teacher already
+    fine-tuned (the stage-1 cache's teacher.pt: the file's own 5-class head is kept) and trains as stage 2 does."""
+    import prockd
+
+    raw = _ft_config(tiny)
+    s = json.loads((prockd.train(build_config(raw), tmp_path / "run") / "final.json").read_text())
+    tuned = Path(s["finetune"]["dir"]) / "teacher.pt"
+    teacher = {**{k: v for k, v in _net(raw).items() if k != "pretrained"}, "checkpoint": str(tuned)}
+    teacher["kwargs"] = {k: v for k, v in teacher["kwargs"].items() if k != "num_classes"}
+    module = prockd.build_distiller("finetune_distil", teacher=teacher, student=raw["student"], num_classes=5,
+                                    alpha_kd=2.0)
+    x, y = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, -100])
+    module.train()
+    _, losses = module(x, y)
+    assert set(losses) == {"ce", "kd"} and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ProckdError, match="its head has 4 classes, the task 5"):
+        prockd.build_distiller("finetune_distil", teacher=_net(raw), student=raw["student"], num_classes=5)
