@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,16 +37,33 @@ def _finished(tiny, tmp_path, **train_keys) -> tuple[dict, Path, Path]:
     return raw, cfg, run
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One finished 2-epoch student-only run (and its config file), trained once for the module's refusal tests: each
+    test works on its own copy."""
+    from tests.conftest import tiny_config
+
+    root = tmp_path_factory.mktemp("finished")
+    raw = tiny_config(root, "student_only")
+    raw["train"]["epochs"] = 2
+    cfg = root / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(cfg), "--out", str(root / "run")]) == 0
+    return cfg, root / "run"
+
+
 @pytest.mark.parametrize("override,key", [
     ("student.kwargs.depth=1", "student.kwargs.depth"),  # the model
     ("data.classes=[1,2,3,4,5]", "data.classes"),  # the data
     ("method.name=prockd", "method.name"),  # the method
     ("train.lr=0.01", "train.lr"),  # the recipe
 ])
-def test_a_refused_resume_changes_nothing_and_names_the_keys(tiny, tmp_path, capsys, override, key):
+def test_a_refused_resume_changes_nothing_and_names_the_keys(finished_run, tmp_path, capsys, override, key):
     """`prockd train` on a finished run with another model, data, method or recipe exits 2 with one line naming the
     differing key and saying to use a new --out; not a byte of the run directory changes (config.yaml included)."""
-    _, cfg, run = _finished(tiny, tmp_path)
+    cfg, template = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(template, run)
     before = _snapshot(run)
     capsys.readouterr()
     assert main(["train", "--config", str(cfg), "--out", str(run), override]) == 2

@@ -59,7 +59,7 @@ def _atomic(path: str | Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_orphans(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{tmp_name(path.name)}-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{tmp_name(path.name, host=True)}-")  # nodes may share it
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
