@@ -166,6 +166,8 @@ def cached_teacher(raw: dict, cache_root: Path, kind: str, pretrain, what: str, 
     run_dir = teacher_dir(cache_root, kind, raw)
     ckpt = run_dir / "teacher.pt"
     if not (ckpt.is_file() and (run_dir / "final.json").is_file()):
+        if run_dir.is_dir() and not (run_dir / "config.yaml").is_file():  # a shipped teacher's half-installed copy
+            shutil.rmtree(run_dir)
         say(f"pretraining {what} in {run_dir}")
         pretrain(run_dir, lambda m: (log(m), say(m)))
     return ckpt, json.loads((run_dir / "final.json").read_text())
