@@ -31,7 +31,7 @@ from prockd.classification.export import export_onnx
 from prockd.classification.init import init_config_text, write_init_config
 from prockd.classification.predict import Predictor
 from prockd.classification.runs import load_run_student
-from prockd.core.config import apply_overrides, format_errors, method_reference
+from prockd.core.config import apply_run_overrides, format_errors, method_reference
 from prockd.core.config import config_reference as key_reference
 from prockd.detection.config import DetExperimentConfig
 from prockd.detection.methods import DET_METHODS
@@ -51,7 +51,7 @@ def _config(config, overrides: Sequence[str]):
         config = config.model_dump(mode="json")
     if not isinstance(config, Mapping):
         raise ProckdError(f"config must be a file path, a dict or a loaded config, not {type(config).__name__}")
-    return build_any_config(apply_overrides(dict(config), list(overrides)), "<dict>")
+    return build_any_config(apply_run_overrides(dict(config), list(overrides)), "<dict>")
 
 
 def train(config: str | Path | Mapping[str, Any] | BaseModel, out: str | Path | None = None,

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel
 
 from prockd.classification.config import build_config, load_config
-from prockd.core.config import apply_overrides, read_config_file
+from prockd.core.config import apply_run_overrides, read_config_file
 
 from prockd.detection.config import build_det_config
 from prockd.errors import ProckdError
@@ -44,7 +44,7 @@ def load_any_config(path: str | Path, overrides: list[str] = ()):
     """A classification :class:`~prockd.classification.config.ExperimentConfig` or, for files with ``task:
     detection``, a :class:`~prockd.detection.config.DetExperimentConfig` (same ``base:`` files and overrides)."""
     try:
-        data = apply_overrides(read_config_file(path), list(overrides))
+        data = apply_run_overrides(read_config_file(path), list(overrides))
         if task_name(data) == "detection":
             return build_det_config(data, str(path))
         return load_config(path, overrides)

@@ -14,7 +14,7 @@ from prockd.core.config import (
     CorruptionConfig,
     MethodConfig,
     Strict,
-    apply_overrides,
+    apply_run_overrides,
     deep_merge,
     read_config_file,
     validate,
@@ -274,13 +274,6 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     if path is not None:
         source = str(path)
         data = deep_merge(data, read_config_file(path))
-    overrides = list(overrides)
-    old_method = (data.get("method") or {}).get("name")
-    merged = apply_overrides(data, overrides)
-    if (merged.get("method") or {}).get("name") != old_method and isinstance(data.get("method"), dict):
-        data = copy.deepcopy(data)
-        data["method"]["params"] = {}
-        merged = apply_overrides(data, overrides)
-    return build_config(merged, source)
+    return build_config(apply_run_overrides(data, list(overrides)), source)
 
 

@@ -79,6 +79,19 @@ def format_errors(e: ValidationError, prefix: str = "", model: type[BaseModel] |
     return "; ".join(parts)
 
 
+def apply_run_overrides(data: dict, overrides: list[str]) -> dict:
+    """:func:`apply_overrides`, where an override that switches ``method.name`` without setting ``method.params``
+    starts the new method from its default parameters (the file's parameters belong to the file's method)."""
+    overrides = list(overrides)
+    old_method = (data.get("method") or {}).get("name")
+    merged = apply_overrides(data, overrides)
+    if (merged.get("method") or {}).get("name") != old_method and isinstance(data.get("method"), dict):
+        data = copy.deepcopy(data)
+        data["method"]["params"] = {}
+        merged = apply_overrides(data, overrides)
+    return merged
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``a.b.c=value`` (value read as YAML) into (path, value)."""
     if "=" not in text:
