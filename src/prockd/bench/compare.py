@@ -242,18 +242,19 @@ def _score(run_dir: Path) -> float | None:
     return statistics.fmean(tail)
 
 
-def with_earlier_rows(out: Path, spec: dict, methods: dict) -> tuple[dict, dict, list[str]]:
-    """(spec, methods, labels kept) for the table of ``out``: an earlier comparison written there (``results.json``)
-    keeps its rows, students, columns and seeds beside this run's (this run's parameters win for a label both have),
-    so a run on a subset (``--methods``, ``--settings``, ``--seeds``) adds to the table instead of replacing it. An
-    earlier comparison of another suite, data or base is refused: its rows would not be comparable."""
+def with_earlier_rows(out: Path, spec: dict, methods: dict) -> tuple[dict, dict, list[str], dict]:
+    """(spec, methods, labels kept, the earlier columns' probes) for the table of ``out``: an earlier comparison
+    written there (``results.json``) keeps its rows, students, columns, seeds and probes beside this run's (this run's
+    parameters win for a label both have), so a run on a subset (``--methods``, ``--settings``, ``--seeds``) adds to
+    the table instead of replacing it. An earlier comparison of another suite, data or base is refused: its rows
+    would not be comparable."""
     path = out / "results.json"
     if not path.is_file():
-        return spec, methods, []
+        return spec, methods, [], {}
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
-        return spec, methods, []
+        return spec, methods, [], {}
     prev = old.get("spec") or {}
     for key in ("suite", "data", "base"):
         if key in prev and json.dumps(prev[key], sort_keys=True) != json.dumps(spec.get(key), sort_keys=True):
@@ -266,8 +267,8 @@ def with_earlier_rows(out: Path, spec: dict, methods: dict) -> tuple[dict, dict,
     hi = max(prev.get("first_seed", 0) + prev.get("seeds", 0), spec.get("first_seed", 0) + spec["seeds"])
     merged["first_seed"], merged["seeds"] = lo, hi - lo
     earlier = {m: p for m, p in (old.get("methods") or {}).items() if m not in methods}
-    merged["earlier_probes"] = {c: v["probe"] for c, v in (old.get("settings") or {}).items() if v.get("probe")}
-    return merged, {**earlier, **methods}, sorted(earlier)
+    probes = {c: v["probe"] for c, v in (old.get("settings") or {}).items() if v.get("probe")}
+    return merged, {**earlier, **methods}, sorted(earlier), probes
 
 
 def tune(spec: dict, base: dict, out: Path, log_path: Path, log, say=print, phases: Phases | None = None) -> dict:
@@ -701,12 +702,12 @@ def run_compare(out: Path, spec: dict, cache_root: Path | None = None, do_tune: 
     say(f"final table: {len(methods)} methods x {len(spec['students'])} students x {len(spec['settings'])} settings x "
         f"{spec['seeds']} seeds{_seed_span(spec)} = {n} runs, {n - len(todo)} already finished")
     _execute(todo, spec, log, "final runs", phases)
-    spec, methods, kept = with_earlier_rows(out, spec, methods)
+    spec, methods, kept, earlier_probes = with_earlier_rows(out, spec, methods)
     if kept:
         say(f"results keep the earlier comparison's rows in {out} ({', '.join(kept)}; their runs are on disk): "
             "a run on a subset adds to the table, never replaces it")
     table = collect(spec, out, methods)
-    probes = {**spec.pop("earlier_probes", {}), **probes}  # the earlier columns' probes, where this run made none
+    probes = {**earlier_probes, **probes}  # the earlier columns' probes, where this run made none
     stats = statistics_table(table)
     params = {s: {m: r["params"] for m, r in rows.items()} for s, rows in table.items()}
     conv = convergence(table)

@@ -6,7 +6,6 @@ teacher or the training config; a finished run's student rebuilt from its checkp
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn as nn
 from prockd.classification.config import ModelConfig
 from prockd.classification.data import ArrayDataset
 from prockd.classification.models import Student, create_model
-from prockd.core.io import atomic_torch_save
+from prockd.core.io import atomic_save_figure, atomic_torch_save
 from prockd.errors import ProckdError
 from prockd.prototypes import FeatureAugmentation, mean_prob_logits
 
@@ -139,10 +138,8 @@ def plot_confusion(m: torch.Tensor, names: list[str], path: Path, title: str) ->
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def load_deployed(path: str | Path) -> DeployedStudent:

@@ -323,7 +323,7 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
     device = resolve_device(cfg.train.device)
     task = task or build_task(cfg.data)
     cls, params = method_params(cfg)
-    notes: list[str] = []
+    notes: dict[str, list[str]] = {"teacher": [], "student": []}  # a checkpoint's new head, said beside its source
     weights = {"student": weights_source(cfg.student, "student")}
     ft_info = None
     ft = finetune_recipe(cfg, cls)
@@ -334,11 +334,11 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
             weights["teacher"] = (f"{weights['teacher']}, fine-tuned on the task's labelled set "
                                   f"({ft_info['dir']}/teacher.pt)")
         else:
-            teacher = Teacher(create_model(cfg.teacher, None, "teacher", notes), cfg.teacher)
+            teacher = Teacher(create_model(cfg.teacher, None, "teacher", notes["teacher"]), cfg.teacher)
     elif cls.needs_teacher:
         weights["teacher"] = "a teacher built by the caller"
     set_seed(cfg.seed)
-    s_model = create_model(cfg.student, task.num_classes, "student", notes)
+    s_model = create_model(cfg.student, task.num_classes, "student", notes["student"])
     if cfg.student.init_from_teacher:
         if teacher is None:
             raise ProckdError("student.init_from_teacher needs a teacher")
@@ -358,9 +358,9 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
             teacher.model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         compile_modules(distiller, cfg.train.compile_backend)
-    for note in notes:  # "<role> checkpoint FILE: classifier ... started new": said once, beside the source
-        role = note.split(" ", 1)[0]
-        weights[role] = f"{weights[role]}: {note.split(': ', 1)[1]}"
+    for role, said in notes.items():  # "<role> checkpoint FILE: classifier ...": FILE is in the source already
+        for note in said:
+            weights[role] = f"{weights[role]}: {note.split(': ', 1)[1]}"
     return Built(cfg, task, teacher, distiller, device, weights, ft_info)
 
 

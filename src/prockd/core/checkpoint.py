@@ -115,21 +115,18 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, what: str, state: d
     own = model.state_dict()
     shaped = [k for k in state if k in own and state[k].shape != own[k].shape]
     head = classifier_keys(model) if new_head else set()
-    note = None
+    note, size = None, len(own)
     if shaped and set(shaped) <= head and all(state[k].shape[1:] == own[k].shape[1:] for k in shaped):
         weight = next((k for k in shaped if k.endswith("weight")), shaped[0])
         note = (f"{what} checkpoint {p}: classifier " + ", ".join(f"{k} {_shape(state[k])} -> {_shape(own[k])}"
                                                                  for k in sorted(shaped))
                 + f" started new (the checkpoint has {state[weight].shape[0]} classes, this model "
                   f"{own[weight].shape[0]}); every other tensor loaded")
-        state = {k: v for k, v in state.items() if k not in shaped}
-        skipped = set(shaped)
-        shaped = []
-    else:
-        skipped = set()
-    wrong = state_mismatch({k: v for k, v in own.items() if k not in skipped}, state)
+        state = {k: v for k, v in state.items() if k not in shaped}  # the model keeps its new head
+        own = {k: v for k, v in own.items() if k not in shaped}
+    wrong = state_mismatch(own, state)
     if wrong:
-        raise ProckdError(f"{what} checkpoint {p} does not fit the model ({len(own)} tensors): {wrong}: are these the "
+        raise ProckdError(f"{what} checkpoint {p} does not fit the model ({size} tensors): {wrong}: are these the "
                           "weights of this architecture (its name and kwargs)?")
     model.load_state_dict(state, strict=False)
     return note

@@ -77,6 +77,11 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     _atomic(path, lambda f: torch.save(obj, f))
 
 
+def atomic_save_figure(fig, path: str | Path, dpi: int = 100) -> None:
+    """Save a matplotlib figure as a PNG atomically (``fig.savefig`` into the temporary, then the rename)."""
+    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text atomically."""
     _atomic(path, lambda f: f.write(text.encode()))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from prockd.core import distributed as ddp
 from prockd.core.checkpoint import resume_state, save_epoch
-from prockd.core.io import atomic_write_json, atomic_write_text, run_lock
+from prockd.core.io import atomic_save_figure, atomic_write_json, atomic_write_text, run_lock
 from prockd.errors import ProckdError
 
 def set_seed(seed: int) -> None:
@@ -352,10 +351,8 @@ def plot_run(path: Path, history: list[dict], primary: str, chosen: int | None =
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def run_training(hooks: TaskHooks, run_dir: str | Path, *, log=print) -> dict:

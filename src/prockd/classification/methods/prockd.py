@@ -352,8 +352,7 @@ class ProCKD(Distiller):
         tok, lay, _ = self.student.features(images)
         z_s = self.student.head(tok, lay)
         z_pro, assign, attn_pro, _ = self.teacher_path(self.teacher.extract_heldout(images, ("taps",))["taps"].to(tok.dtype))
-        o_aug, attn_s = self.fa.forward_with_attention(tok, self.prototypes)
-        z_aug = self.student.head(o_aug, lay)
+        z_aug, attn_s = self.student_fa(tok, lay)
         out = self._batch_stats(z_s, z_pro, z_aug, targets, assign, attn_pro, attn_s)
         deployed = self._outputs(z_s, z_aug)["deployed"]
         # the conduit: how far the deployed student is below what the teacher path knows
