@@ -109,7 +109,13 @@ class PrototypeLearning(nn.Module):
         global term (eq. 1 on that segment), as if each were passed alone."""
         vr, a = self.aggregate_segments(fused, prototypes, segments)
         first, c = self.f[0], fused.shape[-1]
-        g = F.linear(self.proj(vr), first.weight[:, c:], first.bias)  # B x S x C
+        # W_p (K*C x C: 14 M parameters at ViT-B's width with K = 24) multiplies one row per image: under autocast the
+        # casts of its weights to bf16 and of their gradient back cost more than the product itself, so it runs in the
+        # parameters' own dtype (paper scale, bf16, batch 4, one CPU thread: the casts were 49 of the 288 ms ProC-KD
+        # added to a step; docs/research/vit.md, "PL / FA at the paper's scale")
+        with torch.autocast(vr.device.type, enabled=False):
+            gv = self.proj(vr.to(self.proj.weight.dtype))
+        g = F.linear(gv, first.weight[:, c:], first.bias)  # B x S x C
         if g.shape[1] > 1:
             g = g.repeat_interleave(torch.tensor(segments, device=g.device), dim=1)
         h = F.linear(fused, first.weight[:, :c]) + g

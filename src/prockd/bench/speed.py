@@ -257,6 +257,12 @@ def pl_memory(built, x) -> dict:
             "output": out.numel() * out.element_size(),
             "activation_grads": act + out.numel() * out.element_size()}  # dL/dO_pro in, dL/dF out
     del out
+    # one unmeasured forward + backward first: a first call's one-off allocations (oneDNN primitive caches, scratch for
+    # a new thread count: +43 MiB at the paper's scale with 2 threads, none with 1) are not what PL needs per step;
+    # then the gradients start unallocated, so that the measured region allocates them as ``need`` counts them
+    pl(fused, protos).float().mean().backward()
+    for t in (*pl.parameters(), protos, fused):
+        t.grad = None
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
