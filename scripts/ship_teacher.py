@@ -1,10 +1,10 @@
-"""Write the glyph benchmark's teacher that ships with prockd (``src/prockd/bench/teachers/<key>.pt``).
+"""Write a glyph benchmark's teacher that ships with prockd (``src/prockd/bench/teachers/<key>.pt``).
 
 The teacher is trained by prockd itself (``pretrained_teacher`` with the suite's ``teacher_run``: the code path that
 ``prockd demo --train-teacher`` runs) and stored with its run summary and the SHA-1 of every eligible font in role
 order: a machine whose fonts differ trains its own instead (``prockd.bench.common.install_shipped_teacher``).
 
-    .venv/bin/python scripts/ship_teacher.py [--cache DIR]
+    .venv/bin/python scripts/ship_teacher.py [--suite glyphs|glyphs_vit] [--cache DIR]
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from prockd.core.io import atomic_torch_save
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="~/.cache/prockd", help="where the teacher is trained (or already is)")
+    ap.add_argument("--suite", default="glyphs", help="the glyph suite whose teacher to ship (glyphs, glyphs_vit)")
     args = ap.parse_args()
-    s = get_suite("glyphs")
+    s = get_suite(args.suite)
     ckpt, summary = pretrained_teacher(s.teacher_run, Path(args.cache).expanduser(), shipped=False)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     provenance = {"trained": f"trained by prockd {commit} on a {platform.machine()} CPU, "

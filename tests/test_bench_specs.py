@@ -63,3 +63,18 @@ def test_a_misspelt_recipe_key_in_a_column_is_an_error_naming_it():
                                     "methods": {"student_only": {}}, "students": {"wrn16-1": get_suite("glyphs").students["wrn16-1"]}})
     with pytest.raises(ProckdError, match="student_nois"):
         _validate(spec, "spec")
+
+
+def test_a_students_own_recipe_reaches_every_row_under_the_columns_and_rows_own():
+    """A student entry's ``train`` (its family's recipe: glyphs_vit's ViT students, AdamW 1e-3) sets that student's
+    runs; a column's ``train`` and a row's ``train`` still win over it; the model config keeps no ``train`` key."""
+    spec = compare.load_spec(suite="glyphs_vit")
+    base = compare.suite_base(spec, "teacher.pt", Path("/tmp/cache"))
+    vit = compare.run_config(spec, base, "vit-d6", "standard", "student_only", {}, 0)
+    wrn = compare.run_config(spec, base, "wrn16-1", "standard", "student_only", {}, 0)
+    assert vit["train"]["lr"] == 1e-3 and wrn["train"]["lr"] == 3e-3 and "train" not in vit["student"]
+    assert vit["student"]["init_from_teacher"] is True and vit["student"]["kwargs"]["depth"] == 6
+    spec["settings"]["standard"] = {"train": {"lr": 5e-4}}
+    assert compare.run_config(spec, base, "vit-d6", "standard", "student_only", {}, 0)["train"]["lr"] == 5e-4
+    row = compare.run_config(spec, base, "vit-d6", "standard", "kd", {"train": {"lr": 2e-4}}, 0)
+    assert row["train"]["lr"] == 2e-4

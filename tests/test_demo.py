@@ -3,6 +3,8 @@ pretrained by prockd, runs from the installed wheel: tests/test_wheel.py)."""
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,16 +23,24 @@ def test_demo_spec_is_the_core_table():
     assert spec["data"]["glyphs"]["charset"] == "lower"
 
 
-def test_the_shipped_teacher_belongs_to_the_suites_teacher_recipe():
+@pytest.mark.parametrize("suite, floor", [("glyphs", 95), ("glyphs_vit", 89)])
+def test_the_shipped_teacher_belongs_to_the_suites_teacher_recipe(suite, floor):
     from prockd.bench.common import SHIPPED_TEACHERS, teacher_key
     from prockd.bench.suites import get_suite
+    from prockd.classification.config import build_config
+    from prockd.classification.models import Teacher, create_model
 
-    s = get_suite("glyphs")
+    s = get_suite(suite)
     path = SHIPPED_TEACHERS / f"{teacher_key(s.teacher_run)}.pt"
-    assert path.is_file(), "the glyph teacher's recipe changed: run scripts/ship_teacher.py to ship its teacher"
+    assert path.is_file(), f"the {suite} teacher's recipe changed: run scripts/ship_teacher.py --suite {suite}"
     shipped = torch.load(path, map_location="cpu", weights_only=False)
-    assert shipped["summary"]["final"]["test/deployed"] > 95 and len(shipped["fonts"]) >= 100
+    assert shipped["summary"]["final"]["test/deployed"] > floor and len(shipped["fonts"]) >= 100
     assert {"model", "fonts", "summary", "provenance"} <= set(shipped)
+    torch.save(shipped["model"], Path(tmp := tempfile.mkdtemp()) / "t.pt")
+    cfg = build_config({"student": {"name": "builtin:wrn_16_1", "in_chans": 1, "input_size": 28},
+                        "teacher": dict(s.teacher, checkpoint=f"{tmp}/t.pt"), "data": {"name": "digits"},
+                        "method": {"name": "student_only"}}, "test")
+    Teacher(create_model(cfg.teacher, None, "teacher"), cfg.teacher)  # the frozen teacher's config loads it
 
 
 @pytest.mark.skipif(len(find_fonts()) < 40, reason="the Debian font packages are not installed (make data)")

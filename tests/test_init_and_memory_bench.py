@@ -83,3 +83,21 @@ def test_bench_memory_measures_each_count_in_its_own_process(tmp_path):
     assert len(list((tmp_path / "bm" / "unlabeled_10").rglob("*.*"))) == 10
     with pytest.raises(ProckdError, match="increasing counts"):
         run_memory_bench((20, 10), out=tmp_path / "bm")
+
+
+def test_init_proposes_a_recipe_by_the_students_family(tmp_path):
+    """A ViT student of the teacher's width starts from the teacher's blocks with the ViT learning rate; one sharing
+    nothing is warned about; a CNN gets the CNN rate; a larger labelled set gets the shorter recipe."""
+    for c in ("a", "b"):
+        _images(tmp_path / "d" / c, shape=(28, 28))
+        _images(tmp_path / "d" / "test" / c, 2, shape=(28, 28))
+    vit = yaml.safe_load(init_config_text(tmp_path / "d", "vit_base_patch16_224", "vit_base_patch16_224"))
+    assert vit["student"]["init_from_teacher"] is True and vit["train"]["lr"] == 0.001
+    text = init_config_text(tmp_path / "d", "vit_base_patch16_224", "vit_tiny_patch16_224")
+    assert "starts from scratch" in text and "init_from_teacher" not in yaml.safe_load(text)["student"]
+    cnn = yaml.safe_load(init_config_text(tmp_path / "d", "builtin:efficientnet_lite0", "timm/resnet10t"))
+    assert "init_from_teacher" not in cnn["student"]
+    assert (cnn["train"]["lr"], cnn["train"]["epochs"], cnn["train"]["aug_views"]) == (0.003, 60, 8)
+    from prockd.classification import init as init_module
+
+    assert init_module.recipe_lines("timm/resnet10t", "builtin:efficientnet_lite0", 1, 28, 5000)[1:2] == ["  epochs: 30"]

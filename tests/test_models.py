@@ -135,3 +135,47 @@ def test_builtin_imagenet_teacher_predicts_sensibly():
     assert set(top5[1]) & flower, top5[1]
     assert top5[0][0] in temple and top5[1][0] == "daisy", (top5[0][0], top5[1][0])
     assert probs[0].max() > 0.2 and probs[1].max() > 0.1
+
+
+def _vit_teacher_file(tmp_path, depth: int = 4) -> tuple[dict, torch.nn.Module]:
+    """A ViT teacher of ``depth`` blocks saved as a checkpoint, and its model config."""
+    cfg = {"name": "vit_tiny_patch16_224", "in_chans": 1, "input_size": 8, "mean": [0.3], "std": [0.4],
+           "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": depth, "num_heads": 2,
+                      "mlp_ratio": 2.0, "num_classes": 7}}
+    torch.manual_seed(3)
+    model = create_model(ModelConfig(**cfg), None, "teacher")
+    torch.save(model.state_dict(), tmp_path / "vit_teacher.pt")
+    return dict(cfg, checkpoint=str(tmp_path / "vit_teacher.pt")), model
+
+
+@pytest.mark.parametrize("method", ["student_only", "finetune_distil"])
+def test_init_from_teacher_for_every_method_copies_the_pretrained_teacher(tiny, tmp_path, method):
+    """student.init_from_teacher works whatever the method (student-only has no teacher of its own) and copies the
+    pre-trained teacher the config names, also where the method distils a fine-tuned copy of it (every row of a
+    comparison starts from the same student)."""
+    from prockd.classification.config import build_config
+    from prockd.classification.engine import build
+
+    t_cfg, t_model = _vit_teacher_file(tmp_path)
+    student = {k: v for k, v in t_cfg.items() if k != "checkpoint"}
+    student = dict(student, kwargs={k: v for k, v in student["kwargs"].items() if k != "num_classes"} | {"depth": 2},
+                   init_from_teacher=True)
+    raw = tiny(method, teacher=t_cfg, student=student)
+    if method == "finetune_distil":
+        raw["teacher"]["finetune"] = {"epochs": 1, "batch_size": 16}
+        raw["data"]["val_fraction"] = 0.2
+    b = build(build_config(raw, "test"), log=lambda *_: None)
+    s = b.distiller.student.model
+    assert torch.equal(s.patch_embed.proj.weight, t_model.patch_embed.proj.weight)
+    assert torch.equal(s.blocks[1].attn.qkv.weight, t_model.blocks[1].attn.qkv.weight)
+    assert "copied from the teacher" in b.weights["student"]
+
+
+def test_init_from_teacher_without_a_teacher_section_says_what_to_add(tiny):
+    from prockd.classification.config import build_config
+    from prockd.classification.engine import build
+
+    raw = tiny("student_only", student=dict(tiny()["student"], init_from_teacher=True))
+    raw.pop("teacher")
+    with pytest.raises(ProckdError, match="no teacher section"):
+        build(build_config(raw, "test"), log=lambda *_: None)

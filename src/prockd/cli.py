@@ -224,7 +224,8 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--task", choices=["classification", "detection"], default=None,
                    help="classification (default) or detection (= --suite detection)")
     d.add_argument("--out", default=None, help="default: runs/demo (runs/demo_detection for --task detection)")
-    d.add_argument("--suite", default=None, help="glyphs (default), fmnist (zero knowledge gap) or detection")
+    d.add_argument("--suite", default=None, help="glyphs (default), glyphs_vit (a ViT teacher, ViT and CNN "
+                   "students), fmnist (zero knowledge gap) or detection")
     d.add_argument("--seeds", type=int, default=None)
     d.add_argument("--workers", type=int, default=None)
     d.add_argument("--quick", action="store_true", help="a smoke-sized run")
@@ -244,7 +245,8 @@ def make_parser() -> argparse.ArgumentParser:
     bc = b.add_parser("compare", help="methods x seeds x settings x students, the paper's Table-1 shape")
     bc.add_argument("--task", choices=["classification", "detection"], default=None,
                     help="classification (default) or detection (= --suite detection)")
-    bc.add_argument("--suite", default=None, help="embedded benchmark suite: glyphs (default), fmnist or detection")
+    bc.add_argument("--suite", default=None, help="embedded benchmark suite: glyphs (default), glyphs_vit (a ViT "
+                    "teacher), fmnist or detection")
     bc.add_argument("--config", default=None, help="YAML comparison spec (keys replace the suite's)")
     bc.add_argument("--out", default="runs/compare")
     bc.add_argument("--seeds", type=int, default=None, help="final seeds per cell (default 5)")

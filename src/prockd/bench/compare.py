@@ -17,8 +17,8 @@ with an honest protocol (docs/benchmarks.md, "The protocol"):
 
 The spec is a benchmark suite (:mod:`prockd.bench.suites`, ``--suite``; default ``glyphs``) whose keys a YAML file
 (``--config``) may replace: ``seeds``, ``workers``, ``methods`` (name -> params), ``students`` (label -> model
-config), ``settings`` (label -> data overrides; a ``train`` key in one overrides the training recipe of every
-method in that column), ``data``, ``base`` (teacher, train, cache: your own teacher and data), ``tune_seeds``,
+config, with an optional ``train``: that student's recipe), ``settings`` (label -> data overrides; a ``train`` key
+in one overrides the training recipe of every method in that column), ``data``, ``base`` (teacher, train, cache: your own teacher and data), ``tune_seeds``,
 ``tune_factors``. Every run is a resumable run directory: an interrupted comparison
 continues where it stopped. Writes ``results.json``, ``results.md``, ``results.csv``, ``curves.png`` and, when
 ProC-KD ran, ``prototypes.png``.
@@ -146,17 +146,20 @@ def suite_base(spec: dict, checkpoint: str | Path, cache_root: Path) -> dict:
 
 
 def run_config(spec: dict, base: dict, student: str, setting: str, method: str, params: dict, seed: int) -> dict:
-    """The experiment config of one comparison run. The training recipe is the base's, then the column's ``train``
-    (every method in it), then the method's own ``train`` (a row's screened recipe, e.g. its noise level); a row's
-    ``teacher`` section is merged over the base's teacher (``finetune``: the teacher fine-tuned on the task)."""
+    """The experiment config of one comparison run. The training recipe is the base's, then the student's ``train``
+    (its family's recipe, e.g. a ViT's learning rate), then the column's ``train`` (every method in it), then the
+    method's own ``train`` (a row's screened recipe, e.g. its noise level); a row's ``teacher`` section is merged over
+    the base's teacher (``finetune``: the teacher fine-tuned on the task)."""
     raw = copy.deepcopy(base)
     column = copy.deepcopy(spec["settings"][setting] or {})
     train = column.pop("train", None)  # a column's recipe for every method in it (e.g. train.student_noise)
+    net = copy.deepcopy(spec["students"][student])
+    student_train = net.pop("train", None)  # a student's recipe for every row and column
     params, own = split_recipe(params)
     own = own or {}
-    raw.update(seed=seed, student=copy.deepcopy(spec["students"][student]), data=deep_merge(spec["data"], column),
+    raw.update(seed=seed, student=net, data=deep_merge(spec["data"], column),
                method={"name": method_of(method), "params": params})
-    for recipe in (train, own.get("train")):
+    for recipe in (student_train, train, own.get("train")):
         if recipe:
             raw["train"] = deep_merge(raw.get("train") or {}, recipe)
     if own.get("teacher"):  # the row's teacher options (teacher.finetune: distil the teacher fine-tuned on the task)

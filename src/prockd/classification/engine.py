@@ -339,10 +339,17 @@ def build(cfg: ExperimentConfig, task: Task | None = None, teacher: Teacher | No
         weights["teacher"] = "a teacher built by the caller"
     set_seed(cfg.seed)
     s_model = create_model(cfg.student, task.num_classes, "student", notes["student"])
-    if cfg.student.init_from_teacher:
-        if teacher is None:
-            raise ProckdError("student.init_from_teacher needs a teacher")
-        init_student_from_teacher(s_model, teacher.model)
+    if cfg.student.init_from_teacher:  # from the teacher the config names, whatever the method (student-only too)
+        if cfg.teacher is None:
+            raise ProckdError("student.init_from_teacher: the config has no teacher section to copy the embedding and "
+                              "first blocks from; add teacher: {name: ..., checkpoint: ...} or drop the key")
+        if teacher is None or ft is not None:  # the pre-trained weights, also where the method distils a fine-tune
+            weights.setdefault("teacher", weights_source(cfg.teacher, "teacher"))
+            source = create_model(cfg.teacher, None, "teacher")
+        else:
+            source = teacher.model
+        n = init_student_from_teacher(s_model, source)
+        weights["student"] += f", {n} tensors (embedding, first blocks) copied from the teacher"
     if cfg.student.channels_last:
         s_model = s_model.to(memory_format=torch.channels_last)
     student = Student(s_model, cfg.student, need_embed=cls.uses_student_embed)

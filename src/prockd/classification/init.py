@@ -6,8 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from prockd.classification.config import build_config, canonical_model_name
+from prockd.classification.config import ModelConfig, build_config, canonical_model_name
 from prockd.classification.data import IMAGE_SUFFIXES, folder_geometry
+from prockd.classification.models import shared_with_teacher
 from prockd.core.io import atomic_write_text
 from prockd.errors import ProckdError, class_difference
 
@@ -26,6 +27,54 @@ def _classes(folder: Path) -> dict[str, list[Path]]:
 
 def _first(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+SMALL_SET = 2000  # labelled images up to which the recipe of the embedded benchmark's few-label columns is proposed
+
+
+def _vit_copy(student: str, teacher: str, channels: int, side: int) -> dict:
+    """What ``init_from_teacher`` would copy from ``teacher`` into ``student`` (:func:`shared_with_teacher`)."""
+    return shared_with_teacher(ModelConfig(name=student, in_chans=channels, input_size=side),
+                               ModelConfig(name=teacher, input_size=224 if side < 224 else side))
+
+
+def student_init_lines(student: str, teacher: str, channels: int, side: int) -> list[str]:
+    """The student's initialisation, by family: a vision transformer that is a depth-reduced copy of the teacher
+    (the paper's students) starts from the teacher's embedding and first blocks; one that shares nothing with it is
+    warned about (from scratch, few labels do not train a ViT)."""
+    shared = _vit_copy(student, teacher, channels, side)
+    if not shared["transformer"]:
+        return []
+    if shared["tensors"]:
+        what = "embedding and blocks" if shared["embedding"] else "blocks (not the embedding: other channels or patch)"
+        return [f"  # a vision transformer of the teacher's width: it starts from the teacher's {what}, "
+                f"{shared['tensors']} tensors,",
+                "  # as the paper's depth-reduced students (set kwargs: {depth: 6} for a 6-block copy of a 12-block "
+                "teacher)",
+                "  # measured on the glyph benchmark (ViT of 6 blocks, 104 labelled images): 74.9 % validation from "
+                "the teacher's blocks, 10.1 % from scratch",
+                "  init_from_teacher: true"]
+    return ["  # a vision transformer that shares no tensor with the teacher starts from scratch: with few labelled "
+            "images it",
+            "  # learns little (glyph benchmark, 104 labelled images: 10 % validation, chance 4 %); prefer a "
+            "depth-reduced copy of a ViT teacher",
+            "  # (same width: init_from_teacher), pretrained weights (pretrained: true) or a CNN student"]
+
+
+def recipe_lines(student: str, teacher: str, channels: int, side: int, n_train: int) -> list[str]:
+    """The training recipe for the student's family and the labelled set's size: the learning rate the embedded
+    benchmark's student-only screens chose (AdamW 3e-3 for small CNNs, 1e-3 for ViT students, docs/benchmarks.md), 60
+    epochs over 8 stored views of each image for a few-label set (<= SMALL_SET images), else 30 over 4."""
+    transformer = _vit_copy(student, teacher, channels, side)["transformer"]
+    small = n_train <= SMALL_SET
+    lr = "0.001  # vision transformers: 1e-3 chosen on validation over 3e-3 and 3e-4" if transformer else \
+        "0.003  # CNN students: 3e-3 chosen on validation (WRN-16-1)"
+    return ["train:",
+            f"  epochs: {60 if small else 30}",
+            f"  batch_size: {32 if small else 64}",
+            f"  lr: {lr}",
+            "  augment: affine  # stored augmented views: the teacher's features of them are cached once",
+            f"  aug_views: {8 if small else 4}"]
 
 
 def init_config_text(data: str | Path, teacher: str, student: str, method: str = "prockd",
@@ -73,6 +122,7 @@ def init_config_text(data: str | Path, teacher: str, student: str, method: str =
         f"  name: {student}",
         f"  in_chans: {channels}",
         f"  input_size: {side}  # the images' own size",
+        *student_init_lines(student, teacher, channels, side),
         "data:",
         "  name: imagefolder",
         f"  train_dir: {train_dir}",
@@ -89,12 +139,7 @@ def init_config_text(data: str | Path, teacher: str, student: str, method: str =
         "method:",
         f"  name: {method}",
         "  params: {" + (f"preset: {preset}" if preset and method == "prockd" else "") + "}",
-        "train:",
-        "  epochs: 30",
-        "  batch_size: 64",
-        "  lr: 0.001",
-        "  augment: affine  # stored augmented views: the teacher's features of them are cached once",
-        "  aug_views: 4",
+        *recipe_lines(student, teacher, channels, side, len(files)),
         "cache:",
         "  dir: ~/.cache/prockd/features  # the frozen teacher's features, computed once per data and teacher",
         "",

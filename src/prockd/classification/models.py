@@ -391,6 +391,29 @@ class Student(nn.Module):
         return self.head(tok, lay)
 
 
+_HEAD_KEYS = {"head.weight", "head.bias", "fc.weight", "fc.bias", "classifier.weight", "classifier.bias",
+               "head.fc.weight", "head.fc.bias"}  # classifiers: never copied from the teacher
+
+
+def shared_with_teacher(student: ModelConfig, teacher: ModelConfig) -> dict:
+    """What ``student.init_from_teacher`` would copy, without reading weights: both networks are built on the meta
+    device (no memory, no download) and compared tensor by tensor as :func:`init_student_from_teacher` does. Returns
+    ``{"tensors": n copied, "embedding": whether the patch / stem embedding is among them, "transformer": whether the
+    student is a vision transformer (a patch embedding)}`` (``prockd init`` proposes the key when the embedding is)."""
+    def shapes(cfg: ModelConfig) -> dict[str, tuple]:
+        with torch.device("meta"):
+            m = _create(cfg.model_copy(update={"pretrained": False, "checkpoint": None}), None, "model")
+        return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+    try:
+        s, t = shapes(student), shapes(teacher)
+    except Exception:  # a name only the hub knows, a builtin that needs its file: no proposal, not an error
+        return {"tensors": 0, "embedding": False, "transformer": False}
+    copied = [k for k, v in s.items() if t.get(k) == v and k not in _HEAD_KEYS]
+    return {"tensors": len(copied), "embedding": any(k.startswith("patch_embed.") for k in copied),
+            "transformer": any(k.startswith("patch_embed.") for k in s)}
+
+
 def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
     """Copy every teacher tensor whose name and shape match (embedding, first blocks, norms); not heads.
 
@@ -398,10 +421,8 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
     """
     t_sd = teacher.state_dict()
     s_sd = student.state_dict()
-    head_keys = {"head.weight", "head.bias", "fc.weight", "fc.bias", "classifier.weight", "classifier.bias",
-                 "head.fc.weight", "head.fc.bias"}
     copied = {k: t_sd[k] for k, v in s_sd.items()
-              if k in t_sd and k not in head_keys and t_sd[k].shape == v.shape}
+              if k in t_sd and k not in _HEAD_KEYS and t_sd[k].shape == v.shape}
     if not copied:
         raise ProckdError("init_from_teacher: no tensor of the teacher matches the student by name and shape")
     student.load_state_dict(copied, strict=False)
