@@ -23,6 +23,20 @@ def test_demo_spec_is_the_core_table():
     assert spec["data"]["glyphs"]["charset"] == "lower"
 
 
+def test_the_vit_suites_demo_runs_its_vit_student_with_the_vit_recipe():
+    """``prockd demo --suite glyphs_vit``: the ViT-d6 student initialised from the ViT teacher, AdamW 1e-3, every row's
+    config valid (the student entry's recipe leaves the model section)."""
+    from prockd.bench import compare
+    from prockd.classification.config import build_config
+
+    spec = demo_spec("glyphs_vit")
+    assert list(spec["students"]) == ["vit-d6"]
+    base = compare.suite_base(spec, "teacher.pt", Path(tempfile.mkdtemp()))
+    for m, p in spec["methods"].items():
+        cfg = build_config(compare.run_config(spec, base, "vit-d6", "standard", m, p, 0), "test")
+        assert cfg.student.init_from_teacher and cfg.train.lr == 1e-3 and cfg.teacher.name == "vit_tiny_patch16_224"
+
+
 @pytest.mark.parametrize("suite, floor", [("glyphs", 95), ("glyphs_vit", 89)])
 def test_the_shipped_teacher_belongs_to_the_suites_teacher_recipe(suite, floor):
     from prockd.bench.common import SHIPPED_TEACHERS, teacher_key
