@@ -52,7 +52,9 @@ def student_init_lines(student: str, teacher: str, channels: int, side: int) -> 
                 "  # as the paper's depth-reduced students (set kwargs: {depth: 6} for a 6-block copy of a 12-block "
                 "teacher)",
                 "  # measured on the glyph benchmark (ViT of 6 blocks, 104 labelled images): 74.9 % validation from "
-                "the teacher's blocks, 10.1 % from scratch",
+                "the teacher's blocks, 10.1 % from scratch;",
+                "  # so started, ProC-KD was level with student-only on clean test images and method: rkd 1-5 points "
+                "above it (docs/benchmarks.md)",
                 "  init_from_teacher: true"]
     return ["  # a vision transformer that shares no tensor with the teacher starts from scratch: with few labelled "
             "images it",
