@@ -100,4 +100,4 @@ def test_init_proposes_a_recipe_by_the_students_family(tmp_path):
     assert (cnn["train"]["lr"], cnn["train"]["epochs"], cnn["train"]["aug_views"]) == (0.003, 60, 8)
     from prockd.classification import init as init_module
 
-    assert init_module.recipe_lines("timm/resnet10t", "builtin:efficientnet_lite0", 1, 28, 5000)[1:2] == ["  epochs: 30"]
+    assert init_module.recipe_lines(False, 5000)[1:2] == ["  epochs: 30"]

@@ -38,11 +38,10 @@ def _vit_copy(student: str, teacher: str, channels: int, side: int) -> dict:
                                ModelConfig(name=teacher, input_size=224 if side < 224 else side))
 
 
-def student_init_lines(student: str, teacher: str, channels: int, side: int) -> list[str]:
-    """The student's initialisation, by family: a vision transformer that is a depth-reduced copy of the teacher
-    (the paper's students) starts from the teacher's embedding and first blocks; one that shares nothing with it is
-    warned about (from scratch, few labels do not train a ViT)."""
-    shared = _vit_copy(student, teacher, channels, side)
+def student_init_lines(shared: dict) -> list[str]:
+    """The student's initialisation, by family (``shared``: :func:`_vit_copy`): a vision transformer that is a
+    depth-reduced copy of the teacher (the paper's students) starts from the teacher's embedding and first blocks; one
+    that shares nothing with it is warned about (from scratch, few labels do not train a ViT)."""
     if not shared["transformer"]:
         return []
     if shared["tensors"]:
@@ -53,8 +52,8 @@ def student_init_lines(student: str, teacher: str, channels: int, side: int) -> 
                 "teacher)",
                 "  # measured on the glyph benchmark (ViT of 6 blocks, 104 labelled images): 74.9 % validation from "
                 "the teacher's blocks, 10.1 % from scratch;",
-                "  # so started, ProC-KD was level with student-only on clean test images and method: rkd 1-5 points "
-                "above it (docs/benchmarks.md)",
+                "  # so started, ProC-KD was level with student-only on clean test images and rkd 1-5 points above it "
+                "(docs/benchmarks.md)",
                 "  init_from_teacher: true"]
     return ["  # a vision transformer that shares no tensor with the teacher starts from scratch: with few labelled "
             "images it",
@@ -63,11 +62,10 @@ def student_init_lines(student: str, teacher: str, channels: int, side: int) -> 
             "  # (same width: init_from_teacher), pretrained weights (pretrained: true) or a CNN student"]
 
 
-def recipe_lines(student: str, teacher: str, channels: int, side: int, n_train: int) -> list[str]:
+def recipe_lines(transformer: bool, n_train: int) -> list[str]:
     """The training recipe for the student's family and the labelled set's size: the learning rate the embedded
     benchmark's student-only screens chose (AdamW 3e-3 for small CNNs, 1e-3 for ViT students, docs/benchmarks.md), 60
     epochs over 8 stored views of each image for a few-label set (<= SMALL_SET images), else 30 over 4."""
-    transformer = _vit_copy(student, teacher, channels, side)["transformer"]
     small = n_train <= SMALL_SET
     lr = "0.001  # vision transformers: 1e-3 chosen on validation over 3e-3 and 3e-4" if transformer else \
         "0.003  # CNN students: 3e-3 chosen on validation (WRN-16-1)"
@@ -110,6 +108,7 @@ def init_config_text(data: str | Path, teacher: str, student: str, method: str =
     n_unl = sum(1 for f in unl_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) if unl_dir else 0
     side = max(h, w)
     t_name, s_name = canonical_model_name(teacher), canonical_model_name(student)
+    shared = _vit_copy(student, teacher, channels, side)  # both networks on the meta device, once
     lines = [
         f"# prockd config for {root} (written by prockd init; every key: docs/config.md)",
         f"# {len(classes)} classes, {len(files)} training images "
@@ -124,7 +123,7 @@ def init_config_text(data: str | Path, teacher: str, student: str, method: str =
         f"  name: {student}",
         f"  in_chans: {channels}",
         f"  input_size: {side}  # the images' own size",
-        *student_init_lines(student, teacher, channels, side),
+        *student_init_lines(shared),
         "data:",
         "  name: imagefolder",
         f"  train_dir: {train_dir}",
@@ -141,7 +140,7 @@ def init_config_text(data: str | Path, teacher: str, student: str, method: str =
         "method:",
         f"  name: {method}",
         "  params: {" + (f"preset: {preset}" if preset and method == "prockd" else "") + "}",
-        *recipe_lines(student, teacher, channels, side, len(files)),
+        *recipe_lines(shared["transformer"], len(files)),
         "cache:",
         "  dir: ~/.cache/prockd/features  # the frozen teacher's features, computed once per data and teacher",
         "",

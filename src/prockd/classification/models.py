@@ -399,19 +399,26 @@ def shared_with_teacher(student: ModelConfig, teacher: ModelConfig) -> dict:
     """What ``student.init_from_teacher`` would copy, without reading weights: both networks are built on the meta
     device (no memory, no download) and compared tensor by tensor as :func:`init_student_from_teacher` does. Returns
     ``{"tensors": n copied, "embedding": whether the patch / stem embedding is among them, "transformer": whether the
-    student is a vision transformer (a patch embedding)}`` (``prockd init`` proposes the key when the embedding is)."""
-    def shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    student is a vision transformer (a patch embedding)}`` (``prockd init`` proposes the key for a transformer student
+    that shares any tensor)."""
+    def state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
         with torch.device("meta"):
-            m = _create(cfg.model_copy(update={"pretrained": False, "checkpoint": None}), None, "model")
-        return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+            return _create(cfg.model_copy(update={"pretrained": False, "checkpoint": None}), None, "model").state_dict()
 
     try:
-        s, t = shapes(student), shapes(teacher)
+        s, t = state(student), state(teacher)
     except Exception:  # a name only the hub knows, a builtin that needs its file: no proposal, not an error
         return {"tensors": 0, "embedding": False, "transformer": False}
-    copied = [k for k, v in s.items() if t.get(k) == v and k not in _HEAD_KEYS]
+    copied = copyable_keys(s, t)
     return {"tensors": len(copied), "embedding": any(k.startswith("patch_embed.") for k in copied),
             "transformer": any(k.startswith("patch_embed.") for k in s)}
+
+
+def copyable_keys(student_state: dict, teacher_state: dict) -> list[str]:
+    """The tensors ``init_from_teacher`` copies: those of the student whose name and shape the teacher has, its
+    classifier excepted."""
+    return [k for k, v in student_state.items()
+            if k in teacher_state and k not in _HEAD_KEYS and teacher_state[k].shape == v.shape]
 
 
 def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
@@ -420,9 +427,7 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
     Returns the number of tensors copied; raises if nothing matched.
     """
     t_sd = teacher.state_dict()
-    s_sd = student.state_dict()
-    copied = {k: t_sd[k] for k, v in s_sd.items()
-              if k in t_sd and k not in _HEAD_KEYS and t_sd[k].shape == v.shape}
+    copied = {k: t_sd[k] for k in copyable_keys(student.state_dict(), t_sd)}
     if not copied:
         raise ProckdError("init_from_teacher: no tensor of the teacher matches the student by name and shape")
     student.load_state_dict(copied, strict=False)
