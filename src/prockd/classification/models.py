@@ -410,7 +410,7 @@ def shared_with_teacher(student: ModelConfig, teacher: ModelConfig) -> dict:
     except Exception:  # a name only the hub knows, a builtin that needs its file: no proposal, not an error
         return {"tensors": 0, "embedding": False, "transformer": False}
     copied = copyable_keys(s, t)
-    return {"tensors": len(copied), "embedding": any(k.startswith("patch_embed.") for k in copied),
+    return {"tensors": len(copied), "embedding": "patch_embed.proj.weight" in copied,  # not just its bias
             "transformer": any(k.startswith("patch_embed.") for k in s)}
 
 
