@@ -37,6 +37,10 @@ def test_the_method_init_build_distiller_demo_and_readme_name_one_preset(tmp_pat
 
 
 def test_detection_prockd_defaults_to_the_option_its_docs_recommend():
-    assert DetProCKDParams().teacher_head == "none"
+    d = DetProCKDParams()
+    assert (d.preset, d.teacher_head, d.lambda_mimic, d.lambda_emb) == ("mimic_light", "none", 0.01, 0.01)
+    p = DetProCKDParams(preset="paper")
+    assert (p.teacher_head, p.lambda_aug, p.lambda_mimic, p.lambda_emb) == ("shared", 1.0, 1.0, 1.0)
+    assert DetProCKDParams(preset="paper", lambda_mimic=0.5).lambda_mimic == 0.5  # keys beside a preset win
     paper = (REPO / "src" / "prockd" / "configs" / "detection" / "paper" / "detector_paper.yaml").read_text()
-    assert "teacher_head: shared" in paper  # the paper's reading, set by the paper configs themselves
+    assert "preset: paper" in paper  # the paper's reading, set by the paper configs themselves

@@ -158,7 +158,8 @@ def test_detection_settings_merge_into_the_packaged_configs_and_variants_queue_t
     assert s2["train"] == student["train"] and s2["student"] == student["student"]  # only the data differ
     with pytest.raises(ProckdError, match="unknown detection setting 'nope'.*digits_to_caps"):
         setting_of("nope")
-    assert method_of("prockd@separate") == "prockd" and base_params("prockd@separate") == {"teacher_head": "separate"}
+    assert method_of("prockd@separate") == "prockd" and base_params("prockd@separate") == {"preset": "paper",
+                                                                                          "teacher_head": "separate"}
     assert base_params("cwd") == {}
     todo: list = []
     dirs = _queue_runs(tmp_path, student, {"backbone": "x"}, "prockd@none", {"teacher_head": "none"}, [0, 1],

@@ -165,7 +165,8 @@ def det_setup(tmp_path_factory):
     return root, base
 
 
-@pytest.mark.parametrize("method", sorted(DET_METHODS.names()))
+# roi_kd distils a teacher of the student's classes: its own tests (tests/test_detection_unlabeled.py)
+@pytest.mark.parametrize("method", sorted(set(DET_METHODS.names()) - {"roi_kd"}))
 def test_one_step_every_method_and_deployed_detector(det_setup, method, tmp_path):
     from prockd.detection.deploy import load_deployed_detector
     from prockd.detection.engine import train

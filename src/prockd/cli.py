@@ -31,8 +31,15 @@ def _cmd_train(args) -> int:
 def _cmd_init(args) -> int:
     import prockd.api as api
 
-    text = api.init_config(args.data, args.teacher, args.student, args.config, method=args.method,
-                           preset=args.preset or None, force=args.force)
+    if args.task == "detection":
+        preset = "mimic_light" if args.preset is None else (args.preset or None)
+        text = api.init_detection_config(args.data, args.teacher, args.student, args.config,
+                                         teacher_backbone=args.teacher_backbone, method=args.method, preset=preset,
+                                         force=args.force)
+    else:
+        preset = "robust_calibrated" if args.preset is None else (args.preset or None)
+        text = api.init_config(args.data, args.teacher, args.student, args.config, method=args.method,
+                               preset=preset, force=args.force)
     print(f"wrote {args.config}:\n{text}" if args.config else text, end="")
     return 0
 
@@ -174,8 +181,14 @@ def make_parser() -> argparse.ArgumentParser:
     it.add_argument("--teacher", required=True, help="e.g. builtin:efficientnet_lite0, timm/vit_base_patch16_224")
     it.add_argument("--student", required=True, help="e.g. timm/resnet10t")
     it.add_argument("--method", default="prockd")
-    it.add_argument("--preset", default="robust_calibrated",
-                    help="ProC-KD's preset (robust_calibrated, the recommended one; robust, transfer, paper; '' for none)")
+    it.add_argument("--preset", default=None,
+                    help="ProC-KD's preset (default: the task's recommended one, robust_calibrated / mimic_light; "
+                         "classification: robust, transfer, paper; detection: paper; '' for none)")
+    it.add_argument("--task", choices=["classification", "detection"], default="classification",
+                    help="detection: --data holds COCO splits train/ val/ test/ (a .json + images/ each), "
+                         "optional unlabeled/")
+    it.add_argument("--teacher-backbone", default=None,
+                    help="detection: the backbone of the --teacher detector file (e.g. resnext101_32x8d)")
     it.add_argument("--config", default=None, help="file to write (default: print the config)")
     it.add_argument("--force", action="store_true", help="overwrite --config")
     it.set_defaults(fn=_cmd_init)

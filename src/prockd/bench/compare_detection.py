@@ -42,6 +42,7 @@ from prockd.core.io import atomic_write_json, atomic_write_text
 from prockd.detection.analysis import detection_probe
 from prockd.detection.config import build_det_config
 from prockd.detection.engine import build, open_data, pretrain_teacher
+from prockd.detection.finetune import finetuned_teacher
 from prockd.detection.methods import DET_METHODS
 from prockd.errors import ProckdError
 
@@ -102,8 +103,26 @@ def _run_dir(out: Path, raw: dict, method: str, seed: int) -> Path:
 
 
 def base_params(label: str) -> dict:
-    """A row's parameters before tuning: its variant's (none for a plain method name)."""
-    return copy.deepcopy(SUITE.variants.get(label, {}))
+    """A row's parameters before tuning: its variant's (none for a plain method name), without its teacher
+    section (:func:`variant_teacher`)."""
+    return {k: v for k, v in copy.deepcopy(SUITE.variants.get(label, {})).items() if k != "teacher"}
+
+
+def variant_teacher(label: str) -> dict:
+    """What a row changes in the teacher section (a variant's ``teacher`` entry, e.g. ``finetune``: the
+    fine-tuned-teacher rows); empty for most rows."""
+    return copy.deepcopy(SUITE.variants.get(label, {}).get("teacher", {}))
+
+
+def row_params(label: str, params: dict) -> dict:
+    """A row's weights from a tuned-weights mapping: its own entry, else (a variant that only changes the
+    teacher, e.g. ``cwd@finetuned``) its method's entry with the variant's own parameters over it."""
+    if params.get(label):
+        return params[label]
+    own = base_params(label)
+    if variant_teacher(label) and params.get(method_of(label)):
+        return {**params[method_of(label)], **own}
+    return own
 
 
 def _queue_runs(out: Path, student_raw: dict, teacher_section: dict, method: str, params: dict, seeds, log_path,
@@ -116,7 +135,7 @@ def _queue_runs(out: Path, student_raw: dict, teacher_section: dict, method: str
         raw.update(method={"name": method_of(method), "params": copy.deepcopy(params)})
         raw["train"] = dict(raw["train"], progress=False)
         if method != "student_only":
-            raw["teacher"] = teacher_section
+            raw["teacher"] = deep_merge(teacher_section, variant_teacher(method))
         run_dir = _run_dir(out, raw, method, s)
         raw.update(seed=s, out=str(run_dir))
         dirs.append(run_dir)
@@ -130,6 +149,18 @@ def queue_order(todo: list) -> list:
     run longer than student-only, so the queue ends on short runs and two workers finish closer together (the
     demo's 6 runs: 580 s -> about 520 s on 2 cores)."""
     return sorted(todo, key=lambda job: (job[0]["seed"], job[0]["method"]["name"] == "student_only"))
+
+
+def prepare_finetuned(student_raw: dict, teacher_section: dict, methods, say=print) -> None:
+    """Fine-tune (once, cached) the teacher of every fine-tuned-teacher row before the runs start, so that parallel
+    workers never fine-tune the same teacher twice."""
+    for m in methods:
+        if variant_teacher(m).get("finetune"):
+            raw = dict(copy.deepcopy(student_raw), method={"name": method_of(m)},
+                       teacher=deep_merge(teacher_section, variant_teacher(m)))
+            path, summary = finetuned_teacher(build_det_config(raw, f"row {m}"), log=say)
+            sel = summary.get("selected") or {}
+            say(f"{m}: fine-tuned teacher {path} (validation mAP50 {sel.get('val/mAP50', float('nan')):.1f})")
 
 
 def tuned_params(setting: str | None = None) -> dict:
@@ -254,6 +285,7 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
     ckpt = teacher_section["checkpoint"]
 
     open_data(build_det_config(dict(student_raw, teacher=None)), log=say)  # render the canvases once, not per worker
+    prepare_finetuned(student_raw, teacher_section, methods, say)
     tuning = None
     if do_tune or tune_only:
         tuning = tune(out, student_raw, teacher_section, methods, tune_seeds, workers, log_path, say)
@@ -264,7 +296,7 @@ def run_detection_compare(out: Path, seeds: int = 3, methods: tuple[str, ...] = 
     elif params is None:
         params = tuned_params(setting)
     todo: list = []
-    params = {m: (params or {}).get(m) or base_params(m) for m in methods}
+    params = {m: row_params(m, params or {}) for m in methods}
     runs = {m: _queue_runs(out, student_raw, teacher_section, m, params[m], range(seeds), log_path, todo)
             for m in methods}
     todo = queue_order(todo)

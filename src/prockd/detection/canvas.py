@@ -26,7 +26,7 @@ from PIL import Image, ImageFont
 from prockd.core.io import sweep_orphans
 from prockd.detection.config import CanvasConfig
 from prockd.errors import ProckdError
-from prockd.glyphs import Jitter, charset, find_fonts, font_roles, render_glyph
+from prockd.glyphs import Jitter, charset, find_fonts, font_design, font_roles, render_glyph
 from prockd.shifts import CorruptionConfig, corrupt
 
 
@@ -98,16 +98,67 @@ def render_canvas(fonts, chars: str, distractors: str, cfg: CanvasConfig, rng: n
     return np.clip(canvas, 0, 255).round().astype(np.uint8), boxes
 
 
-def font_splits(cfg: CanvasConfig, chars: str) -> dict[str, list[Path]]:
-    """Fonts of each role: ``train``, ``val`` (from the pool, disjoint) and ``test`` (held out)."""
+def font_splits(cfg: CanvasConfig, chars: str, unlabeled_fonts: int = 0) -> dict[str, list[Path]]:
+    """Fonts of each role: ``train``, ``val`` (from the pool, disjoint) and ``test`` (held out); with
+    ``unlabeled_fonts`` also ``unlabeled``: the next pool fonts after the training and validation ones."""
     fonts = find_fonts(None)  # fonts covering digits and Latin letters: the same roles whatever the charset
-    need = cfg.heldout_fonts + cfg.train_fonts + cfg.val_fonts
+    need = cfg.heldout_fonts + cfg.train_fonts + cfg.val_fonts + unlabeled_fonts
     if len(fonts) < need:
         raise ProckdError(f"the canvases need {need} fonts covering digits and Latin letters but only "
-                          f"{len(fonts)} were found; run scripts/get_fonts.sh or lower the font counts")
+                          f"{len(fonts)} were found; run scripts/get_fonts.sh or lower the font counts"
+                          + (" (data.unlabeled.canvas_fonts among them)" if unlabeled_fonts else ""))
     held, pool = font_roles(fonts, cfg.heldout_fonts, cfg.font_seed)
-    return {"train": pool[:cfg.train_fonts], "val": pool[cfg.train_fonts:cfg.train_fonts + cfg.val_fonts],
-            "test": held}
+    if cfg.train_designs or cfg.test_designs:  # a cross-design column: roles first, then each role's designs
+        pool = [f for f in pool if not cfg.train_designs or font_design(f) in cfg.train_designs]
+        held = [f for f in held if not cfg.test_designs or font_design(f) in cfg.test_designs]
+        short = cfg.train_fonts + cfg.val_fonts + unlabeled_fonts - len(pool)
+        if short > 0 or not held:
+            raise ProckdError(f"data.canvas: train_designs={cfg.train_designs} / test_designs={cfg.test_designs} "
+                              f"leave {len(pool)} pool fonts for {cfg.train_fonts + cfg.val_fonts + unlabeled_fonts} "
+                              f"training / validation / unlabelled ones and {len(held)} test fonts; lower the counts "
+                              "or widen the designs")
+    start = cfg.train_fonts + cfg.val_fonts
+    roles = {"train": pool[:cfg.train_fonts], "val": pool[cfg.train_fonts:start], "test": held}
+    if unlabeled_fonts:
+        roles["unlabeled"] = pool[start:start + unlabeled_fonts]
+    return roles
+
+
+UNLABELED_ID = 1_000_000_000  # unlabelled images' ids start here: the teacher cache never mixes them with labelled ones
+
+
+def build_unlabeled_canvases(cfg: CanvasConfig, fonts: int, n: int, log=print) -> list[tuple[Path, int]]:
+    """Write (once, cached) ``n`` canvases of the student's characters in ``fonts`` further pool fonts (the
+    transfer set of ``data.unlabeled.canvas_fonts``): the same scenes as the labelled splits draw, no boxes
+    written. Returns (image file, image id) pairs, ids from :data:`UNLABELED_ID`."""
+    chars = charset(cfg.charset)
+    roles = font_splits(cfg, chars, fonts)
+    key_src = {"v": 1, "cfg": cfg.model_dump(mode="json", exclude={"cache_dir"}), "n": n,
+               "fonts": [(str(f), f.stat().st_size) for f in roles["unlabeled"]]}
+    key = hashlib.sha1(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cfg.cache_dir).expanduser() / f"unlabeled-{key}"
+    files = [(root / "images" / f"{i:05d}.png", UNLABELED_ID + i) for i in range(n)]
+    if (root / "done").is_file():
+        return files
+    log(f"rendering {n} unlabelled canvases ({fonts} fonts, no boxes) -> {root}")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    sweep_orphans(root.parent, log)
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    loaded = [ImageFont.truetype(str(f), 96) for f in roles["unlabeled"]]
+    for i in range(n):
+        img, _ = render_canvas(loaded, chars, cfg.distractors, cfg, _rng(key, "unlabeled", i))
+        img = shift_domain(img, cfg.train_shift, cfg.severity, seed=i)
+        Image.fromarray(img, mode="L").save(tmp / "images" / f"{i:05d}.png")
+    (tmp / "done").write_text(json.dumps(key_src))
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        if not (root / "done").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
 
 
 def split_names(cfg: CanvasConfig) -> tuple[list[str], list[str]]:

@@ -30,6 +30,9 @@ class DetectorConfig(Strict):
     backbone_weights: Literal["none", "imagenet"] = "none"  # imagenet: torchvision / timm hub, or builtin files
     weights: Literal["none", "coco"] = "none"  # coco: torchvision's COCO Faster R-CNN R-50-FPN (hub, 91 classes)
     checkpoint: str | None = None  # a whole detector's state dict (prockd pretrain-teacher output or a run's)
+    # a detector's state dict that starts this one's weights, its box predictor excepted when its class count
+    # differs (fine-tuning another label space's detector on this task; teacher.finetune uses it)
+    init_checkpoint: str | None = None
     num_classes: int | None = None  # teachers: size of their own head (default: from the checkpoint)
     trainable_layers: int = Field(3, ge=0, le=5)  # backbone stages trained (from the top), as torchvision
     norm: Literal["frozen", "train"] = "frozen"  # backbone BatchNorm: frozen statistics (mmdet) or trained
@@ -56,6 +59,29 @@ class DetectorConfig(Strict):
         if not self.min_size:
             raise ValueError("min_size needs at least one value")
         return self
+
+
+class DetFinetuneConfig(Strict):
+    """Stage 1 of fine-tune-then-distil for detection (after Vemulapalli et al., ICML 2024, carried to detectors):
+    the teacher detector, started from its checkpoint with a new box predictor for the student's classes, is trained
+    on the student's labelled training split (its checkpoint chosen on the validation split), then it is the frozen
+    teacher the method distils (``teacher.finetune``). Cached by content (the teacher's weights, the labelled data,
+    this recipe): every seed of a comparison shares one fine-tune."""
+
+    epochs: int = Field(12, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(6e-4, gt=0)
+    milestones: list[int] = Field(default_factory=lambda: [10])
+    batch_size: int | None = Field(None, ge=1)  # None: train.batch_size
+    eval_every: int = Field(2, ge=1)
+    seed: int = 0  # the fine-tune's own seed (shared by every run of a comparison)
+    dir: str | None = None  # where fine-tuned teachers are kept (None: ~/.cache/prockd/finetuned_det)
+
+
+class DetTeacherConfig(DetectorConfig):
+    """The frozen teacher detector; optionally fine-tuned on the student's task first (``finetune``)."""
+
+    finetune: DetFinetuneConfig | None = None
 
 
 class DetSplitConfig(Strict):
@@ -95,7 +121,34 @@ class CanvasConfig(Strict):
     train_shift: Literal["none", "fog", "dusk"] = "none"  # the training domain
     test_shifts: list[Literal["none", "fog", "dusk"]] = Field(default_factory=lambda: ["none", "fog"])
     severity: int = Field(3, ge=1, le=5)
+    # cross-design columns (families of design: upright, italic, mono, script; prockd.glyphs.font_design): the
+    # training, validation and unlabelled fonts only of train_designs, the held-out test fonts only of test_designs
+    train_designs: list[Literal["upright", "italic", "mono", "script"]] | None = None
+    test_designs: list[Literal["upright", "italic", "mono", "script"]] | None = None
     cache_dir: str = "~/.cache/prockd/data/canvas"
+
+
+class DetUnlabeledConfig(Strict):
+    """An unlabelled transfer set of the student's domain (``data.unlabeled``): images without boxes.
+
+    Every training step draws ``batch_size`` of them beside the labelled batch; the detector's own losses never see
+    them, the distillation terms on FPN levels do (through the teacher's pyramid of the same image). Methods whose
+    loss needs ground-truth boxes (FGD's foreground masks) leave them out. Give exactly one source."""
+
+    # data.name=canvas: canvases of the student's characters drawn in this many further pool fonts (after the
+    # training and validation fonts; never a held-out test font), their boxes never written
+    canvas_fonts: int = Field(0, ge=0)
+    canvas_images: int = Field(256, ge=1)  # how many such canvases
+    dir: str | None = None  # any data: every image file under this folder (recursively)
+    limit: int | None = Field(None, ge=1)  # at most this many images of ``dir`` (the first in sorted order)
+    batch_size: int | None = Field(None, ge=1)  # unlabelled images per step (None: train.batch_size)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.canvas_fonts > 0) == (self.dir is not None):
+            raise ValueError("data.unlabeled needs exactly one source: canvas_fonts > 0 (canvas data) or dir (a "
+                             "folder of images)")
+        return self
 
 
 class DetDataConfig(Strict):
@@ -112,11 +165,15 @@ class DetDataConfig(Strict):
     flip: bool = True  # random horizontal flip in training
     train_limit: int | None = Field(None, ge=1)  # first N training images only
     test_limit: int | None = Field(None, ge=1)
+    unlabeled: DetUnlabeledConfig | None = None  # an unlabelled transfer set of the student's domain
 
     @model_validator(mode="after")
     def _check(self):
         if self.name == "files" and (self.train is None or not self.tests):
             raise ValueError("detection data from files needs 'train' and at least one entry in 'tests'")
+        if self.unlabeled is not None and self.unlabeled.canvas_fonts and self.name != "canvas":
+            raise ValueError(f"data.unlabeled.canvas_fonts is for data.name=canvas; '{self.name}' takes "
+                             "data.unlabeled.dir (a folder of images)")
         return self
 
 
@@ -157,7 +214,7 @@ class DetExperimentConfig(Strict):
     task: Literal["detection"] = "detection"
     seed: int = 0
     out: str = "runs/det"
-    teacher: DetectorConfig | None = None
+    teacher: DetTeacherConfig | None = None
     student: DetectorConfig
     data: DetDataConfig
     method: MethodConfig = Field(default_factory=lambda: MethodConfig(name="student_only"))

@@ -258,6 +258,22 @@ def open_split(split, classes: list[str] | None, name_map: dict[str, str]) -> De
     return read_voc(Path(split.root).expanduser(), split.split, classes, name_map)
 
 
+def unlabeled_set(files: list[tuple[str | Path, int]], classes: list[str], source: str) -> DetectionSet:
+    """Images without boxes (``data.unlabeled``) as a :class:`DetectionSet`: (file, image id) pairs, each file's
+    size read from its header (an unreadable file is an error naming it, before training)."""
+    recs = []
+    for f, iid in files:
+        try:
+            with Image.open(f) as im:
+                w, h = im.size
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise ProckdError(f"{source}: image {f} is unreadable ({e})") from None
+        recs.append(DetRecord(str(f), w, h, int(iid)))
+    if not recs:
+        raise ProckdError(f"{source}: no unlabelled images")
+    return DetectionSet(recs, classes, source)
+
+
 def collate(batch):
     """A list of (image, target) pairs -> (list of images, list of targets), sizes may differ."""
     images, targets = zip(*batch)

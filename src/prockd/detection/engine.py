@@ -20,7 +20,7 @@ from prockd.core.loop import (
     set_seed,
 )
 from prockd.core.registry import method_params as validated_method_params
-from prockd.detection.canvas import build_canvases, split_names
+from prockd.detection.canvas import UNLABELED_ID, build_canvases, build_unlabeled_canvases, split_names
 from prockd.detection.config import DetectorConfig, DetExperimentConfig
 from prockd.detection.data import (
     DetectionSet,
@@ -28,9 +28,11 @@ from prockd.detection.data import (
     make_loader,
     open_split,
     read_coco,
+    unlabeled_set,
 )
 from prockd.detection.deploy import save_deployed
 from prockd.detection.evaluate import coco_metrics, detect
+from prockd.detection.finetune import finetuned_teacher
 from prockd.detection.methods import DET_METHODS, DetDistiller
 from prockd.detection.models import (
     DetTeacher,
@@ -50,6 +52,7 @@ class DetData:
     val: DetectionSet | None
     tests: dict[str, DetectionSet]
     classes: list[str]
+    unlabeled: DetectionSet | None = None  # data.unlabeled: images without boxes (the distillers' transfer set)
 
 
 def open_data(cfg: DetExperimentConfig, log=print) -> DetData:
@@ -67,7 +70,22 @@ def open_data(cfg: DetExperimentConfig, log=print) -> DetData:
         val = open_split(d.val, classes, d.name_map) if d.val is not None else None
         tests = {n: open_split(s, classes, d.name_map) for n, s in d.tests.items()}
     tests = {n: t.subset(d.test_limit) for n, t in tests.items()}
-    return DetData(train.subset(d.train_limit), val.subset(d.test_limit) if val is not None else None, tests, classes)
+    unlabeled = None
+    u = d.unlabeled
+    if u is not None:
+        if u.canvas_fonts:
+            files = build_unlabeled_canvases(d.canvas, u.canvas_fonts, u.canvas_images, log)
+            unlabeled = unlabeled_set(files, classes, "data.unlabeled (canvases)")
+        else:
+            from prockd.classification.data import unlabeled_files  # the same folder rules as classification
+
+            good, bad = unlabeled_files(u.dir, u.limit)
+            if bad:
+                log(f"data.unlabeled.dir: {len(bad)} unreadable files skipped (e.g. {bad[0]})")
+            unlabeled = unlabeled_set([(f, UNLABELED_ID + i) for i, f in enumerate(good)], classes,
+                                      f"data.unlabeled.dir ({u.dir})")
+    return DetData(train.subset(d.train_limit), val.subset(d.test_limit) if val is not None else None, tests, classes,
+                   unlabeled)
 
 
 @dataclass
@@ -104,8 +122,15 @@ def build(cfg: DetExperimentConfig, data: DetData | None = None, log=print) -> D
     device = resolve_device(cfg.train.device)
     cls, params = method_params(cfg)
     teacher = None
+    if cls.needs_teacher and cfg.teacher is not None and cfg.teacher.finetune is not None:
+        data = data or open_data(cfg, log)  # stage 1 trains on the labelled split
+        ckpt, _ = finetuned_teacher(cfg, log)
+        cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": str(ckpt),
+                                                                                "num_classes": None})})
     if cls.needs_teacher:
         t = cfg.teacher
+        if t is None:
+            raise ProckdError(f"detection method '{cfg.method.name}' needs a 'teacher' section")
         state = read_state_dict(t.checkpoint, "teacher detector") if t.checkpoint else None  # read once
         teacher = DetTeacher(build_detector(t, teacher_classes(t, state), state), cfg.student.mean, cfg.student.std)
     data = data or open_data(cfg, log)
@@ -141,6 +166,9 @@ class DetectionHooks(TaskHooks):
         super().__init__(cfg, b.distiller, b.device)
         self.b, self.data = b, b.data
         self.primary = "val/mAP50" if b.data.val is not None else f"{next(iter(b.data.tests))}/mAP50"
+        # the unlabelled transfer set feeds the distillation terms of a method that reads it (not student-only,
+        # not a loss that needs ground-truth boxes)
+        self.unlabeled = b.data.unlabeled if b.data.unlabeled is not None and b.distiller.reads_unlabeled else None
 
     def config_text(self) -> str:
         """The resolved config as YAML."""
@@ -165,17 +193,36 @@ class DetectionHooks(TaskHooks):
         seeded by the run's seed and the epoch."""
         cfg = self.cfg
         self.g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 17)
-        return make_loader(self.data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                           workers=cfg.data.num_workers, rank=info.rank, world=info.world)
+        labelled = make_loader(self.data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                               workers=cfg.data.num_workers, rank=info.rank, world=info.world)
+        if self.unlabeled is None:
+            return labelled
+        return zip(labelled, self._unlabeled_batches(epoch, info))
 
-    def step_inputs(self, batch, info):
-        """(images, targets) on the device, flipped when ``data.flip``; every rank's share is whole."""
-        images, targets = batch
+    def _unlabeled_batches(self, epoch: int, info):
+        """This rank's shuffled unlabelled batches (``data.unlabeled.batch_size``, else ``train.batch_size``), a
+        new order per epoch and per pass, repeated as long as the labelled batches last."""
+        cfg, k = self.cfg, 0
+        bs = cfg.data.unlabeled.batch_size or cfg.train.batch_size
+        while True:
+            yield from make_loader(self.unlabeled, bs, shuffle=True, seed=cfg.seed + 7919, epoch=epoch * 1000 + k,
+                                   workers=cfg.data.num_workers, rank=info.rank, world=info.world)
+            k += 1
+
+    def _to_device(self, images, targets):
         if self.cfg.data.flip:
             images, targets = hflip(images, targets, self.g)
         images = [im.to(self.device, non_blocking=True) for im in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in tg.items()} for tg in targets]
-        return (images, targets), 1.0
+        return images, targets
+
+    def step_inputs(self, batch, info):
+        """(images, targets[, unlabelled images, their box-less targets]) on the device, flipped when
+        ``data.flip``; every rank's share is whole."""
+        if self.unlabeled is None:
+            return self._to_device(*batch), 1.0
+        (images, targets), (u_images, u_targets) = batch
+        return (*self._to_device(images, targets), *self._to_device(u_images, u_targets)), 1.0
 
     def forward(self, model, inputs) -> dict:
         """The detector's and the method's losses."""

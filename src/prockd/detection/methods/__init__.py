@@ -8,6 +8,7 @@ from prockd.detection.methods import (  # noqa: F401
                                       mgd,
                                       pkd,
                                       prockd,
+                                      roi_kd,
                                       skd_zhang_ma,
                                       ssim_kd,
                                       student_only,

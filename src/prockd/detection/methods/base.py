@@ -55,6 +55,8 @@ class DetDistiller(DistillerBase):
 
     Params: ClassVar[type[BaseModel]] = LevelParams
     default_levels: ClassVar[tuple[str, ...]] = ("0", "1", "2", "3")
+    # whether the method's terms are defined without ground-truth boxes (they then also read data.unlabeled)
+    boxes_free: ClassVar[bool] = True
 
     def __init__(self, student, teacher: DetTeacher | None, params: BaseModel, num_classes: int):
         super().__init__(student, teacher, params, num_classes)
@@ -63,6 +65,12 @@ class DetDistiller(DistillerBase):
         self.t_width = teacher.width if teacher is not None else self.s_width
         self._stats: dict[str, float] = {}
         self.pyramid_cache = None  # a models.PyramidCache when train.cache_teacher (set by engine.build)
+
+    @property
+    def reads_unlabeled(self) -> bool:
+        """Whether an unlabelled transfer set (``data.unlabeled``) feeds this method: it has a teacher and its
+        terms need no ground-truth boxes."""
+        return self.teacher is not None and self.boxes_free
 
     def features(self, tensors: torch.Tensor) -> OrderedDict:
         """The student's pyramid (ProC-KD adds FA here: what the deployed detector computes)."""
@@ -73,18 +81,35 @@ class DetDistiller(DistillerBase):
         """The RPN and RoI-head losses on ``feats``: the student's heads, or the ``rpn`` / ``roi_heads`` given
         (callables with the same signatures)."""
         proposals, rpn_losses = (rpn or self.student.rpn)(il, feats, targets)
+        if rpn is None:
+            self._last_proposals = proposals  # the student's own proposals of this batch (RoI-level distillers)
         _, roi = (roi_heads or self.student.roi_heads)(feats, proposals, il.image_sizes, targets)
         return {k + suffix: v for k, v in {**rpn_losses, **roi}.items()}
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
-        """Training losses (detection + distillation)."""
+    def forward(self, images: list[torch.Tensor], targets: list[dict], u_images: list[torch.Tensor] | None = None,
+                u_targets: list[dict] | None = None) -> dict[str, torch.Tensor]:
+        """Training losses (detection + distillation); with an unlabelled batch (``u_images``, box-less
+        ``u_targets`` carrying image ids) also the distillation terms on it, named ``<term>_u``."""
         il, targets = self.student.transform(images, targets)
         feats = self.features(il.tensors)
         losses = self.detection_losses(il, feats, targets)
         if self.teacher is not None:
             t_feats, t_stem = self.teacher_pyramid(il, [tuple(f.shape[-2:]) for f in feats.values()], targets)
             losses.update(self.distill(feats, t_feats, t_stem, il, targets))
+            if u_images:
+                self._last_proposals = None  # the labelled batch's proposals are not this batch's
+                il_u, u_targets = self.student.transform(u_images, u_targets)
+                feats_u = self.features(il_u.tensors)
+                t_u, t_stem_u = self.teacher_pyramid(il_u, [tuple(f.shape[-2:]) for f in feats_u.values()], u_targets)
+                losses.update({f"{k}_u": v for k, v in self.distill_unlabeled(feats_u, t_u, t_stem_u, il_u,
+                                                                                u_targets).items()})
         return losses
+
+    def distill_unlabeled(self, feats: OrderedDict, t_feats: OrderedDict, t_stem: torch.Tensor, il,
+                          targets) -> dict[str, torch.Tensor]:
+        """The method's losses on an unlabelled batch (default: :meth:`distill`; only called when
+        :attr:`boxes_free`)."""
+        return self.distill(feats, t_feats, t_stem, il, targets)
 
     def teacher_pyramid(self, il, sizes: list[tuple[int, int]], targets) -> tuple[OrderedDict, torch.Tensor]:
         """The teacher's pyramid of the batch: through :attr:`pyramid_cache` when set (keys: image id, flip,

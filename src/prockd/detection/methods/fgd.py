@@ -109,6 +109,7 @@ class DetFGD(LevelDistiller):
 
     Params = DetFGDParams
     main_weights = ("alpha", "beta", "gamma", "lambda_global")
+    boxes_free = False  # its focal masks are the ground-truth boxes: an unlabelled transfer set is left out
 
     def make_level(self, s_ch, t_ch):
         """Connector + the student's and the teacher's GcBlocks."""
