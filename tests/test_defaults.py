@@ -42,5 +42,11 @@ def test_detection_prockd_defaults_to_the_option_its_docs_recommend():
     p = DetProCKDParams(preset="paper")
     assert (p.teacher_head, p.lambda_aug, p.lambda_mimic, p.lambda_emb) == ("shared", 1.0, 1.0, 1.0)
     assert DetProCKDParams(preset="paper", lambda_mimic=0.5).lambda_mimic == 0.5  # keys beside a preset win
+    # the demo's ProC-KD row is the method's default, which trains as the validation-chosen row of the full table
+    from prockd.bench.compare_detection import DEMO_METHODS, row_params, tuned_params
+
+    assert "prockd" in DEMO_METHODS
+    chosen = DetProCKDParams(**tuned_params()["prockd@none"]).model_dump(exclude={"preset"})
+    assert DetProCKDParams(**row_params("prockd", tuned_params())).model_dump(exclude={"preset"}) == chosen
     paper = (REPO / "src" / "prockd" / "configs" / "detection" / "paper" / "detector_paper.yaml").read_text()
     assert "preset: paper" in paper  # the paper's reading, set by the paper configs themselves

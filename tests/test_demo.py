@@ -96,3 +96,33 @@ def test_the_shipped_teacher_is_used_only_on_the_fonts_it_was_trained_on(tmp_pat
     said.clear()
     assert not common.install_shipped_teacher(s.teacher_run, tmp_path / "b" / "run", say=said.append)
     assert "trained on other fonts" in said[0] and not (tmp_path / "b").exists()
+
+
+def test_the_shipped_detection_teacher_is_installed_only_on_its_fonts(tmp_path, monkeypatch):
+    """The detection suite's teacher ships with prockd (its first run skips training it): it belongs to the default
+    setting's teacher recipe, is installed bitwise where the fonts are those it was trained on, else trained."""
+    from prockd.bench import compare_detection as cd
+    from prockd.bench.common import SHIPPED_TEACHERS
+    from prockd.detection.config import build_det_config
+    from prockd.detection.models import build_detector
+
+    teacher_raw, _ = cd.embedded_configs()
+    teacher_raw["data"]["canvas"]["cache_dir"] = str(tmp_path / "data")
+    path = SHIPPED_TEACHERS / f"{cd.shipped_key(teacher_raw)}.pt"
+    assert path.is_file(), "the detection teacher's recipe changed: run scripts/ship_teacher.py --suite detection"
+    shipped = torch.load(path, map_location="cpu", weights_only=False)
+    assert shipped["summary"]["selected"]["test/mAP50"] > 80 and len(shipped["classes"]) == 36
+    cfg = build_det_config(teacher_raw, "test")
+    build_detector(cfg.student, 36).load_state_dict(shipped["model"])  # strict: the recipe's detector
+    said = []
+    run_dir = tmp_path / "cache" / "det_teachers" / "x"
+    if cd.found_font_digests() == shipped["fonts"]:
+        assert cd.install_shipped_det_teacher(teacher_raw, run_dir, said.append)
+        assert "shipped with prockd" in said[-1]
+        saved = torch.load(run_dir / "teacher.pt", weights_only=False)
+        assert all(torch.equal(v, shipped["model"][k]) for k, v in saved["model"].items())
+        assert not cd.install_shipped_det_teacher(teacher_raw, run_dir, said.append)  # already there: kept
+    monkeypatch.setattr(cd, "found_font_digests", lambda: shipped["fonts"][1:] + ["0" * 40])
+    other = tmp_path / "other"
+    assert not cd.install_shipped_det_teacher(teacher_raw, other, said.append)
+    assert "other fonts" in said[-1] and not other.exists()

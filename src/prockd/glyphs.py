@@ -151,6 +151,12 @@ def eligible_font_digests(dirs: list[str] | None, chars: str) -> list[str]:
     return [d for _, d in _found(dirs, _eligible_chars(chars))]
 
 
+def found_font_digests(dirs: list[str] | None = None) -> list[str]:
+    """SHA-1 of each of :func:`find_fonts`' fonts (default coverage), in the same order: what the detection canvases'
+    font roles are drawn from."""
+    return [d for _, d in _found(dirs, _COVER)]
+
+
 def font_digest(path: Path) -> str:
     """SHA-1 of a font file's bytes: its identity whatever its path (duplicates, other machines)."""
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()

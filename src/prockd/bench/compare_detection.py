@@ -18,9 +18,11 @@ import json
 import statistics
 from pathlib import Path
 
+import torch
 import yaml
 
 from prockd.bench.common import (
+    SHIPPED_TEACHERS,
     cached_teacher,
     default_workers,
     mean_std,
@@ -29,6 +31,8 @@ from prockd.bench.common import (
     paired_ci,
     run_jobs,
     scaled,
+    teacher_dir,
+    teacher_key,
     verdict,
 )
 from prockd.bench.suites import get_suite
@@ -38,13 +42,14 @@ from prockd.core.config import (
     packaged_configs,
     read_config_file,
 )
-from prockd.core.io import atomic_write_json, atomic_write_text
+from prockd.core.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from prockd.detection.analysis import detection_probe
 from prockd.detection.config import build_det_config
 from prockd.detection.engine import build, open_data, pretrain_teacher
 from prockd.detection.finetune import finetuned_teacher
 from prockd.detection.methods import DET_METHODS
 from prockd.errors import ProckdError
+from prockd.glyphs import found_font_digests
 
 SUITE = get_suite("detection")
 DEMO_METHODS = tuple(SUITE.demo_methods)
@@ -85,9 +90,42 @@ def quick_sizes(teacher: dict, student: dict) -> None:
         raw["data"]["num_workers"] = 0
 
 
-def det_teacher(teacher_raw: dict, cache_root: Path, log, say) -> tuple[Path, dict]:
-    """Train (once, cached by the config's hash) the benchmark's teacher detector; (checkpoint, summary)."""
+def shipped_key(teacher_raw: dict) -> str:
+    """The key of a shipped detection teacher: its pre-training config's hash without the canvas cache folder (a
+    path of the machine)."""
+    raw = copy.deepcopy(teacher_raw)
+    raw.get("data", {}).get("canvas", {}).pop("cache_dir", None)
+    return "det-" + teacher_key(raw)
+
+
+def install_shipped_det_teacher(teacher_raw: dict, run_dir: Path, say=print) -> bool:
+    """Put the detection teacher shipped with prockd for ``teacher_raw`` (if any) in ``run_dir`` as if it had been
+    trained there, when this machine's fonts are, byte for byte and in order, those it was trained on (then its
+    training fonts are this machine's pool and no held-out font was trained on). Returns whether it was installed."""
+    path = SHIPPED_TEACHERS / f"{shipped_key(teacher_raw)}.pt"
+    if not path.is_file() or (run_dir / "final.json").is_file():
+        return False
+    shipped = torch.load(path, map_location="cpu", weights_only=False)
+    if found_font_digests() != shipped["fonts"]:
+        say("the shipped detection teacher was trained on other fonts: training it here instead")
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"model": shipped["model"], "classes": shipped["classes"]}, run_dir / "teacher.pt")
+    atomic_write_json(run_dir / "shipped.json", {"file": str(path), **shipped["provenance"]})
+    atomic_write_json(run_dir / "final.json", shipped["summary"])  # last: it marks the teacher as ready
+    sel = shipped["summary"].get("selected") or {}
+    say(f"teacher detector: the one shipped with prockd ({shipped['provenance']['trained']}; mAP50 "
+        f"{sel.get('test/mAP50', float('nan')):.1f} on its held-out fonts), the fonts here being those it was "
+        "trained on")
+    return True
+
+
+def det_teacher(teacher_raw: dict, cache_root: Path, log, say, shipped: bool = True) -> tuple[Path, dict]:
+    """Train (once, cached by the config's hash) the benchmark's teacher detector, or install the one shipped with
+    prockd for it (``shipped``, where the fonts match); (checkpoint, summary)."""
     cfg = build_det_config(teacher_raw, "benchmark teacher")
+    if shipped:
+        install_shipped_det_teacher(teacher_raw, teacher_dir(cache_root, "det_teachers", teacher_raw), say)
     return cached_teacher(teacher_raw, cache_root, "det_teachers",
                           lambda run_dir, lg: pretrain_teacher(cfg, run_dir, log=lg),
                           f"the benchmark's teacher detector ({cfg.train.epochs} epochs, {cfg.data.canvas.train_images} "
