@@ -77,7 +77,6 @@ def test_unlabeled_set_changes_distillers_not_student_only_and_skips_box_losses(
     raw = _raw(base, "prockd", udir)
     raw["method"] = {"name": "prockd", "params": {"teacher_head": "shared", "lambda_aug": 1.0}}
     b = build(build_det_config(raw), log=lambda m: None)
-    from prockd.detection.data import hflip  # noqa: F401
     ims = [b.data.unlabeled[i][0] for i in range(2)]
     tgs = [b.data.unlabeled[i][1] for i in range(2)]
     lab = [b.data.train[i] for i in range(2)]

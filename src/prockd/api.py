@@ -34,6 +34,7 @@ from prockd.classification.runs import load_run_student
 from prockd.core.config import apply_run_overrides, format_errors, method_reference
 from prockd.core.config import config_reference as key_reference
 from prockd.detection.config import DetExperimentConfig
+from prockd.detection.init import init_det_config_text, write_init_det_config
 from prockd.detection.methods import DET_METHODS
 from prockd.errors import ProckdError
 from prockd.tasks import build_any_config, commands, load_any_config, task_name
@@ -323,8 +324,6 @@ def init_detection_config(data: str | Path, teacher: str, student: str, path: st
     ``teacher_backbone``; its FPN width and box head read from it) or ``coco``. ProC-KD's ``preset`` defaults to
     ``mimic_light``, what the detection benchmark recommends. Written to ``path`` when given (atomically; an
     existing file only with ``force``). Returns the YAML text."""
-    from prockd.detection.init import init_det_config_text, write_init_det_config
-
     if path is not None:
         return write_init_det_config(path, data, teacher, student, method, preset, teacher_backbone, force).read_text()
     return init_det_config_text(data, teacher, student, method, preset, teacher_backbone)

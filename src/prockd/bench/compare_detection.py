@@ -196,7 +196,7 @@ def prepare_finetuned(student_raw: dict, teacher_section: dict, methods, say=pri
         if variant_teacher(m).get("finetune"):
             raw = dict(copy.deepcopy(student_raw), method={"name": method_of(m)},
                        teacher=deep_merge(teacher_section, variant_teacher(m)))
-            path, summary = finetuned_teacher(build_det_config(raw, f"row {m}"), log=say)
+            path, summary = finetuned_teacher(build_det_config(raw, f"row {m}"), pretrain_teacher, log=say)
             sel = summary.get("selected") or {}
             say(f"{m}: fine-tuned teacher {path} (validation mAP50 {sel.get('val/mAP50', float('nan')):.1f})")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import yaml
 
 from prockd.classification.config import ModelConfig, build_config, canonical_model_name
-from prockd.classification.data import IMAGE_SUFFIXES, folder_geometry
+from prockd.classification.data import folder_geometry
 from prockd.classification.models import shared_with_teacher
-from prockd.core.io import atomic_write_text
+from prockd.core.io import IMAGE_SUFFIXES, atomic_write_text
 from prockd.errors import ProckdError, class_difference
 
 VAL_NAMES, TEST_NAMES, UNLABELED_NAMES = ("val", "valid", "validation"), ("test",), ("unlabeled", "unlabelled")

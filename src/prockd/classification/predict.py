@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from prockd.classification.data import IMAGE_SUFFIXES
+from prockd.core.io import IMAGE_SUFFIXES
 from prockd.classification.deploy import default_input_shape, load_deployed
 from prockd.classification.export import ONNX_FORMAT, ort_session
 from prockd.errors import ProckdError

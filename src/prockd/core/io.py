@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from PIL import Image, UnidentifiedImageError
+
 from prockd.errors import ProckdError
 
 
@@ -148,3 +150,29 @@ def shared_build_lock(path: str | Path):
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")  # files read as images
+
+
+def unlabeled_files(path: str, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """(readable image files, unreadable ones) under ``path``: recursively, sorted, by suffix
+    (:data:`IMAGE_SUFFIXES`), at most ``limit`` readable ones. Each file's header is opened (not its pixels): a
+    file that is not an image (or whose header is broken) is skipped and listed, never met mid-epoch."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ProckdError(f"data.unlabeled.dir: folder not found: {root}")
+    good, bad = [], []
+    for f in sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        if limit and len(good) >= limit:
+            break
+        try:
+            with Image.open(f):
+                pass
+            good.append(f)
+        except (OSError, UnidentifiedImageError, ValueError):
+            bad.append(f)
+    if not good:
+        raise ProckdError(f"data.unlabeled.dir: no readable image files ({', '.join(IMAGE_SUFFIXES)}) under {root}"
+                          + (f" ({len(bad)} unreadable, e.g. {bad[0]})" if bad else ""))
+    return good, bad

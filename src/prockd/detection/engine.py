@@ -12,6 +12,7 @@ import torch
 from prockd.core import distributed as ddp
 from prockd.core.checkpoint import read_state_dict, save_teacher, select_best
 from prockd.core.config import dump_config
+from prockd.core.io import unlabeled_files
 from prockd.core.loop import (
     TaskHooks,
     lr_factor,
@@ -77,8 +78,6 @@ def open_data(cfg: DetExperimentConfig, log=print) -> DetData:
             files = build_unlabeled_canvases(d.canvas, u.canvas_fonts, u.canvas_images, log)
             unlabeled = unlabeled_set(files, classes, "data.unlabeled (canvases)")
         else:
-            from prockd.classification.data import unlabeled_files  # the same folder rules as classification
-
             good, bad = unlabeled_files(u.dir, u.limit)
             if bad:
                 log(f"data.unlabeled.dir: {len(bad)} unreadable files skipped (e.g. {bad[0]})")
@@ -124,7 +123,7 @@ def build(cfg: DetExperimentConfig, data: DetData | None = None, log=print) -> D
     teacher = None
     if cls.needs_teacher and cfg.teacher is not None and cfg.teacher.finetune is not None:
         data = data or open_data(cfg, log)  # stage 1 trains on the labelled split
-        ckpt, _ = finetuned_teacher(cfg, log)
+        ckpt, _ = finetuned_teacher(cfg, pretrain_teacher, log)
         cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": str(ckpt),
                                                                                 "num_classes": None})})
     if cls.needs_teacher:

@@ -41,11 +41,10 @@ def stage1_config(cfg: DetExperimentConfig) -> dict:
             "method": {"name": "student_only"}}
 
 
-def finetuned_teacher(cfg: DetExperimentConfig, log=print) -> tuple[Path, dict]:
-    """(the fine-tuned teacher's ``teacher.pt``, its summary): trained once per content key, atomically (a killed
-    fine-tune leaves nothing in place and starts again on the next run)."""
-    from prockd.detection.engine import pretrain_teacher  # engine imports this module
-
+def finetuned_teacher(cfg: DetExperimentConfig, pretrain_teacher, log=print) -> tuple[Path, dict]:
+    """(the fine-tuned teacher's ``teacher.pt``, its summary): trained once per content key by ``pretrain_teacher``
+    (:func:`prockd.detection.engine.pretrain_teacher`), atomically (a killed fine-tune leaves nothing in place and
+    starts again on the next run)."""
     raw = stage1_config(cfg)
     src = Path(cfg.teacher.checkpoint).expanduser()
     key_src = {"v": 1, "raw": {k: v for k, v in raw.items() if k != "train"} | {

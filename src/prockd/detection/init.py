@@ -7,12 +7,13 @@ from pathlib import Path
 
 import yaml
 
-from prockd.core.io import atomic_write_text
+from prockd.core.checkpoint import read_state_dict
+from prockd.core.io import IMAGE_SUFFIXES, atomic_write_text
 from prockd.detection.config import build_det_config
+from prockd.detection.engine import open_data
 from prockd.errors import ProckdError
 
 VAL_NAMES, UNLABELED_NAMES = ("val", "valid", "validation"), ("unlabeled", "unlabelled")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def coco_split(folder: Path) -> tuple[Path, Path]:
@@ -47,8 +48,6 @@ def _teacher_lines(teacher: str, teacher_backbone: str | None) -> list[str]:
     if not teacher_backbone:
         raise ProckdError("init --teacher FILE needs --teacher-backbone NAME: the backbone its weights belong to "
                           "(e.g. resnext101_32x8d, resnet50, builtin:efficientnet_lite0)")
-    from prockd.core.checkpoint import read_state_dict
-
     state = read_state_dict(p, "init --teacher detector")
     shape = {k: state[k].shape[0] for k in ("backbone.fpn.inner_blocks.0.0.weight", "roi_heads.box_head.fc6.weight")
              if k in state}
@@ -127,8 +126,6 @@ def init_det_config_text(data: str | Path, teacher: str, student: str, method: s
     text = "\n".join(lines)
     raw = yaml.safe_load(text)
     cfg = build_det_config(raw, "prockd init")
-    from prockd.detection.engine import open_data  # every annotation checked before anything is written
-
     open_data(cfg, log=lambda _m: None)
     return text
 
