@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--suite", default="glyphs", help="the suite whose teacher to ship (glyphs, glyphs_vit, detection)")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    provenance = {"trained": f"trained by prockd {commit} on a {platform.machine()} CPU, "
+    provenance = {"trained": f"trained by prockd, shipped at {commit}, on a {platform.machine()} CPU, "
                              f"{datetime.date.today().isoformat()}"}
     if args.suite == "detection":
         ship_detection(Path(args.cache).expanduser(), provenance)
