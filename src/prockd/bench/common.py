@@ -131,6 +131,25 @@ def glyph_font_digests(raw: dict) -> list[str]:
     return eligible_font_digests(g.font_dirs, charset(g.charset))
 
 
+def install_shipped(path: Path, run_dir: Path, local_fonts: list[str], write_teacher, what: str,
+                    say=print) -> dict | None:
+    """Put the shipped teacher file ``path`` in ``run_dir`` as if it had been trained there, when ``local_fonts``
+    (this machine's font digests, in role order) are those it was trained on; ``write_teacher(shipped,
+    run_dir / "teacher.pt")`` writes its checkpoint (checking it against its recipe). ``final.json`` is written last:
+    it marks the teacher as ready. Returns the shipped file's content, None (the reason said) when the fonts differ."""
+    shipped = torch.load(path, map_location="cpu", weights_only=False)
+    if local_fonts != shipped["fonts"]:
+        differ = len(set(shipped["fonts"]) ^ set(local_fonts))
+        say(f"the shipped {what} was trained on other fonts ({len(shipped['fonts'])} there, {len(local_fonts)} "
+            f"here, {differ} not in both, or in another order): training it here instead")
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_teacher(shipped, run_dir / "teacher.pt")
+    atomic_write_json(run_dir / "shipped.json", {"file": str(path), **shipped["provenance"]})
+    atomic_write_json(run_dir / "final.json", shipped["summary"])
+    return shipped
+
+
 def install_shipped_teacher(raw: dict, run_dir: Path, say=print) -> bool:
     """Put the teacher shipped with prockd for the pre-training config ``raw`` (if any) in ``run_dir``, as if it
     had been trained there. It is used only when this machine's eligible fonts are, byte for byte and in order,
@@ -139,20 +158,15 @@ def install_shipped_teacher(raw: dict, run_dir: Path, say=print) -> bool:
     path = SHIPPED_TEACHERS / f"{teacher_key(raw)}.pt"
     if not path.is_file() or raw.get("data", {}).get("name") != "glyphs":
         return False
-    shipped = torch.load(path, map_location="cpu", weights_only=False)
-    local = glyph_font_digests(raw)
-    if local != shipped["fonts"]:
-        differ = len(set(shipped["fonts"]) ^ set(local))
-        say(f"the shipped benchmark teacher was trained on other fonts ({len(shipped['fonts'])} there, {len(local)} "
-            f"here, {differ} not in both, or in another order): training it here instead")
+    def write_teacher(shipped: dict, ckpt: Path) -> None:
+        cfg = build_config(raw, "benchmark teacher")
+        model = create_model(cfg.student, len(charset(cfg.data.glyphs.charset)), "teacher")
+        model.load_state_dict(shipped["model"])  # strict: the recipe's network
+        save_teacher(ckpt, model)
+
+    shipped = install_shipped(path, run_dir, glyph_font_digests(raw), write_teacher, "benchmark teacher", say)
+    if shipped is None:
         return False
-    cfg = build_config(raw, "benchmark teacher")
-    model = create_model(cfg.student, len(charset(cfg.data.glyphs.charset)), "teacher")
-    model.load_state_dict(shipped["model"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_teacher(run_dir / "teacher.pt", model)
-    atomic_write_json(run_dir / "shipped.json", {"file": str(path), **shipped["provenance"]})
-    atomic_write_json(run_dir / "final.json", shipped["summary"])  # last: it marks the teacher as ready
     say(f"benchmark teacher: the one shipped with prockd ({shipped['provenance']['trained']}; top-1 "
         f"{shipped['summary']['final']['test/deployed']:.2f} % on its held-out fonts), the fonts here being those it "
         "was trained on; --train-teacher trains it on this machine instead")

@@ -18,13 +18,13 @@ import json
 import statistics
 from pathlib import Path
 
-import torch
 import yaml
 
 from prockd.bench.common import (
     SHIPPED_TEACHERS,
     cached_teacher,
     default_workers,
+    install_shipped,
     mean_std,
     method_of,
     output_dirs,
@@ -105,14 +105,11 @@ def install_shipped_det_teacher(teacher_raw: dict, run_dir: Path, say=print) -> 
     path = SHIPPED_TEACHERS / f"{shipped_key(teacher_raw)}.pt"
     if not path.is_file() or (run_dir / "final.json").is_file():
         return False
-    shipped = torch.load(path, map_location="cpu", weights_only=False)
-    if found_font_digests() != shipped["fonts"]:
-        say("the shipped detection teacher was trained on other fonts: training it here instead")
+    shipped = install_shipped(path, run_dir, found_font_digests(),
+                              lambda s, ckpt: atomic_torch_save({"model": s["model"], "classes": s["classes"]}, ckpt),
+                              "detection teacher", say)
+    if shipped is None:
         return False
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({"model": shipped["model"], "classes": shipped["classes"]}, run_dir / "teacher.pt")
-    atomic_write_json(run_dir / "shipped.json", {"file": str(path), **shipped["provenance"]})
-    atomic_write_json(run_dir / "final.json", shipped["summary"])  # last: it marks the teacher as ready
     sel = shipped["summary"].get("selected") or {}
     say(f"teacher detector: the one shipped with prockd ({shipped['provenance']['trained']}; mAP50 "
         f"{sel.get('test/mAP50', float('nan')):.1f} on its held-out fonts), the fonts here being those it was "
@@ -190,8 +187,8 @@ def queue_order(todo: list) -> list:
 
 
 def prepare_finetuned(student_raw: dict, teacher_section: dict, methods, say=print) -> None:
-    """Fine-tune (once, cached) the teacher of every fine-tuned-teacher row before the runs start, so that parallel
-    workers never fine-tune the same teacher twice."""
+    """Fine-tune (once, cached) the teacher of every fine-tuned-teacher row before the runs start, so that the
+    parallel workers read it instead of waiting on its build lock."""
     for m in methods:
         if variant_teacher(m).get("finetune"):
             raw = dict(copy.deepcopy(student_raw), method={"name": method_of(m)},

@@ -479,8 +479,6 @@ def _subsample(y: np.ndarray, counts: list[int], seed: int) -> np.ndarray:
     return np.concatenate(idx)
 
 
-
-
 def _unlabeled(cfg: DataConfig, extra_info: dict, train: ArrayDataset) -> ArrayDataset | None:
     """The unlabelled transfer set of ``cfg.unlabeled`` (labels :data:`IGNORE`): glyphs rendered in memory, or a
     folder's images left on disk (:class:`ImageFiles`, decoded by loader workers at the training images' size and

@@ -103,10 +103,11 @@ def head_classes(model: nn.Module, state: dict) -> int | None:
 
 
 def load_checkpoint_into(model: nn.Module, path: str | Path, what: str, state: dict | None = None,
-                         new_head: bool = True) -> str | None:
+                         new_head: bool = True, head: set[str] | None = None) -> str | None:
     """Load the checkpoint ``path`` (or its already read ``state``, see :func:`read_state_dict`) into ``model``.
 
-    A checkpoint whose classifier differs from the model's only in its number of classes (another task's head) loads
+    A checkpoint whose classifier (``head``: its state-dict names, default :func:`classifier_keys`; a detector's box
+    predictor) differs from the model's only in its number of classes (another task's head) loads
     everything else and leaves the model's new head as created, when ``new_head``; the returned note names the
     tensors (one log line). Anything else that does not fit (a missing, unexpected or wrongly shaped tensor) is one
     line naming ``what``, the file, the counts and the first differing tensors. Returns None when everything loaded."""
@@ -114,7 +115,7 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, what: str, state: d
     state = read_state_dict(p, what) if state is None else dict(state)
     own = model.state_dict()
     shaped = [k for k in state if k in own and state[k].shape != own[k].shape]
-    head = classifier_keys(model) if new_head else set()
+    head = (classifier_keys(model) if head is None else head) if new_head else set()
     note, size = None, len(own)
     if shaped and set(shaped) <= head and all(state[k].shape[1:] == own[k].shape[1:] for k in shaped):
         weight = next((k for k in shaped if k.endswith("weight")), shaped[0])

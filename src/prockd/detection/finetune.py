@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
-from prockd.core.io import sweep_orphans
+from prockd.core.io import atomic_write_json, shared_build_lock
 from prockd.detection.config import DetExperimentConfig, build_det_config
 from prockd.errors import ProckdError
 
@@ -43,41 +41,27 @@ def stage1_config(cfg: DetExperimentConfig) -> dict:
 
 def finetuned_teacher(cfg: DetExperimentConfig, pretrain_teacher, log=print) -> tuple[Path, dict]:
     """(the fine-tuned teacher's ``teacher.pt``, its summary): trained once per content key by ``pretrain_teacher``
-    (:func:`prockd.detection.engine.pretrain_teacher`), atomically (a killed fine-tune leaves nothing in place and
-    starts again on the next run)."""
+    (:func:`prockd.detection.engine.pretrain_teacher`) while holding the key's build lock, so that runs sharing it
+    wait and read it (:func:`prockd.core.io.shared_build_lock`, as the classification fine-tune); a killed fine-tune
+    resumes from its last epoch on the next run, and ``summary.json``, written last, marks it as ready."""
     raw = stage1_config(cfg)
     src = Path(cfg.teacher.checkpoint).expanduser()
     key_src = {"v": 1, "raw": {k: v for k, v in raw.items() if k != "train"} | {
         "train": {k: v for k, v in raw["train"].items() if k not in ("progress", "num_threads", "device")}},
         "teacher_file": [str(src.resolve()), src.stat().st_size, src.stat().st_mtime_ns]}
     key = hashlib.sha1(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    root = finetune_dir(cfg)
-    done = root / key
-    if (done / "teacher.pt").is_file():
-        return done / "teacher.pt", json.loads((done / "summary.json").read_text())
-    root.mkdir(parents=True, exist_ok=True)
-    sweep_orphans(root, log)
-    tmp = root / f".{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ft = cfg.teacher.finetune
-    log(f"teacher.finetune: fine-tuning the teacher detector on the student's classes ({ft.epochs} epochs, "
-        f"{ft.optimizer} lr {ft.lr:g}) -> {done}")
-    s1 = build_det_config(dict(raw, out=str(tmp)), "teacher.finetune (stage 1)")
-    res = pretrain_teacher(s1, tmp, log=log)
-    summary = {"key": key, "final": res.get("final"), "selected": _selected(tmp)}
-    (tmp / "summary.json").write_text(json.dumps(summary, default=str))
-    try:
-        os.replace(tmp, done)
-    except OSError:
-        if not (done / "teacher.pt").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    sel = summary["selected"] or {}
-    log(f"teacher.finetune: fine-tuned teacher's validation mAP50 {sel.get('val/mAP50', float('nan')):.1f} "
-        f"(epoch {sel.get('epoch')})")
-    return done / "teacher.pt", summary
-
-
-def _selected(run_dir: Path) -> dict | None:
-    p = run_dir / "final.json"
-    return json.loads(p.read_text()).get("selected") if p.is_file() else None
+    run_dir = finetune_dir(cfg) / key
+    with shared_build_lock(run_dir / ".finetune.lock"):
+        if not (run_dir / "summary.json").is_file():
+            ft = cfg.teacher.finetune
+            log(f"teacher.finetune: fine-tuning the teacher detector on the student's classes ({ft.epochs} epochs, "
+                f"{ft.optimizer} lr {ft.lr:g}) -> {run_dir}")
+            res = pretrain_teacher(build_det_config(dict(raw, out=str(run_dir)), "teacher.finetune (stage 1)"),
+                                   run_dir, log=log)
+            selected = json.loads((run_dir / "final.json").read_text()).get("selected")
+            atomic_write_json(run_dir / "summary.json", {"key": key, "final": res.get("final"), "selected": selected})
+            sel = selected or {}
+            log(f"teacher.finetune: fine-tuned teacher's validation mAP50 {sel.get('val/mAP50', float('nan')):.1f} "
+                f"(epoch {sel.get('epoch')})")
+        summary = json.loads((run_dir / "summary.json").read_text())
+    return run_dir / "teacher.pt", summary

@@ -27,9 +27,8 @@ def coco_split(folder: Path) -> tuple[Path, Path]:
     return images, jsons[0]
 
 
-def _image_side(ann: Path) -> tuple[int, int]:
+def _image_side(ims: list[dict], ann: Path) -> tuple[int, int]:
     """(median short side, median long side) of a COCO file's images (its ``width`` / ``height`` entries)."""
-    ims = json.loads(ann.read_text()).get("images") or []
     if not ims:
         raise ProckdError(f"init --data: {ann} lists no images")
     short = sorted(min(int(i["width"]), int(i["height"])) for i in ims)
@@ -83,9 +82,10 @@ def init_det_config_text(data: str | Path, teacher: str, student: str, method: s
                           f"COCO file in {root / 'test'}/ (detection metrics are never measured on training images)")
     val = next((root / n for n in VAL_NAMES if (root / n).is_dir()), None)
     unl = next((root / n for n in UNLABELED_NAMES if (root / n).is_dir()), None)
-    cats = [c["name"] for c in json.loads(tr_ann.read_text()).get("categories", [])]
-    n_train = len(json.loads(tr_ann.read_text()).get("images", []))
-    short, long = _image_side(tr_ann)
+    coco = json.loads(tr_ann.read_text())
+    cats = [c["name"] for c in coco.get("categories", [])]
+    n_train = len(coco.get("images") or [])
+    short, long = _image_side(coco.get("images") or [], tr_ann)
     min_size, max_size = min(short, 800), min(max(long, short), 1333)
     lines = [
         f"# prockd detection config for {root} (written by prockd init --task detection; every key: docs/config.md)",

@@ -27,7 +27,7 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelMaxPool,
 )
 
-from prockd.core.checkpoint import load_checkpoint_into, read_state_dict, state_mismatch
+from prockd.core.checkpoint import load_checkpoint_into
 from prockd.detection.config import DetectorConfig
 from prockd.errors import ProckdError
 from prockd.pretrained import builtin_efficientnet_lite0, hub_error, hub_fail_fast
@@ -190,24 +190,9 @@ PREDICTOR = "roi_heads.box_predictor."  # the box predictor: the one part tied t
 def init_from_detector(model: FasterRCNN, path: str) -> str | None:
     """Start ``model`` from the detector file ``path``: every tensor, the box predictor excepted when its class
     count differs (it then starts new; the returned note says so). Anything else that does not fit is an error
-    naming the file and the tensors."""
-    state = read_state_dict(path, "init detector")
-    own = model.state_dict()
-    note = None
-    pred = [k for k in state if k.startswith(PREDICTOR)]
-    if pred and any(k in own and state[k].shape != own[k].shape for k in pred):
-        old = state.get(PREDICTOR + "cls_score.weight")
-        state = {k: v for k, v in state.items() if not k.startswith(PREDICTOR)}
-        note = (f"init detector {path}: box predictor started new ({'?' if old is None else old.shape[0] - 1} -> "
-                f"{own[PREDICTOR + 'cls_score.weight'].shape[0] - 1} classes); every other tensor loaded")
-        own = {k: v for k, v in own.items() if not k.startswith(PREDICTOR)}
-    wrong = state_mismatch(own, state)
-    if wrong:
-        raise ProckdError(f"init detector {path} does not fit the model ({len(own)} tensors): {wrong}: is it a "
-                          "detector of this backbone and FPN width?")
-    model.load_state_dict(state, strict=False)
-    return note
-
+    naming the file and the tensors (:func:`prockd.core.checkpoint.load_checkpoint_into`)."""
+    predictor = {k for k in model.state_dict() if k.startswith(PREDICTOR)}
+    return load_checkpoint_into(model, path, "init detector", head=predictor)
 
 
 def _coco_detector(cfg: DetectorConfig, num_classes: int) -> FasterRCNN:

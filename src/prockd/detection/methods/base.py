@@ -64,6 +64,9 @@ class DetDistiller(DistillerBase):
         self.s_width = student.backbone.out_channels
         self.t_width = teacher.width if teacher is not None else self.s_width
         self._stats: dict[str, float] = {}
+        # the student's RPN proposals of the labelled batch being distilled (RoI-level distillers read them); None
+        # for an unlabelled batch
+        self._last_proposals: list[torch.Tensor] | None = None
         self.pyramid_cache = None  # a models.PyramidCache when train.cache_teacher (set by engine.build)
 
     @property

@@ -48,10 +48,10 @@ class DetRoIKD(DetDistiller):
                               f"classes, not the student's {num_classes}: fine-tune the teacher on the student's "
                               "classes first (teacher.finetune: {epochs: 12})")
 
-    def _proposals(self, il, feats, targets) -> list[torch.Tensor]:
-        """The student's top proposals per image: those of the last training RPN pass on this batch, else (an
-        unlabelled batch) the RPN's as at inference."""
-        props = getattr(self, "_last_proposals", None)
+    def _proposals(self, il, feats) -> list[torch.Tensor]:
+        """The student's top proposals per image: those of the training RPN pass on this batch, else (an unlabelled
+        batch, :meth:`DetDistiller.forward` clears them) the RPN's as at inference."""
+        props = self._last_proposals
         if props is None:
             rpn = self.student.rpn
             was = rpn.training
@@ -69,14 +69,8 @@ class DetRoIKD(DetDistiller):
 
     def distill(self, feats, t_feats, t_stem, il, targets):
         """``kd``: the RoI classifier's KL to the teacher's on the same proposals."""
-        props = self._proposals(il, feats, targets)
+        props = self._proposals(il, feats)
         s = self._logits(self.student.roi_heads, feats, props, il.image_sizes)
         with torch.no_grad():
             t = self._logits(self.teacher.model.roi_heads, {k: t_feats[k] for k in feats}, props, il.image_sizes)
         return {"roi_kd": self.params.weight * roi_kd_loss(s.float(), t.float(), self.params.temperature)}
-
-    def distill_unlabeled(self, feats, t_feats, t_stem, il, targets):
-        """The same term on the student's inference proposals of an unlabelled batch."""
-        self._last_proposals = None
-        return self.distill(feats, t_feats, t_stem, il, targets)
-
