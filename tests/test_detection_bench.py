@@ -100,6 +100,10 @@ def test_collect_and_table_on_written_results(tmp_path):
     md = format_table(dict(t, params={"cwd": {"weight": 1.0}, "prockd@none": {"teacher_head": "none", "lambda_emb": 0.01}}))
     assert "| cwd | 84.5 | 82.5 | 83.5 ± 2.3 |" in md and "Weights: cwd weight=1" in md
     assert "prockd@none teacher_head=none, lambda_emb=0.01" in md
+    assert "3 paired seeds: a check that the rows run, not evidence" in md  # fewer than 5: no claim rests on it
+    five = collect(_write_finals(tmp_path / "five", {m: v + [83.0, 85.0] for m, v in vals.items()},
+                                 lambda m, s, v: {"epoch": 11, "val/mAP50": 90.0, "test/mAP50": v}))
+    assert "not evidence" not in format_table(five)
 
 
 def test_prockd_rows_are_paired_with_the_baseline_best_on_validation(tmp_path):

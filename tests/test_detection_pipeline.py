@@ -328,6 +328,39 @@ def test_training_with_the_teacher_cache_equals_training_without(det_setup, tmp_
     assert all(torch.equal(out[False][k], out[True][k]) for k in out[False])
 
 
+def test_eval_from_skips_early_validations_and_selects_among_the_rest(det_setup, tmp_path):
+    """``train.eval_from``: validation only from that epoch on (and after the last); the selected checkpoint is
+    one of the evaluated epochs."""
+    from prockd.detection.engine import train
+
+    _, base = det_setup
+    raw = dict(base, method={"name": "student_only"}, train=dict(base["train"], epochs=4, eval_from=3))
+    summary = train(build_det_config(raw), tmp_path / "run", log=lambda m: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val/mAP50" in r] == [2, 3]  # 0-based: epochs 3 and 4
+    assert summary["selected"]["epoch"] in (3, 4)
+
+
+def test_channels_last_detector_gives_the_same_detections(det_setup):
+    """``channels_last``: the backbone's convolution weights in channels-last memory, the same detector's outputs
+    (float order aside) as the contiguous one with the same weights."""
+    ref = build_detector(DetectorConfig(**TINY), 2).eval()
+    cl = build_detector(DetectorConfig(**TINY, channels_last=True), 2).eval()
+    cl.load_state_dict(ref.state_dict())
+    convs = [m.weight for m in cl.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = ref.backbone(x), cl.backbone(x)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    torch.manual_seed(0)
+    with torch.no_grad():
+        da, db = ref(list(x)), cl(list(x))
+    for u, v in zip(da, db):
+        assert torch.allclose(u["boxes"], v["boxes"], atol=1e-3) and torch.equal(u["labels"], v["labels"])
+
+
 def test_resume_after_kill_equals_uninterrupted(det_setup, tmp_path):
     import subprocess
     import sys

@@ -56,6 +56,7 @@ DEMO_METHODS = tuple(SUITE.demo_methods)
 ALL_METHODS = tuple(SUITE.methods)
 TUNE_FACTORS = tuple(SUITE.tune_factors)
 TUNED_FILE = SUITE.tuned_file
+CLAIM_SEEDS = 5  # paired seeds a comparison's verdict rests on (the project's measuring rules)
 
 
 def config_root() -> Path:
@@ -506,4 +507,8 @@ def format_table(table: dict) -> str:
             if best:
                 cells.append(delta(e.get("vs_best")))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if table["seeds"] < CLAIM_SEEDS:
+        lines.append(f"\n{table['seeds']} paired seeds: a check that the rows run, not evidence; with fewer than "
+                     f"{CLAIM_SEEDS} the intervals are wide and a verdict can change on another machine or float order "
+                     f"(a claim rests on --seeds {CLAIM_SEEDS}: docs/detection.md)")
     return "\n".join(lines) + "\n"

@@ -51,6 +51,10 @@ class DetectorConfig(Strict):
     box_batch_per_image: int = 512
     box_score_thresh: float = 0.05
     box_detections_per_img: int = 100
+    # the backbone's (body + FPN) weights and activations in channels-last memory: the same detector (float order
+    # aside), faster convolutions on CPU (oneDNN kernels instead of the slow fallback for some of MobileNetV2's
+    # convolutions; measured on the embedded student, docs/detection.md)
+    channels_last: bool = False
 
     @model_validator(mode="after")
     def _check(self):
@@ -196,6 +200,9 @@ class DetTrainConfig(Strict):
     clip_grad: float | None = None
     amp: Literal["none", "bf16", "fp16"] = "none"
     eval_every: int = Field(1, ge=1)
+    # validation (checkpoint selection) only from this epoch on (1-based; every ``eval_every`` epochs, and always
+    # after the last): the early epochs of a schedule never win the selection, and their evaluations cost time
+    eval_from: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop after this many steps (smoke runs, one-step tests)
     # keep the frozen teacher's pyramid of each training image and flip in memory (fixed-size training images:
     # the same values, the teacher runs once per image and flip; models.PyramidCache)

@@ -232,10 +232,10 @@ class DetectionHooks(TaskHooks):
         return {"steps": step}
 
     def evaluate_epoch(self, epoch: int, last_epoch: bool, info) -> dict:
-        """mAP50 on the selection data (validation, else the first test set) every ``eval_every`` epochs and
-        after the last, on rank 0."""
+        """mAP50 on the selection data (validation, else the first test set) every ``eval_every`` epochs from
+        epoch ``eval_from`` on and after the last, on rank 0."""
         t, data = self.cfg.train, self.data
-        if info.main and ((epoch + 1) % t.eval_every == 0 or last_epoch):
+        if info.main and (((epoch + 1) % t.eval_every == 0 and epoch + 1 >= t.eval_from) or last_epoch):
             name = self.primary.split("/")[0]
             return evaluate_sets(self.distiller, {name: data.val if data.val is not None else data.tests[name]},
                                  self.device, t.amp)

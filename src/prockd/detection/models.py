@@ -181,6 +181,8 @@ def build_detector(cfg: DetectorConfig, num_classes: int, state: dict | None = N
         load_checkpoint_into(model, cfg.checkpoint, "detector", state, new_head=False)
     elif cfg.init_checkpoint:
         init_from_detector(model, cfg.init_checkpoint)
+    if cfg.channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
     return model
 
 
