@@ -50,3 +50,17 @@ def test_detection_prockd_defaults_to_the_option_its_docs_recommend():
     assert DetProCKDParams(**row_params("prockd", tuned_params())).model_dump(exclude={"preset"}) == chosen
     paper = (REPO / "src" / "prockd" / "configs" / "detection" / "paper" / "detector_paper.yaml").read_text()
     assert "preset: paper" in paper  # the paper's reading, set by the paper configs themselves
+
+
+def test_detection_init_writes_the_method_the_readme_recommends_at_its_chosen_weight():
+    """`prockd init --task detection` (and the API) default to the detection row of the README's "Which method"
+    table, with the weight the benchmark's validation chose (the tuned file the converged column ran with)."""
+    from prockd.api import init_detection_config
+    from prockd.bench.compare_detection import tuned_params
+    from prockd.detection.init import CWD_WEIGHT, DET_METHOD
+
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| detection"))
+    assert f"`{DET_METHOD}`" in row.split("|")[2]
+    assert inspect.signature(init_detection_config).parameters["method"].default == DET_METHOD
+    assert tuned_params("lower26_1font_128_unlabeled")[DET_METHOD] == {"weight": CWD_WEIGHT}

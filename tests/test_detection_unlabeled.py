@@ -170,7 +170,8 @@ def test_finetuned_teacher_is_trained_once_on_the_students_classes(det_setup, tm
 
 def test_init_detection_writes_a_config_that_trains(det_setup, tmp_path, capsys):  # noqa: F811
     """``prockd init --task detection``: COCO splits + unlabelled images -> a commented config with the recommended
-    preset and the teacher's shape read from its file, that trains as written."""
+    method (CWD at its validation-chosen weight; ProC-KD's preset with ``--method prockd``) and the teacher's shape
+    read from its file, that trains as written."""
     import yaml
 
     from prockd.cli import main
@@ -186,13 +187,19 @@ def test_init_detection_writes_a_config_that_trains(det_setup, tmp_path, capsys)
     assert main(["init", "--task", "detection", "--data", str(data), "--teacher", str(root / "teacher.pt"),
                  "--teacher-backbone", "mobilenet_v2", "--student", "builtin:mobilenet_v2", "--config", str(out)]) == 0
     raw = yaml.safe_load(out.read_text())
-    assert raw["method"] == {"name": "prockd", "params": {"preset": "mimic_light"}}
+    assert raw["method"] == {"name": "cwd", "params": {"weight": 0.1}}  # the benchmark's converged recommendation
+    assert "name: prockd, params: {preset: mimic_light}" in out.read_text()  # the alternative, commented
     assert raw["teacher"]["fpn_channels"] == 16 and raw["teacher"]["representation_size"] == 32
     assert raw["data"]["unlabeled"]["dir"].endswith("unlabeled") and raw["student"]["min_size"] == [64]
     assert "finetune" in out.read_text()  # the fine-tuned-teacher option, commented
     assert main(["train", "--config", str(out), f"out={tmp_path / 'run'}", "train.max_steps=1", "train.epochs=1",
                  "train.progress=false", "student.min_size=[64]"]) == 0
     assert (tmp_path / "run" / "detector.pt").is_file()
+    prockd_cfg = tmp_path / "det_prockd.yaml"
+    assert main(["init", "--task", "detection", "--data", str(data), "--teacher", str(root / "teacher.pt"),
+                 "--teacher-backbone", "mobilenet_v2", "--student", "builtin:mobilenet_v2", "--method", "prockd",
+                 "--config", str(prockd_cfg)]) == 0
+    assert yaml.safe_load(prockd_cfg.read_text())["method"] == {"name": "prockd", "params": {"preset": "mimic_light"}}
     # bad input: one line naming what to add
     assert main(["init", "--task", "detection", "--data", str(data), "--teacher", str(root / "teacher.pt"),
                  "--student", "resnet18"]) == 2

@@ -316,13 +316,14 @@ def init_config(data: str | Path, teacher: str, student: str, path: str | Path |
 
 
 def init_detection_config(data: str | Path, teacher: str, student: str, path: str | Path | None = None, *,
-                          teacher_backbone: str | None = None, method: str = "prockd",
+                          teacher_backbone: str | None = None, method: str = "cwd",
                           preset: str | None = "mimic_light", force: bool = False) -> str:
     """A commented detection config for the folder ``data`` of COCO splits (``train/``, optional ``val/``,
     ``test/`` or ``test_*/``, each a ``.json`` + ``images/``; optional ``unlabeled/`` images), as ``prockd init
     --task detection``: classes and image sizes read, every annotation checked. ``teacher``: a detector file (with
-    ``teacher_backbone``; its FPN width and box head read from it) or ``coco``. ProC-KD's ``preset`` defaults to
-    ``mimic_light``, what the detection benchmark recommends. Written to ``path`` when given (atomically; an
+    ``teacher_backbone``; its FPN width and box head read from it) or ``coco``. ``method`` defaults to ``cwd`` with
+    the weight chosen on the detection benchmark's validation, the one row ahead of student-only there at
+    convergence; ``method="prockd"`` takes ``preset`` (default ``mimic_light``, its validation choice). Written to ``path`` when given (atomically; an
     existing file only with ``force``). Returns the YAML text."""
     if path is not None:
         return write_init_det_config(path, data, teacher, student, method, preset, teacher_backbone, force).read_text()

@@ -34,11 +34,11 @@ def _cmd_init(args) -> int:
     if args.task == "detection":
         preset = "mimic_light" if args.preset is None else (args.preset or None)
         text = api.init_detection_config(args.data, args.teacher, args.student, args.config,
-                                         teacher_backbone=args.teacher_backbone, method=args.method, preset=preset,
-                                         force=args.force)
+                                         teacher_backbone=args.teacher_backbone, method=args.method or "cwd",
+                                         preset=preset, force=args.force)
     else:
         preset = "robust_calibrated" if args.preset is None else (args.preset or None)
-        text = api.init_config(args.data, args.teacher, args.student, args.config, method=args.method,
+        text = api.init_config(args.data, args.teacher, args.student, args.config, method=args.method or "prockd",
                                preset=preset, force=args.force)
     print(f"wrote {args.config}:\n{text}" if args.config else text, end="")
     return 0
@@ -180,7 +180,9 @@ def make_parser() -> argparse.ArgumentParser:
                                                   "unlabeled/")
     it.add_argument("--teacher", required=True, help="e.g. builtin:efficientnet_lite0, timm/vit_base_patch16_224")
     it.add_argument("--student", required=True, help="e.g. timm/resnet10t")
-    it.add_argument("--method", default="prockd")
+    it.add_argument("--method", default=None,
+                    help="default: the task's recommended method (classification: prockd; detection: cwd, the one "
+                         "row ahead of student-only at convergence on the detection benchmark)")
     it.add_argument("--preset", default=None,
                     help="ProC-KD's preset (default: the task's recommended one, robust_calibrated / mimic_light; "
                          "classification: robust, transfer, paper; detection: paper; '' for none)")

@@ -52,8 +52,8 @@ class DetectorConfig(Strict):
     box_score_thresh: float = 0.05
     box_detections_per_img: int = 100
     # the backbone's (body + FPN) weights and activations in channels-last memory: the same detector (float order
-    # aside), faster convolutions on CPU (oneDNN kernels instead of the slow fallback for some of MobileNetV2's
-    # convolutions; measured on the embedded student, docs/detection.md)
+    # aside); on CPU oneDNN runs the 3x3 and depthwise convolutions without reordering (the embedded student's step
+    # alone on one thread: 177 -> 165 ms; no gain seen in two-at-a-time runs, docs/detection.md)
     channels_last: bool = False
 
     @model_validator(mode="after")
