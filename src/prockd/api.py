@@ -34,7 +34,7 @@ from prockd.classification.runs import load_run_student
 from prockd.core.config import apply_run_overrides, format_errors, method_reference
 from prockd.core.config import config_reference as key_reference
 from prockd.detection.config import DetExperimentConfig
-from prockd.detection.init import init_det_config_text, write_init_det_config
+from prockd.detection.init import DET_METHOD, init_det_config_text, write_init_det_config
 from prockd.detection.methods import DET_METHODS
 from prockd.errors import ProckdError
 from prockd.tasks import build_any_config, commands, load_any_config, task_name
@@ -316,15 +316,15 @@ def init_config(data: str | Path, teacher: str, student: str, path: str | Path |
 
 
 def init_detection_config(data: str | Path, teacher: str, student: str, path: str | Path | None = None, *,
-                          teacher_backbone: str | None = None, method: str = "cwd",
+                          teacher_backbone: str | None = None, method: str = DET_METHOD,
                           preset: str | None = "mimic_light", force: bool = False) -> str:
     """A commented detection config for the folder ``data`` of COCO splits (``train/``, optional ``val/``,
     ``test/`` or ``test_*/``, each a ``.json`` + ``images/``; optional ``unlabeled/`` images), as ``prockd init
     --task detection``: classes and image sizes read, every annotation checked. ``teacher``: a detector file (with
     ``teacher_backbone``; its FPN width and box head read from it) or ``coco``. ``method`` defaults to ``cwd`` with
     the weight chosen on the detection benchmark's validation, the one row ahead of student-only there at
-    convergence; ``method="prockd"`` takes ``preset`` (default ``mimic_light``, its validation choice). Written to ``path`` when given (atomically; an
-    existing file only with ``force``). Returns the YAML text."""
+    convergence; ``method="prockd"`` takes ``preset`` (default ``mimic_light``, its validation choice). Written to
+    ``path`` when given (atomically; an existing file only with ``force``). Returns the YAML text."""
     if path is not None:
         return write_init_det_config(path, data, teacher, student, method, preset, teacher_backbone, force).read_text()
     return init_det_config_text(data, teacher, student, method, preset, teacher_backbone)

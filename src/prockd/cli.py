@@ -30,11 +30,12 @@ def _cmd_train(args) -> int:
 
 def _cmd_init(args) -> int:
     import prockd.api as api
+    from prockd.detection.init import DET_METHOD
 
     if args.task == "detection":
         preset = "mimic_light" if args.preset is None else (args.preset or None)
         text = api.init_detection_config(args.data, args.teacher, args.student, args.config,
-                                         teacher_backbone=args.teacher_backbone, method=args.method or "cwd",
+                                         teacher_backbone=args.teacher_backbone, method=args.method or DET_METHOD,
                                          preset=preset, force=args.force)
     else:
         preset = "robust_calibrated" if args.preset is None else (args.preset or None)

@@ -238,6 +238,9 @@ def mean_std(v: list[float]) -> tuple[float, float]:
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
+CLAIM_SEEDS = 5  # paired seeds a comparison's claim rests on (the project's measuring rules)
+
+
 def paired_ci(a: list[float], b: list[float], level: float = 0.95) -> dict:
     """Mean paired difference ``a - b`` and the half-width of its Student-t confidence interval
     (``ci95`` is ``None`` with fewer than two pairs)."""

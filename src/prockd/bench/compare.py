@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from prockd.bench.common import (
+    CLAIM_SEEDS,
     default_workers,
     mean_std,
     method_of,
@@ -541,9 +542,9 @@ def reading_notes(stats: dict, probes: dict | None = None) -> list[str]:
     seeds = [len(e["seeds"]) for per in stats.values() for cells in per.values() for e in cells.values()]
     halves = [d["ci95"] for per in stats.values() for cells in per.values() for e in cells.values()
               for d in (e.get("vs_student_only"), e.get("vs_best_baseline")) if d]
-    if seeds and min(seeds) < 5:
-        notes.append(f"{min(seeds)} paired seed{'s' if min(seeds) != 1 else ''} in some cells: fewer than 5 cannot "
-                     "support a claim; rerun with --seeds 5 or more")
+    if seeds and min(seeds) < CLAIM_SEEDS:
+        notes.append(f"{min(seeds)} paired seed{'s' if min(seeds) != 1 else ''} in some cells: fewer than "
+                     f"{CLAIM_SEEDS} cannot support a claim; rerun with --seeds {CLAIM_SEEDS} or more")
     wide = [h for h in halves if h is None or h > WIDE]
     if wide:
         notes.append(f"{len(wide)} of {len(halves)} paired intervals are wider than ±{WIDE:g} points (or rest on one "

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from prockd.bench.common import (
+    CLAIM_SEEDS,
     SHIPPED_TEACHERS,
     cached_teacher,
     default_workers,
@@ -56,7 +57,6 @@ DEMO_METHODS = tuple(SUITE.demo_methods)
 ALL_METHODS = tuple(SUITE.methods)
 TUNE_FACTORS = tuple(SUITE.tune_factors)
 TUNED_FILE = SUITE.tuned_file
-CLAIM_SEEDS = 5  # paired seeds a comparison's verdict rests on (the project's measuring rules)
 
 
 def config_root() -> Path:

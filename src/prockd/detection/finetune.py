@@ -33,8 +33,8 @@ def stage1_config(cfg: DetExperimentConfig) -> dict:
     data = cfg.data.model_dump(mode="json", exclude={"unlabeled"})
     train = cfg.train.model_dump(mode="json")
     train.update(epochs=ft.epochs, optimizer=ft.optimizer, lr=ft.lr, milestones=list(ft.milestones),
-                 batch_size=ft.batch_size or cfg.train.batch_size, eval_every=ft.eval_every, eval_from=1, cache_teacher=False,
-                 max_steps=None, keep_state=False)
+                 batch_size=ft.batch_size or cfg.train.batch_size, eval_every=ft.eval_every, eval_from=1,
+                 cache_teacher=False, max_steps=None, keep_state=False)
     return {"task": "detection", "seed": ft.seed, "student": det, "data": data, "train": train,
             "method": {"name": "student_only"}}
 

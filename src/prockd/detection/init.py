@@ -21,7 +21,6 @@ DET_METHOD = "cwd"
 CWD_WEIGHT = 0.1
 
 
-
 def coco_split(folder: Path) -> tuple[Path, Path]:
     """(images folder, annotation file) of a split folder: its one ``.json`` file, and its ``images/`` sub-folder
     (else the split folder itself holds the images)."""
