@@ -55,6 +55,10 @@ class DetectorConfig(Strict):
     # aside); on CPU oneDNN runs the 3x3 and depthwise convolutions without reordering (the embedded student's step
     # alone on one thread: 177 -> 165 ms; no gain seen in two-at-a-time runs, docs/detection.md)
     channels_last: bool = False
+    # the box head's RoI pooling: auto = torchvision's MultiScaleRoIAlign computed as one sparse matrix product on
+    # CPU (the same values up to float order, tested; the embedded student's training step 15 % cheaper on one
+    # thread, docs/detection.md), torchvision's kernels on other devices; torchvision = its kernels everywhere
+    roi_align: Literal["auto", "torchvision"] = "auto"
 
     @model_validator(mode="after")
     def _check(self):

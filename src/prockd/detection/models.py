@@ -22,6 +22,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import (
     FeaturePyramidNetwork,
     LastLevelMaxPool,
@@ -29,6 +30,7 @@ from torchvision.ops.feature_pyramid_network import (
 
 from prockd.core.checkpoint import load_checkpoint_into
 from prockd.detection.config import DetectorConfig
+from prockd.detection.roi_align import SparseMultiScaleRoIAlign
 from prockd.errors import ProckdError
 from prockd.pretrained import builtin_efficientnet_lite0, hub_error, hub_fail_fast
 
@@ -183,6 +185,17 @@ def build_detector(cfg: DetectorConfig, num_classes: int, state: dict | None = N
         init_from_detector(model, cfg.init_checkpoint)
     if cfg.channels_last:
         model.backbone.to(memory_format=torch.channels_last)
+    return with_roi_align(model, cfg)
+
+
+def with_roi_align(model: FasterRCNN, cfg: DetectorConfig) -> FasterRCNN:
+    """``model`` with the box head's RoI pooling ``cfg.roi_align`` asks for (``auto``: the sparse-product pooler of
+    :mod:`prockd.detection.roi_align` on CPU; the same levels, scales and values as torchvision's)."""
+    pool = model.roi_heads.box_roi_pool
+    if cfg.roi_align == "auto" and type(pool) is MultiScaleRoIAlign:
+        model.roi_heads.box_roi_pool = SparseMultiScaleRoIAlign(
+            pool.featmap_names, pool.output_size, pool.sampling_ratio, canonical_scale=pool.canonical_scale,
+            canonical_level=pool.canonical_level)
     return model
 
 
@@ -210,7 +223,7 @@ def _coco_detector(cfg: DetectorConfig, num_classes: int) -> FasterRCNN:
                           "offline, give a local detector file as 'checkpoint' instead") from None
     if num_classes + 1 != 91:
         model.roi_heads.box_predictor = FastRCNNPredictor(1024, num_classes + 1)
-    return model
+    return with_roi_align(model, cfg)
 
 
 def checkpoint_classes(state: dict, path: str) -> int:
