@@ -42,10 +42,10 @@ def test_detection_prockd_defaults_to_the_option_its_docs_recommend():
     p = DetProCKDParams(preset="paper")
     assert (p.teacher_head, p.lambda_aug, p.lambda_mimic, p.lambda_emb) == ("shared", 1.0, 1.0, 1.0)
     assert DetProCKDParams(preset="paper", lambda_mimic=0.5).lambda_mimic == 0.5  # keys beside a preset win
-    # the demo's ProC-KD row is the method's default, which trains as the validation-chosen row of the full table
-    from prockd.bench.compare_detection import DEMO_METHODS, row_params, tuned_params
+    # ProC-KD's default (the row `prockd init --task detection --method prockd` writes) trains as the
+    # validation-chosen row of the full table
+    from prockd.bench.compare_detection import row_params, tuned_params
 
-    assert "prockd" in DEMO_METHODS
     chosen = DetProCKDParams(**tuned_params()["prockd@none"]).model_dump(exclude={"preset"})
     assert DetProCKDParams(**row_params("prockd", tuned_params())).model_dump(exclude={"preset"}) == chosen
     paper = (REPO / "src" / "prockd" / "configs" / "detection" / "paper" / "detector_paper.yaml").read_text()
@@ -64,3 +64,8 @@ def test_detection_init_writes_the_method_the_readme_recommends_at_its_chosen_we
     assert f"`{DET_METHOD}`" in row.split("|")[2]
     assert inspect.signature(init_detection_config).parameters["method"].default == DET_METHOD
     assert tuned_params("lower26_1font_128_unlabeled")[DET_METHOD] == {"weight": CWD_WEIGHT}
+    # the detection demo runs student-only against that same method at that weight
+    from prockd.bench.compare_detection import DEMO_METHODS, row_params
+
+    assert DEMO_METHODS == ("student_only", DET_METHOD)
+    assert row_params(DET_METHOD, tuned_params()) == {"weight": CWD_WEIGHT}

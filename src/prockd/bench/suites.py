@@ -216,12 +216,11 @@ FMNIST = Suite(
 # the comparison's rows (the Table-2 set): every baseline and ProC-KD as the paper reads it (`prockd@paper`)
 # and as chosen on validation (`prockd@none`, docs/detection.md)
 _DET_ROWS = ["student_only", "cwd", "mgd", "fgd", "pkd_pearson", "fbkd", "skd_zhang_ma", "prockd@paper", "prockd@none"]
-# the demo's rows (6 runs with 3 seeds): student-only and ProC-KD with the method's default preset (mimic_light: the
-# options and weights `prockd@none` carries in tuned.yaml, chosen on validation). With the teacher shipped and cached
-# pyramids a run takes about 2.3 min (student-only) to 2.7 min (ProC-KD) two at a time here; the best baseline's 3
-# runs would take the demo past 10 min: the baselines are in the full table (`prockd bench compare --suite
-# detection`, docs/detection.md)
-_DET_DEMO = ["student_only", "prockd"]
+# the demo's rows (6 runs with 3 seeds): student-only and the method the benchmark recommends for detection
+# (`prockd.detection.init.DET_METHOD`: CWD at the weight chosen on validation, the one row ahead of student-only on
+# the converged column, docs/detection.md). ProC-KD and the other baselines are in the full table (`prockd bench
+# compare --suite detection`): a third row's 3 runs would take the demo past 10 min on 2 cores
+_DET_DEMO = ["student_only", "cwd"]
 
 # The packaged configs (configs/detection/embedded/{teacher,student}.yaml) are the default setting,
 # `upper_to_lower26_2fonts_128`: a teacher on the 10 digits and 26 capitals over 100 fonts (800 canvases), a
