@@ -33,11 +33,13 @@ def test_det_speed_variants_and_ratios(tmp_path):
                                    "teacher": dict(TINY, fpn_channels=24, num_classes=5)})
     assert json.loads(out.read_text())["ratios"] == res["ratios"]
     per = res["per_round_seconds"]
-    assert set(per) == set(METHODS) | {"teacher_forward", "student_only_torchvision_roi"}
+    assert set(per) == set(METHODS) | {"teacher_forward", "student_only_torchvision_roi", "student_only_unfolded_bn"}
     assert all(len(v) == 3 for v in per.values())
     # the sparse pooler's speed-up: torchvision's kernels' step time over the default's, per round
     direct = statistics.median(per["student_only_torchvision_roi"][i] / per["student_only"][i] for i in range(3))
     assert abs(res["ratios"]["roi_align_speedup"] - direct) < 1e-12 and "roi_align_speedup" not in res["met"]
+    direct = statistics.median(per["student_only_unfolded_bn"][i] / per["student_only"][i] for i in range(3))
+    assert abs(res["ratios"]["bn_fold_speedup"] - direct) < 1e-12 and "bn_fold_speedup" not in res["met"]
     for name in METHODS:
         if name == "student_only":
             continue

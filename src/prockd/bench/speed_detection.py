@@ -13,7 +13,10 @@ Variants, each a full optimiser step (transform, forward, backward, AdamW step) 
   ProC-KD's time goes;
 - ``student_only_torchvision_roi``: student-only with torchvision's RoIAlign kernels (``student.roi_align:
   torchvision``) instead of the default sparse-product pooler (:mod:`prockd.detection.roi_align`), on CPU; the
-  ratio ``roi_align_speedup`` is its step time over student-only's.
+  ratio ``roi_align_speedup`` is its step time over student-only's;
+- ``student_only_unfolded_bn``: student-only with its frozen BatchNorms applied after their convolutions instead of
+  folded into them (:func:`prockd.detection.models.fold_frozen_bn`); ``bn_fold_speedup`` its step time over
+  student-only's.
 
 Ratio per method: ``(t_method - t_teacher_forward - t_student_only) / (t_teacher_forward + t_student_only)``,
 the time its distillation modules add (target <= 0.15), computed per round and reported as the median over
@@ -37,7 +40,7 @@ from prockd.core.io import atomic_write_json
 from prockd.core.loop import autocast, resolve_device
 from prockd.detection.config import DetectorConfig
 from prockd.detection.methods import DET_METHODS
-from prockd.detection.models import DetTeacher, build_detector
+from prockd.detection.models import DetTeacher, build_detector, unfold_frozen_bn
 from prockd.glyphs import charset
 
 DET_SCENARIOS = {
@@ -133,6 +136,11 @@ def run_det_speed(scenario: str = "embedded", device: str = "auto", steps: int =
         cls = DET_METHODS.get("student_only")
         d = cls(build_detector(tv_cfg, sc["classes"]), None, cls.Params(), sc["classes"]).to(dev)
         fns["student_only_torchvision_roi"] = _DetStep(d, images, targets, sc["amp"], dev)
+    if "student_only" in methods:
+        torch.manual_seed(0)
+        cls = DET_METHODS.get("student_only")
+        d = cls(unfold_frozen_bn(build_detector(s_cfg, sc["classes"])), None, cls.Params(), sc["classes"]).to(dev)
+        fns["student_only_unfolded_bn"] = _DetStep(d, images, targets, sc["amp"], dev)
     s0 = built.get("student_only") or next(iter(built.values()))
     with torch.no_grad():
         il, _ = s0.student.transform(images, targets)
@@ -157,6 +165,10 @@ def run_det_speed(scenario: str = "embedded", device: str = "auto", steps: int =
         vals = [per["student_only_torchvision_roi"][i] / per["student_only"][i] for i in range(rounds)]
         ratios["roi_align_speedup"] = statistics.median(vals)
         spread["roi_align_speedup"] = [min(vals), max(vals)]
+    if "student_only_unfolded_bn" in per:
+        vals = [per["student_only_unfolded_bn"][i] / per["student_only"][i] for i in range(rounds)]
+        ratios["bn_fold_speedup"] = statistics.median(vals)
+        spread["bn_fold_speedup"] = [min(vals), max(vals)]
     bs = sc["batch_size"]
     result = {"task": "detection", "scenario": scenario, "device": str(dev),
               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

@@ -23,6 +23,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import (
     FeaturePyramidNetwork,
     LastLevelMaxPool,
@@ -80,7 +81,64 @@ class TimmBackbone(nn.Module):
 
 
 def _freeze_bn(module: nn.Module) -> nn.Module:
-    return freeze_batch_norm_2d(module)
+    """``module`` with its BatchNorm layers frozen (statistics and affine weights fixed), each one that directly
+    follows a convolution in a ``Sequential`` folded into it (:func:`fold_frozen_bn`)."""
+    module = freeze_batch_norm_2d(module)
+    fold_frozen_bn(module)
+    return module
+
+
+class _FoldedConv2d(nn.Conv2d):
+    """A convolution followed by a frozen BatchNorm, computed as one convolution: the weight scaled by the norm's
+    ``weight / sqrt(var + eps)`` per output channel and the bias shifted (the same function of the same parameters;
+    the norm's buffers stay where they were, so state dicts and checkpoints are unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """conv(x) then the frozen norm, in one convolution."""
+        bn = self._frozen_bn
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        bias = shift if self.bias is None else self.bias * scale + shift
+        return self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), bias)
+
+
+class _FoldedFrozenBN(FrozenBatchNorm2d):
+    """A frozen BatchNorm whose scale and shift its preceding convolution applies (:class:`_FoldedConv2d`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The identity: the convolution before it has applied the norm."""
+        return x
+
+
+def fold_frozen_bn(module: nn.Module) -> int:
+    """Fold every frozen BatchNorm (torchvision's ``FrozenBatchNorm2d``) that directly follows a plain ``Conv2d``
+    in a ``Sequential`` of ``module`` into that convolution (:class:`_FoldedConv2d`): a fixed affine map after a
+    convolution is a convolution, so two passes over the activations (and their backward) become none, with the
+    same parameters, buffers and state-dict keys and the same values up to float order (tested). Returns the
+    number of pairs folded."""
+    n = 0
+    for seq in module.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        kids = list(seq)
+        for conv, bn in zip(kids, kids[1:]):
+            if type(conv) is nn.Conv2d and type(bn) is FrozenBatchNorm2d and conv.out_channels == bn.weight.numel():
+                conv.__class__, bn.__class__ = _FoldedConv2d, _FoldedFrozenBN
+                object.__setattr__(conv, "_frozen_bn", bn)  # a reference, not a submodule: no new state-dict keys
+                n += 1
+    return n
+
+
+def unfold_frozen_bn(module: nn.Module) -> nn.Module:
+    """Undo :func:`fold_frozen_bn` in place: every folded pair back to a plain ``Conv2d`` and a ``FrozenBatchNorm2d``
+    applied after it (the same parameters; for side-by-side timings and tests)."""
+    for m in module.modules():
+        if type(m) is _FoldedConv2d:
+            m.__class__ = nn.Conv2d
+            del m.__dict__["_frozen_bn"]
+        elif type(m) is _FoldedFrozenBN:
+            m.__class__ = FrozenBatchNorm2d
+    return module
 
 
 def _freeze_stages(stages: list[nn.Module], trainable: int) -> None:
