@@ -130,17 +130,18 @@ def run_det_speed(scenario: str = "embedded", device: str = "auto", steps: int =
                 sc["classes"]).to(dev)
         built[name] = d
         fns[name] = _DetStep(d, images, targets, sc["amp"], dev)
-    if "student_only" in methods and dev.type == "cpu" and s_cfg.roi_align == "auto":
-        torch.manual_seed(0)
-        tv_cfg = s_cfg.model_copy(update={"roi_align": "torchvision"})
-        cls = DET_METHODS.get("student_only")
-        d = cls(build_detector(tv_cfg, sc["classes"]), None, cls.Params(), sc["classes"]).to(dev)
-        fns["student_only_torchvision_roi"] = _DetStep(d, images, targets, sc["amp"], dev)
-    if "student_only" in methods:
-        torch.manual_seed(0)
-        cls = DET_METHODS.get("student_only")
-        d = cls(unfold_frozen_bn(build_detector(s_cfg, sc["classes"])), None, cls.Params(), sc["classes"]).to(dev)
-        fns["student_only_unfolded_bn"] = _DetStep(d, images, targets, sc["amp"], dev)
+    # student-only without each CPU speed change, beside it: row -> (its ratio, whether it differs here, detector)
+    without = {"student_only_torchvision_roi": (
+                   "roi_align_speedup", dev.type == "cpu" and s_cfg.roi_align == "auto",
+                   lambda: build_detector(s_cfg.model_copy(update={"roi_align": "torchvision"}), sc["classes"])),
+               "student_only_unfolded_bn": (
+                   "bn_fold_speedup", True, lambda: unfold_frozen_bn(build_detector(s_cfg, sc["classes"])))}
+    student_only = DET_METHODS.get("student_only")
+    for row, (_, differs, detector) in without.items():
+        if "student_only" in methods and differs:
+            torch.manual_seed(0)
+            d = student_only(detector(), None, student_only.Params(), sc["classes"]).to(dev)
+            fns[row] = _DetStep(d, images, targets, sc["amp"], dev)
     s0 = built.get("student_only") or next(iter(built.values()))
     with torch.no_grad():
         il, _ = s0.student.transform(images, targets)
@@ -161,14 +162,11 @@ def run_det_speed(scenario: str = "embedded", device: str = "auto", steps: int =
                 / (per["teacher_forward"][i] + per["student_only"][i]) for i in range(rounds)]
         ratios[f"{name}_overhead"] = statistics.median(vals)
         spread[f"{name}_overhead"] = [min(vals), max(vals)]
-    if "student_only_torchvision_roi" in per:
-        vals = [per["student_only_torchvision_roi"][i] / per["student_only"][i] for i in range(rounds)]
-        ratios["roi_align_speedup"] = statistics.median(vals)
-        spread["roi_align_speedup"] = [min(vals), max(vals)]
-    if "student_only_unfolded_bn" in per:
-        vals = [per["student_only_unfolded_bn"][i] / per["student_only"][i] for i in range(rounds)]
-        ratios["bn_fold_speedup"] = statistics.median(vals)
-        spread["bn_fold_speedup"] = [min(vals), max(vals)]
+    for row, (ratio, _, _) in without.items():
+        if row in per:
+            vals = [per[row][i] / per["student_only"][i] for i in range(rounds)]
+            ratios[ratio] = statistics.median(vals)
+            spread[ratio] = [min(vals), max(vals)]
     bs = sc["batch_size"]
     result = {"task": "detection", "scenario": scenario, "device": str(dev),
               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

@@ -23,11 +23,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import (
     FeaturePyramidNetwork,
     LastLevelMaxPool,
 )
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from prockd.core.checkpoint import load_checkpoint_into
 from prockd.detection.config import DetectorConfig
